@@ -1,0 +1,256 @@
+"""Fast gradient edge attribution: EAP, EAP-IG and clean-corrupted, vectorised.
+
+Sign and units
+--------------
+``score(u -> v) = mean over prompts of (out_u(corrupted) - out_u(clean)) . d metric / d in_v``,
+summed over positions, the gradient taken on the clean run ("noising"). It is the first-order
+estimate of ``metric(edge patched) - metric(clean)`` in the metric's units, the same quantity that
+``validation.patch_edges`` measures exactly.
+
+Methods
+-------
+``eap``              gradient at the clean run (the seed notebook's method).
+``eap-ig``           gradient averaged over ``ig_steps`` inputs interpolated between the corrupted
+                     and the clean input embedding, ``x_k = clean + (1 - k/m)(corrupted - clean)``,
+                     k = 1..m (so m = 1 is EAP).
+``clean-corrupted``  average of the gradients at the clean and at the corrupted run.
+
+How it is computed (per prompt batch)
+-------------------------------------
+1. corrupted forward, no grad: forward hooks write every sender's output into one preallocated
+   buffer ``[n_senders, batch, pos, d_model]``; the forward stops after the last sender (no
+   unembedding).
+2. clean forward with grad: the same hooks subtract the clean outputs (buffer = corrupted - clean);
+   the residual at ``blocks.0.hook_resid_pre`` is the only leaf.
+3. backward: each receiver hook contracts its gradient with the upstream prefix of the buffer in
+   one matrix product and adds into the ``[n_senders, n_receivers]`` score matrix. Gradients are
+   never stored, no parameter gradient is accumulated.
+``eap-ig`` and ``clean-corrupted`` add one forward+backward per extra gradient point.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from eap.graph import Graph, HookGroup
+from eap.hooks import StopForward, as_nodes, check_edge_hooks, leaf_input_hook, stop_hook
+from eap.models import model_device, model_dtype
+from eap.task import Task, TaskError
+
+METHODS = ("eap", "eap-ig", "clean-corrupted")
+
+#: Default memory budget for automatic batching, bytes (CPU); on CUDA half the free memory.
+DEFAULT_CPU_BUDGET = 4 * 2**30
+
+
+class AttributionError(ValueError):
+    """Bad arguments to ``attribute``."""
+
+
+def gradient_points(method: str, ig_steps: int = 5) -> list[tuple[float, float]]:
+    """(alpha, weight) pairs: the input of each backward pass is
+    ``clean + (1 - alpha) * (corrupted - clean)`` and its gradient counts with ``weight``."""
+    if method == "eap":
+        return [(1.0, 1.0)]
+    if method == "eap-ig":
+        if ig_steps < 1:
+            raise AttributionError(f"ig_steps must be >= 1, got {ig_steps}")
+        return [(k / ig_steps, 1.0 / ig_steps) for k in range(ig_steps, 0, -1)]
+    if method == "clean-corrupted":
+        return [(1.0, 0.5), (0.0, 0.5)]
+    raise AttributionError(f"unknown attribution method {method!r}; choose one of {METHODS}")
+
+
+def auto_batch_size(model: Any, graph: Graph, task: Task, budget_bytes: int | None = None) -> int:
+    """Prompts per batch so that the activation-difference buffer plus the activations a
+    forward+backward keeps fit in ``budget_bytes``."""
+    cfg = model.cfg
+    device = model_device(model)
+    if budget_bytes is None:
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            budget_bytes = free // 2
+        else:
+            budget_bytes = DEFAULT_CPU_BUDGET
+    elt = torch.finfo(model_dtype(model)).bits // 8
+    p, d = task.seq_len, cfg.d_model
+    per_prompt = elt * (
+        graph.n_senders * p * d  # the buffer
+        + cfg.n_layers * p * (24 * d + 4 * cfg.n_heads * p + 3 * (cfg.d_mlp or 0))  # saved activations
+        + 3 * p * cfg.d_vocab  # logits and their gradient
+    )
+    return max(1, min(task.n_prompts, int(budget_bytes // per_prompt)))
+
+
+@torch.no_grad()
+def _check_inputs(model: Any, graph: Graph, task: Task, method: str, level: str) -> None:
+    if method not in METHODS:
+        raise AttributionError(f"unknown attribution method {method!r}; choose one of {METHODS}")
+    if level not in ("edge", "node"):
+        raise AttributionError(f"level must be 'edge' or 'node', got {level!r}")
+    if not isinstance(task, Task):
+        raise AttributionError(f"task must be an eap.Task, got {type(task).__name__}")
+    check_edge_hooks(model, graph)
+    vocab = model.cfg.d_vocab
+    for name, toks in (("clean", task.clean), ("corrupted", task.corrupted)):
+        if toks.min() < 0 or toks.max() >= vocab:
+            raise TaskError(f"{name} prompts hold token ids outside the model's vocabulary [0, {vocab})")
+    if task.seq_len > model.cfg.n_ctx:
+        raise TaskError(f"prompts have {task.seq_len} tokens, more than the model's context {model.cfg.n_ctx}")
+
+
+def attribute(
+    model: Any,
+    graph: Graph,
+    task: Task,
+    method: Literal["eap", "eap-ig", "clean-corrupted"] = "eap",
+    *,
+    level: Literal["edge", "node"] = "edge",
+    batch_size: int | None = None,
+    ig_steps: int = 5,
+    memory_budget: int | None = None,
+    progress: bool = True,
+    write_graph: bool = True,
+) -> Float[Tensor, " n"]:
+    """Score every edge (``level='edge'``, a tensor ``[graph.n_edges]`` in the graph's edge order)
+    or every sender (``level='node'``, ``[graph.n_senders]``).
+
+    Units and sign: score ~= mean over prompts of metric(patched) - metric(clean), in the units of
+    ``task.metric`` (e.g. logits for IOI's logit difference); patched = the sender's output
+    replaced by its corrupted value (edge: at one receiver; node: everywhere). First order,
+    gradient on the clean run for ``eap`` (see module docstring for the other methods).
+
+    Prompts are split into batches of ``batch_size`` (automatic from ``memory_budget`` bytes
+    when None); the result does not depend on the split. Scores come back on the CPU in the
+    model's dtype; with ``write_graph`` they are also written into ``graph.scores``.
+    """
+    _check_inputs(model, graph, task, method, level)
+    points = gradient_points(method, ig_steps)
+    device, dtype = model_device(model), model_dtype(model)
+    task = task.to(device)
+    if batch_size is None:
+        batch_size = auto_batch_size(model, graph, task, memory_budget)
+    scores = torch.zeros(graph.n_senders, graph.n_receivers, device=device, dtype=dtype)
+    batches = list(task.batches(batch_size))
+    bar = tqdm(batches, desc=f"{method} attribution", unit="batch", disable=not progress or len(batches) == 1)
+    for batch in bar:
+        _accumulate(model, graph, batch, points, scores, 1.0 / task.n_prompts)
+    scores = scores.cpu()
+    if level == "node":
+        return (scores * graph.mask).sum(dim=1)
+    out = scores[graph.edge_sender, graph.edge_receiver]
+    if write_graph:
+        graph.scores = scores * graph.mask
+    return out
+
+
+def _accumulate(
+    model: Any,
+    graph: Graph,
+    task: Task,
+    points: list[tuple[float, float]],
+    scores: Float[Tensor, "n_senders n_receivers"],
+    prompt_weight: float,
+) -> None:
+    """Add one batch's contribution (weighted by ``prompt_weight`` per prompt) into ``scores``."""
+    b, p = task.clean.shape
+    d = model.cfg.d_model
+    buf = torch.empty(graph.n_senders, b, p, d, device=scores.device, dtype=scores.dtype)
+
+    # 1. corrupted forward: buffer <- corrupted sender outputs; stop after the last sender.
+    def write(group: HookGroup):
+        def hook(act: Tensor, hook: Any = None) -> Tensor:
+            buf[group.start : group.start + group.size] = as_nodes(act, group)
+            return act
+
+        return hook
+
+    last = graph.sender_groups[-1].hook
+    with torch.no_grad():
+        fwd = [(g.hook, write(g)) for g in graph.sender_groups] + [(last, stop_hook)]
+        _run_until_stop(model, task.corrupted, fwd)
+
+    # 2.+3. clean forward with grad (buffer -= clean outputs), backward into the score matrix.
+    def subtract(group: HookGroup):
+        def hook(act: Tensor, hook: Any = None) -> Tensor:
+            buf[group.start : group.start + group.size] -= as_nodes(act.detach(), group)
+            return act
+
+        return hook
+
+    current_weight = [0.0]
+
+    def contract(group: HookGroup):
+        n_up, size = group.n_upstream, group.size
+
+        def hook(grad: Tensor, hook: Any = None) -> None:
+            # grad [b, p, (H,) d] -> [(b p d), H]; buffer prefix [n_up, (b p d)]
+            g = grad.unsqueeze(-2) if group.n_heads is None else grad
+            g = g.transpose(-1, -2).reshape(-1, size)
+            block = buf[:n_up].reshape(n_up, -1) @ g
+            scores[:n_up, group.start : group.start + size].add_(block, alpha=current_weight[0])
+
+        return hook
+
+    bwd = [(g.hook, contract(g)) for g in graph.receiver_groups]
+    for i, (alpha, weight) in enumerate(points):
+        current_weight[0] = weight * prompt_weight
+        shift = None if alpha == 1.0 else (1.0 - alpha) * buf[0]
+        fwd = [("blocks.0.hook_resid_pre", leaf_input_hook(shift))]
+        if i == 0:
+            if alpha != 1.0:
+                raise AssertionError("the first gradient point must be the clean run")
+            fwd += [(g.hook, subtract(g)) for g in graph.sender_groups]
+        with model.hooks(fwd_hooks=fwd, bwd_hooks=bwd):
+            metric_values(model, task, task.clean).sum().backward()
+
+
+def _run_until_stop(model: Any, tokens: Tensor, fwd: list) -> None:
+    """A forward with hooks that ends at a ``StopForward`` (or at the logits)."""
+    with model.hooks(fwd_hooks=fwd):
+        try:
+            model(tokens)
+        except StopForward:
+            pass
+
+
+def metric_values(model: Any, task: Task, tokens: Tensor) -> Float[Tensor, " batch"]:
+    """Per-prompt metric of a forward on ``tokens`` (hooks already attached by the caller).
+
+    With a task readout only the needed logits are computed: the forward stops at the last
+    residual stream and ``select_logits`` does the final LayerNorm and a slice of the unembedding.
+    """
+    if not task.has_readout:
+        return task.metric(model(tokens))
+    resid: list[Tensor] = []
+
+    def grab(act: Tensor, hook: Any = None) -> Tensor:
+        resid.append(act)
+        raise StopForward
+
+    # grab after the last block's output hook, so that hook's backward hook (the logits
+    # receiver) is part of the graph; nothing of the final LayerNorm or unembedding runs.
+    with model.hooks(fwd_hooks=[("ln_final.hook_in", grab)]):
+        try:
+            model(tokens)
+        except StopForward:
+            pass
+    return task.readout(select_logits(model, resid[0], task))
+
+
+def select_logits(
+    model: Any, resid: Float[Tensor, "batch pos d_model"], task: Task
+) -> Float[Tensor, "batch k"]:
+    """Logits of ``readout_tokens`` at ``readout_pos`` from the final residual stream: final
+    LayerNorm at that one position, then only those columns of the unembedding."""
+    pos = task.per_prompt["readout_pos"].long()
+    toks = task.per_prompt["readout_tokens"].long()
+    x = resid[torch.arange(resid.shape[0], device=resid.device), pos]  # [b, d]
+    x = model.ln_final(x)
+    w = model.W_U.T[toks]  # [b, k, d]
+    return torch.einsum("bd,bkd->bk", x, w) + model.b_U[toks]

@@ -1,0 +1,81 @@
+"""Hook plumbing shared by attribution (``eap``) and exact patching (``validation``).
+
+The graph (``eap.graph``) names, for every sender and receiver, the TransformerLens hook where
+it is read or written; this module checks that a model has those hooks switched on and offers
+the few hook functions both sides need.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from eap.graph import Graph, HookGroup
+
+
+class HookError(RuntimeError):
+    """The model lacks hooks that edge-level work needs."""
+
+
+REQUIRED_FLAGS = ("use_split_qkv_input", "use_attn_result", "use_hook_mlp_in")
+
+
+class StopForward(Exception):
+    """Raised inside a hook to end a forward pass early (nothing after it is needed)."""
+
+
+def check_edge_hooks(model: Any, graph: Graph | None = None) -> None:
+    """Raise ``HookError`` unless ``model`` exposes every hook the edge graph reads/writes.
+
+    Models must be TransformerLens bridges (or HookedTransformers) with split q/k/v inputs,
+    per-head results and ``hook_mlp_in`` switched on; ``eap.load_model`` does that.
+    """
+    hook_dict = getattr(model, "hook_dict", None)
+    cfg = getattr(model, "cfg", None)
+    if hook_dict is None or cfg is None:
+        raise HookError(
+            f"{type(model).__name__} is not a TransformerLens model with hooks; load it with eap.load_model"
+        )
+    off = [flag for flag in REQUIRED_FLAGS if not getattr(cfg, flag, False)]
+    if off:
+        raise HookError(
+            f"model has {', '.join(off)} switched off: edge attribution needs split q/k/v inputs, "
+            "per-head results and hook_mlp_in (use eap.load_model, or call set_use_split_qkv_input(True), "
+            "set_use_attn_result(True), set_use_hook_mlp_in(True))"
+        )
+    graph = graph or Graph.from_model(model)
+    graph.check_model(model)
+    missing = [g.hook for g in graph.sender_groups + graph.receiver_groups if g.hook not in hook_dict]
+    if missing:
+        raise HookError(f"model lacks the hooks {missing[:6]}{' ...' if len(missing) > 6 else ''} needed for edges")
+
+
+def as_nodes(act: Tensor, group: HookGroup) -> Float[Tensor, "nodes batch pos d_model"]:
+    """View a hook's activation as one slice per graph node: [b, p, H, d] -> [H, b, p, d],
+    [b, p, d] -> [1, b, p, d]."""
+    if group.n_heads is None:
+        return act.unsqueeze(0)
+    return act.permute(2, 0, 1, 3)
+
+
+def leaf_input_hook(
+    shift: Float[Tensor, "batch pos d_model"] | None = None,
+) -> Callable[[Tensor, Any], Tensor]:
+    """Forward hook for ``blocks.0.hook_resid_pre`` that makes the residual a leaf requiring grad
+    (frozen weights leave nothing else to differentiate), optionally adding ``shift`` first."""
+
+    def hook(x: Tensor, hook: Any = None) -> Tensor:
+        x = x.detach()
+        if shift is not None:
+            x = x + shift
+        return x.requires_grad_(True)
+
+    return hook
+
+
+def stop_hook(x: Tensor, hook: Any = None) -> Tensor:
+    """Forward hook that ends the forward pass (see ``StopForward``)."""
+    raise StopForward

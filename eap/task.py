@@ -1,0 +1,162 @@
+"""A task: clean and corrupted prompts plus a per-prompt metric.
+
+The same ``Task`` object is used unchanged by ``eap`` (attribution), ``validation`` (exact
+patching) and ``bench``. Users bring their own task through the constructor; ``eap.tasks.ioi``
+builds the IOI one.
+
+Conventions
+-----------
+* ``clean`` and ``corrupted`` are integer token tensors of the same shape ``[n_prompts, seq]``.
+  Prompts of different lengths are right-padded; the metric reads the positions it needs.
+* ``metric(logits)`` maps logits ``[n_prompts, seq, d_vocab]`` to one value per prompt
+  ``[n_prompts]``. Everything in eap-bench is in the metric's units: a score is
+  mean over prompts of metric(patched) - metric(clean).
+* Per-prompt data the metric needs (answer positions, token ids, ...) goes in ``per_prompt``:
+  a dict of tensors whose first dimension is ``n_prompts``. The metric function is called as
+  ``metric_fn(logits, **per_prompt)``, which lets a task be split into batches
+  (:meth:`Task.subset`) without the user writing any batching code.
+* Optional fast read-out: a task whose metric depends only on a few logits at one position per
+  prompt can say so with ``readout``. ``per_prompt`` must then hold ``readout_pos`` ``[n]``
+  (the position) and ``readout_tokens`` ``[n, k]`` (the token ids), and
+  ``readout(selected, **per_prompt)`` maps the gathered logits ``[n, k]`` to the same values
+  as ``metric``. Exact patching uses it to skip the full unembedding.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+MetricFn = Callable[..., Tensor]
+
+
+class TaskError(ValueError):
+    """Raised for malformed tasks and metrics."""
+
+
+class Task:
+    """Clean/corrupted prompt pairs and a per-prompt metric (see module docstring)."""
+
+    def __init__(
+        self,
+        clean: Int[Tensor, "n seq"],
+        corrupted: Int[Tensor, "n seq"],
+        metric: MetricFn,
+        *,
+        per_prompt: dict[str, Tensor] | None = None,
+        readout: MetricFn | None = None,
+        name: str = "custom",
+        info: dict[str, Any] | None = None,
+    ) -> None:
+        if not isinstance(clean, Tensor) or not isinstance(corrupted, Tensor):
+            raise TaskError("clean and corrupted must be torch tensors of token ids")
+        if clean.shape != corrupted.shape:
+            raise TaskError(
+                f"clean and corrupted prompts must have the same shape, got clean "
+                f"{tuple(clean.shape)} and corrupted {tuple(corrupted.shape)}"
+            )
+        if clean.ndim != 2:
+            raise TaskError(f"prompts must be [n_prompts, seq], got shape {tuple(clean.shape)}")
+        if clean.dtype.is_floating_point or corrupted.dtype.is_floating_point:
+            raise TaskError("prompts must be integer token ids, not floats")
+        if clean.shape[0] == 0:
+            raise TaskError("a task needs at least one prompt")
+        if not callable(metric):
+            raise TaskError("metric must be callable: logits [n, seq, vocab] -> [n]")
+        per_prompt = dict(per_prompt or {})
+        for key, value in per_prompt.items():
+            if not isinstance(value, Tensor) or value.ndim == 0 or value.shape[0] != clean.shape[0]:
+                raise TaskError(
+                    f"per_prompt[{key!r}] must be a tensor with first dimension n_prompts="
+                    f"{clean.shape[0]}"
+                )
+        if readout is not None and not {"readout_pos", "readout_tokens"} <= per_prompt.keys():
+            raise TaskError("a task with a readout needs per_prompt['readout_pos'] and ['readout_tokens']")
+        self.clean = clean.long()
+        self.corrupted = corrupted.long()
+        self.metric_fn = metric
+        self.per_prompt = per_prompt
+        self.readout_fn = readout
+        self.name = name
+        self.info = dict(info or {})
+
+    # ------------------------------------------------------------------ shape
+    @property
+    def n_prompts(self) -> int:
+        return self.clean.shape[0]
+
+    @property
+    def seq_len(self) -> int:
+        return self.clean.shape[1]
+
+    def __len__(self) -> int:
+        return self.n_prompts
+
+    def __repr__(self) -> str:
+        return f"Task({self.name!r}, n_prompts={self.n_prompts}, seq={self.seq_len})"
+
+    # ----------------------------------------------------------------- metric
+    def metric(self, logits: Float[Tensor, "n seq vocab"]) -> Float[Tensor, " n"]:
+        """One metric value per prompt, checked for shape and finiteness."""
+        out = self.metric_fn(logits, **self.per_prompt)
+        return self._check(out, logits.shape[0], "metric")
+
+    def readout(self, selected: Float[Tensor, "n k"]) -> Float[Tensor, " n"]:
+        """Metric from the logits of ``readout_tokens`` at ``readout_pos`` only."""
+        if self.readout_fn is None:
+            raise TaskError(f"task {self.name!r} defines no readout")
+        out = self.readout_fn(selected, **self.per_prompt)
+        return self._check(out, selected.shape[0], "readout")
+
+    @property
+    def has_readout(self) -> bool:
+        return self.readout_fn is not None
+
+    def _check(self, out: Any, n: int, what: str) -> Tensor:
+        if not isinstance(out, Tensor):
+            raise TaskError(f"{what} must return a tensor of shape [{n}], got {type(out).__name__}")
+        if out.shape != (n,):
+            raise TaskError(
+                f"{what} must return one value per prompt, shape [{n}], got {tuple(out.shape)}"
+            )
+        if not torch.isfinite(out).all():
+            bad = (~torch.isfinite(out)).nonzero().flatten()[:5].tolist()
+            raise TaskError(f"{what} returned NaN or inf (prompts {bad}); refusing to score with it")
+        return out
+
+    # ---------------------------------------------------------------- batches
+    def subset(self, idx: Sequence[int] | Tensor | slice) -> "Task":
+        """The same task restricted to some prompts (metric and data follow)."""
+        if isinstance(idx, slice):
+            idx = torch.arange(self.n_prompts)[idx]
+        idx = torch.as_tensor(idx, dtype=torch.long)
+        return Task(
+            self.clean[idx],
+            self.corrupted[idx],
+            self.metric_fn,
+            per_prompt={k: v[idx.to(v.device)] for k, v in self.per_prompt.items()},
+            readout=self.readout_fn,
+            name=self.name,
+            info=self.info,
+        )
+
+    def batches(self, batch_size: int | None) -> Iterator["Task"]:
+        """Consecutive sub-tasks of at most ``batch_size`` prompts (all at once if None)."""
+        n = self.n_prompts
+        step = n if not batch_size else int(batch_size)
+        for start in range(0, n, step):
+            yield self if step >= n else self.subset(slice(start, min(start + step, n)))
+
+    def to(self, device: torch.device | str) -> "Task":
+        return Task(
+            self.clean.to(device),
+            self.corrupted.to(device),
+            self.metric_fn,
+            per_prompt={k: v.to(device) for k, v in self.per_prompt.items()},
+            readout=self.readout_fn,
+            name=self.name,
+            info=self.info,
+        )

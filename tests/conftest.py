@@ -1,0 +1,76 @@
+"""Shared test setup: offline hub, the --benchmark flag, tiny float64 models."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+import torch
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--benchmark",
+        action="store_true",
+        default=False,
+        help="run the performance benchmarks (pytest-benchmark); plain pytest skips them",
+    )
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--benchmark"):
+        return
+    skip = pytest.mark.skip(reason="performance benchmark: run with pytest --benchmark")
+    for item in items:
+        if "benchmark" in item.keywords or "benchmark" in getattr(item, "fixturenames", ()):
+            item.add_marker(skip)
+
+
+TINY_SHAPE = dict(n_layer=2, n_embd=16, n_head=2, n_positions=32, vocab_size=64)
+TINY3_SHAPE = dict(n_layer=3, n_embd=24, n_head=3, n_positions=32, vocab_size=64)
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    """A 2-layer, 16-wide, 2-head random GPT-2 in float64 on CPU (seeded)."""
+    from eap.models import random_model
+
+    return random_model(TINY_SHAPE, seed=0, device="cpu", dtype=torch.float64)
+
+
+@pytest.fixture(scope="session")
+def tiny3_model():
+    """A 3-layer, 24-wide, 3-head random GPT-2 in float64 on CPU (seeded)."""
+    from eap.models import random_model
+
+    return random_model(TINY3_SHAPE, seed=1, device="cpu", dtype=torch.float64)
+
+
+def random_task(model, n=4, seq=7, seed=0):
+    """Random clean/corrupted token pairs with a smooth, non-saturated metric: the log-prob
+    difference of two fixed tokens at the last position. Used for the math tests."""
+    from eap.task import Task
+
+    g = torch.Generator().manual_seed(seed)
+    vocab = model.cfg.d_vocab
+    device = next(model.parameters()).device
+    clean = torch.randint(3, vocab, (n, seq), generator=g).to(device)
+    corrupted = clean.clone()
+    corrupted[:, : seq // 2] = torch.randint(3, vocab, (n, seq // 2), generator=g).to(device)
+    end = torch.full((n,), seq - 1, device=device)
+    toks = torch.randint(3, vocab, (n, 2), generator=g).to(device)
+    return Task(clean, corrupted, _lp_diff, per_prompt={"end": end, "toks": toks}, name="random")
+
+
+def _lp_diff(logits, end, toks, **_):
+    lp = logits[torch.arange(logits.shape[0]), end].log_softmax(-1)
+    return lp.gather(1, toks[:, :1]).squeeze(1) - lp.gather(1, toks[:, 1:]).squeeze(1)
+
+
+@pytest.fixture
+def make_random_task():
+    return random_task

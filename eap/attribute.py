@@ -22,7 +22,7 @@ How it is computed (per prompt batch)
    unembedding).
 2. clean forward with grad: the same hooks subtract the clean outputs (buffer = corrupted - clean);
    the residual at ``blocks.0.hook_resid_pre`` is the only leaf.
-3. backward: each receiver hook contracts its gradient with the upstream prefix of the buffer in
+3. backward: a tensor hook on each receiver's input contracts its gradient with the upstream prefix of the buffer in
    one matrix product and adds into the ``[n_senders, n_receivers]`` score matrix. Gradients are
    never stored, no parameter gradient is accumulated.
 ``eap-ig`` and ``clean-corrupted`` add one forward+backward per extra gradient point.
@@ -188,16 +188,26 @@ def _accumulate(
     def contract(group: HookGroup):
         n_up, size = group.n_upstream, group.size
 
-        def hook(grad: Tensor, hook: Any = None) -> None:
-            # grad [b, p, (H,) d] -> [(b p d), H]; buffer prefix [n_up, (b p d)]
+        def on_grad(grad: Tensor) -> None:
+            # grad [b, p, (H,) d] -> [(b p d), H]; buffer prefix [n_up, (b p d)]: one matmul
             g = grad.unsqueeze(-2) if group.n_heads is None else grad
             g = g.transpose(-1, -2).reshape(-1, size)
             block = buf[:n_up].reshape(n_up, -1) @ g
             scores[:n_up, group.start : group.start + size].add_(block, alpha=current_weight[0])
 
+        def hook(act: Tensor, hook: Any = None) -> Tensor:
+            # A tensor hook (not a module backward hook: those clone every gradient). It goes on
+            # a fresh view, because the hook's input can be shared with other paths (the bridge
+            # passes resid_mid itself through hook_mlp_in); only this receiver uses the view.
+            if not act.requires_grad:
+                return act
+            out = act.view_as(act)
+            out.register_hook(on_grad)
+            return out
+
         return hook
 
-    bwd = [(g.hook, contract(g)) for g in graph.receiver_groups]
+    receivers = [(g.hook, contract(g)) for g in graph.receiver_groups]
     for i, (alpha, weight) in enumerate(points):
         current_weight[0] = weight * prompt_weight
         shift = None if alpha == 1.0 else (1.0 - alpha) * buf[0]
@@ -206,8 +216,10 @@ def _accumulate(
             if alpha != 1.0:
                 raise AssertionError("the first gradient point must be the clean run")
             fwd += [(g.hook, subtract(g)) for g in graph.sender_groups]
-        with model.hooks(fwd_hooks=fwd, bwd_hooks=bwd):
-            metric_values(model, task, task.clean).sum().backward()
+        with model.hooks(fwd_hooks=fwd + receivers):
+            metric = metric_values(model, task, task.clean)
+        # backward outside the hook context: only tensor hooks are involved
+        metric.sum().backward()
 
 
 def _run_until_stop(model: Any, tokens: Tensor, fwd: list) -> None:

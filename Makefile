@@ -1,0 +1,31 @@
+# eap-bench: `make bench` runs the main job on the embedded default model, `make test` the tests.
+# Both create the virtual environment in .venv and install everything on first use.
+VENV   ?= .venv
+PYTHON ?= python3
+PY      = $(VENV)/bin/python
+# The CPU wheel of torch (pinned: an unpinned torch pulls a several-GB CUDA build). With a GPU,
+# install your CUDA torch into .venv first; it is kept (see README).
+TORCH  ?= torch==2.13.0
+export HF_HUB_OFFLINE ?= 1
+
+.PHONY: install test bench bench-pytest clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e .
+	touch $@
+
+install: $(VENV)/.installed
+
+test: install
+	$(PY) -m pytest -q
+
+bench: install
+	$(PY) -m bench run
+
+bench-pytest: install
+	$(PY) -m pytest --benchmark -q tests/test_benchmarks.py
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache .benchmarks

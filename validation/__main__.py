@@ -1,0 +1,132 @@
+"""CLI: exact edge patching with a progress bar, resumable results files, shards and merge.
+
+    python -m validation --model toy-ioi-4l --n 64 --seed 0 --edges all --out results/x.pt [--shard i/n]
+    python -m validation merge results/x.0.pt results/x.1.pt --out results/x.pt
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+
+def _dtype(name: str | None):
+    if name is None:
+        return None
+    table = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if name not in table:
+        raise SystemExit(f"unknown --dtype {name!r}; use one of {sorted(table)}")
+    return table[name]
+
+
+def _edges_arg(spec: str):
+    if spec.startswith("file:"):
+        return [line.strip() for line in open(spec[5:]) if line.strip()]
+    if "," in spec or spec.isdigit():
+        return [int(x) if x.strip().isdigit() else x.strip() for x in spec.split(",") if x.strip()]
+    return spec
+
+
+def _summary(values: torch.Tensor, names: list[str], k: int = 10) -> str:
+    done = ~torch.isnan(values)
+    if not done.any():
+        return "no edges measured"
+    idx = done.nonzero().flatten()
+    top = idx[values[idx].abs().argsort(descending=True)[:k]]
+    lines = [f"{int(done.sum())} measured; top {len(top)} by |effect| (metric(patched) - metric(clean)):"]
+    lines += [f"  {values[i].item():+.5f}  {names[i]}" for i in top.tolist()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    import validation
+
+    if argv[:1] == ["merge"]:
+        p = argparse.ArgumentParser(prog="python -m validation merge", description="merge shard results files")
+        p.add_argument("paths", nargs="+")
+        p.add_argument("--out", default=None, help="write the merged results file here")
+        a = p.parse_args(argv[1:])
+        values = validation.merge(a.paths, out=a.out)
+        print(f"merged {len(a.paths)} shards: {int((~torch.isnan(values)).sum())} items" + (f" -> {a.out}" if a.out else ""))
+        return 0
+
+    p = argparse.ArgumentParser(prog="python -m validation", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="toy-ioi-4l")
+    p.add_argument("--n", type=int, default=64, help="number of IOI prompts")
+    p.add_argument("--seed", type=int, default=0, help="seed of the prompts and of sampled edge selections")
+    p.add_argument("--prompt-type", default="mixed")
+    p.add_argument("--metric", default="logit_diff")
+    p.add_argument("--edges", default="all", help="all | topk:K (needs --scores) | sample:K | stratified:K | "
+                   "comma-separated indices/names | file:PATH (one name per line)")
+    p.add_argument("--scores", default=None, help="graph file (Graph.save / .json) whose scores rank topk:K")
+    p.add_argument("--nodes", action="store_true", help="patch sender nodes instead of edges")
+    p.add_argument("--scale", type=float, default=1.0)
+    p.add_argument("--out", default=None, help="results file (resumed if it exists); default: the cache path")
+    p.add_argument("--shard", default=None, help="i/n: only part i of n (whole receivers)")
+    p.add_argument("--batch-size", type=int, default=None, help="stacked rows (copies x prompts) per forward")
+    p.add_argument("--method", default="auto", choices=["auto", "fast", "hooks"])
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default=None)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--no-progress", action="store_true")
+    a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+
+    import eap
+    from eap.graph import Graph
+
+    model = eap.load_model(a.model, device=a.device, dtype=_dtype(a.dtype))
+    graph = Graph.from_model(model)
+    task = eap.tasks.ioi(model, a.n, seed=a.seed, prompt_type=a.prompt_type, metric=a.metric)
+    scores = None
+    if a.scores:
+        g = Graph.from_json(a.scores) if a.scores.endswith(".json") else Graph.load(a.scores)
+        scores = g.edge_scores()
+    kw = dict(scale=a.scale, batch_size=a.batch_size, method=a.method, shard=a.shard, progress=not a.no_progress)
+    stats: dict = {}
+    if a.nodes:
+        items = validation.patch.select_nodes(graph, None if a.edges == "all" else _edges_arg(a.edges))
+        kind, names = "nodes", graph.senders
+    else:
+        items = graph.select_edges(_edges_arg(a.edges), scores, a.seed)
+        kind, names = "edges", graph.edge_names
+    out = a.out
+    if out is None:
+        out = validation.default_path(model, graph, task, items, a.scale, kind)
+        if a.shard:
+            out = out.with_name(out.stem + f".shard{a.shard.replace('/', 'of')}.pt")
+    print(f"{a.model}: {graph}; task {task.name} n={task.n_prompts}; {len(items)} {kind} requested -> {out}")
+    if a.nodes:
+        values = validation.patch_nodes(model, graph, task, items, out=out, stats=stats, **kw)
+    else:
+        values = validation.patch_edges(model, graph, task, items, out=out, stats=stats, **kw)
+    if stats.get("n_measured"):
+        print(f"measured {stats['n_measured']} {kind} in {stats['patch_s']:.1f}s ({stats['items_per_s']:.1f}/s, "
+              f"setup {stats['setup_s']:.1f}s, path {stats['path']}, {stats['rows_per_forward']} rows/forward)")
+    print(_summary(values, names))
+    return 0
+
+
+def _cli() -> int:
+    from eap.graph import GraphError
+    from eap.hooks import HookError
+    from eap.models import ModelLoadError
+    from eap.task import TaskError
+    from validation.patch import PatchError
+    from validation.runner import UnsupportedModel
+    from validation.store import StoreError
+
+    try:
+        return main()
+    except (GraphError, HookError, ModelLoadError, TaskError, PatchError, StoreError, UnsupportedModel) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(_cli())

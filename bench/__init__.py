@@ -1,0 +1,1 @@
+"""eap-bench benchmark: attribution vs exact patching (run, report, figures, gate)."""

@@ -1,0 +1,133 @@
+"""Timing, peak memory and the 'floor' pass: the raw measurements of one benchmark cell.
+
+Units: wall times in seconds, memory in MiB. Peak memory is *extra* memory over what was
+resident just before the measured call (model, task and caches already loaded):
+
+* CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats`` minus the
+  allocated memory before the call.
+* CPU: peak resident set size (RSS) minus the RSS before the call. The peak is the larger of
+  ``getrusage(RUSAGE_SELF).ru_maxrss`` (exact, when the call sets a new high-water mark for the
+  process) and a background sampler reading ``/proc/self/statm`` every 2 ms (catches
+  peaks below an earlier high-water mark). ``bench run`` starts its workers with
+  ``MALLOC_MMAP_THRESHOLD_=65536`` so freed tensors leave the RSS. Run each measurement in a fresh process
+  (``bench run --isolate``) when exactness of small peaks matters.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import statistics
+import threading
+import time
+from typing import Any, Callable
+
+import torch
+
+MiB = 1024 * 1024
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * _PAGE
+    except OSError:  # not Linux: fall back to the high-water mark
+        return _maxrss_bytes()
+
+
+def _maxrss_bytes() -> int:
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return r if os.uname().sysname == "Darwin" else r * 1024
+
+
+def sync(device: torch.device | str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class PeakMemory:
+    """Context manager measuring the extra peak memory (MiB) of the code inside it.
+
+    ``with PeakMemory(device) as pm: ...`` then ``pm.mib``. See the module docstring.
+    """
+
+    def __init__(self, device: torch.device | str = "cpu", interval: float = 0.002) -> None:
+        self.device = torch.device(device)
+        self.interval = interval
+        self.mib: float = float("nan")
+        self.method = ""
+
+    def __enter__(self) -> "PeakMemory":
+        if self.device.type == "cuda":
+            sync(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+            self.method = "cuda.max_memory_allocated"
+            return self
+        self.method = "rss"
+        self._base = _rss_bytes()
+        self._maxrss0 = _maxrss_bytes()
+        self._peak = self._base
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self._peak = max(self._peak, _rss_bytes())
+            time.sleep(self.interval)
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.device.type == "cuda":
+            sync(self.device)
+            self.mib = (torch.cuda.max_memory_allocated(self.device) - self._base) / MiB
+            return
+        self._stop.set()
+        self._thread.join()
+        peak = max(self._peak, _rss_bytes())
+        maxrss = _maxrss_bytes()
+        if maxrss > self._maxrss0:  # this call set a new process high-water mark: exact
+            peak = max(peak, maxrss)
+        self.mib = max(0.0, (peak - self._base) / MiB)
+
+
+def time_call(fn: Callable[[], Any], repeats: int = 3, warmup: int = 1, device: Any = "cpu") -> list[float]:
+    """Wall times (s) of ``repeats`` calls of ``fn`` after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def median(xs: list[float]) -> float:
+    return float(statistics.median(xs)) if xs else float("nan")
+
+
+def floor_pass(model: Any, task: Any) -> float:
+    """The floor any gradient attribution pays, on the bare model: one corrupted forward
+    (no grad), one clean forward and one backward to the first residual stream (frozen
+    weights; a single hook makes ``blocks.0.hook_resid_pre`` a leaf). Returns the summed
+    metric (so the work cannot be optimised away)."""
+    store: dict[str, torch.Tensor] = {}
+
+    def leaf(x: torch.Tensor, hook: Any) -> torch.Tensor:
+        x = x.detach().requires_grad_(True)
+        store["x"] = x
+        return x
+
+    with torch.no_grad():
+        model(task.corrupted)
+    with torch.enable_grad():
+        with model.hooks(fwd_hooks=[("blocks.0.hook_resid_pre", leaf)]):
+            logits = model(task.clean)
+        m = task.metric(logits).sum()
+        (g,) = torch.autograd.grad(m, store["x"])
+    return float(m.detach()) + 0.0 * float(g.flatten()[0])

@@ -1,0 +1,214 @@
+"""bench: agreement statistics, bootstrap, an end-to-end run with its exact cache, the gate."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+from scipy import stats as st
+
+from bench import agreement as ag
+from bench import gate as gate_mod
+
+
+# ------------------------------------------------------------------ statistics vs scipy / by hand
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_correlations_match_scipy(seed):
+    rng = np.random.default_rng(seed)
+    a = rng.normal(size=200)
+    b = a + rng.normal(size=200)
+    b[:20] = np.round(b[:20])  # some ties
+    a[5:15] = 0.5
+    assert ag.spearman(a, b) == pytest.approx(st.spearmanr(a, b).statistic, abs=1e-12)
+    assert ag.kendall(a, b) == pytest.approx(st.kendalltau(a, b, variant="b").statistic, abs=1e-12)
+    assert ag.pearson(a, b) == pytest.approx(st.pearsonr(a, b).statistic, abs=1e-12)
+
+
+def test_correlations_by_hand():
+    a = np.array([1.0, 2.0, 3.0, 4.0])
+    assert ag.spearman(a, a ** 3) == 1.0
+    assert ag.spearman(a, -a) == -1.0
+    # concordant pairs: (1,2),(1,3),(1,4),(2,4),(3,4); discordant: (2,3) -> tau = (5-1)/6
+    assert ag.kendall(a, np.array([1.0, 3.0, 2.0, 4.0])) == pytest.approx(4 / 6)
+    assert math.isnan(ag.pearson(a, np.ones(4)))  # constant side
+    assert ag.pearson([1, 2, np.nan, 4], [2, 4, 5, 8]) == pytest.approx(1.0)  # NaN pairs dropped
+
+
+def test_topk_by_hand():
+    exact = np.array([5.0, -4.0, 3.0, 0.1, -0.2, 0.0])
+    attr = np.array([4.0, 0.1, -6.0, 3.0, 0.0, 0.0])
+    # attr top-2 by |.|: {2, 0}; exact top-2: {0, 1} -> overlap 1
+    assert ag.topk_precision_recall(attr, exact, 2) == (0.5, 0.5)
+    # attr top-3 {2,0,3}, exact top-3 {0,1,2}: overlap 2
+    assert ag.topk_precision_recall(attr, exact, 3) == pytest.approx((2 / 3, 2 / 3))
+    # mass@2: exact |.| of attr's top-2 (edges 2, 0) = 3 + 5 over best 5 + 4
+    assert ag.topk_mass(attr, exact, 2) == pytest.approx(8 / 9)
+    # sign on exact top-3 {0: +/+, 1: -/+, 2: +/-} -> 1/3
+    assert ag.sign_agreement(attr, exact, 3) == pytest.approx(1 / 3)
+    assert ag.topk_precision_recall(exact, exact, 4) == (1.0, 1.0)
+
+
+def test_statistics_keys_and_kinds():
+    rng = np.random.default_rng(0)
+    a, e = rng.normal(size=300), rng.normal(size=300)
+    kinds = (["q", "k", "v", "mlp", "logits"] * 60)
+    s = ag.statistics(a, e, kinds)
+    for key in ("spearman", "kendall", "pearson", "recall@10", "recall@50", "recall@1%", "sign@10",
+                "spearman[q]", "kendall[mlp]", "pearson[logits]"):
+        assert key in s
+    assert ag.k_values(300)["1%"] == 3
+    sel = np.array(kinds) == "v"
+    assert s["spearman[v]"] == pytest.approx(ag.spearman(a[sel], e[sel]))
+
+
+def test_worst_edges():
+    names = ["e0", "e1", "e2"]
+    w = ag.worst_edges(np.array([1.0, 0.0, 2.0]), np.array([1.0, 3.0, 2.5]), names, ["q", "k", "v"], n=2)
+    assert [x["edge"] for x in w] == ["e1", "e2"]
+    assert w[0]["error"] == -3.0 and w[0]["rank_exact"] == 1
+
+
+# --------------------------------------------------------------------------------- bootstrap
+def _groups(G, n_edges=200, noise=1.0, seed=0):
+    rng = np.random.default_rng(seed)
+    truth = rng.normal(size=n_edges)
+    E = truth + noise * rng.normal(size=(G, n_edges))
+    A = truth + noise * rng.normal(size=(G, n_edges))
+    return A, E
+
+
+def test_bootstrap_contains_point_and_narrows():
+    fn = lambda a, e: {"spearman": ag.spearman(a, e)}  # noqa: E731
+    A4, E4 = _groups(4)
+    A32, E32 = _groups(32)
+    small = ag.bootstrap(A4, E4, fn, n_boot=300)["spearman"]
+    big = ag.bootstrap(A32, E32, fn, n_boot=300)["spearman"]
+    for s in (small, big):
+        assert s["lo"] <= s["value"] <= s["hi"]
+    assert s["value"] == pytest.approx(ag.spearman(A32.mean(0), E32.mean(0)))
+    assert (big["hi"] - big["lo"]) < (small["hi"] - small["lo"])
+
+
+def test_bootstrap_one_group_has_no_ci():
+    A, E = _groups(1)
+    s = ag.bootstrap(A, E, lambda a, e: {"r": ag.pearson(a, e)}, n_boot=50)["r"]
+    assert math.isfinite(s["value"]) and math.isnan(s["lo"]) and math.isnan(s["hi"])
+
+
+def test_groups_of():
+    from bench.worker import groups_of
+
+    g = groups_of(12, 8)
+    assert len(g) == 6 and all(len(x) == 2 for x in g)
+    assert sorted(np.concatenate([x.numpy() for x in g]).tolist()) == list(range(12))
+    assert len(groups_of(16, 8)) == 8 and len(groups_of(7, 8)) == 7
+
+
+# ------------------------------------------------------------------------------------- gate
+def _cell(model="m", method="eap", n=8, rho=0.8, recall=0.5):
+    return {"model": model, "method": method, "n": n, "task": "ioi", "edges_spec": "all",
+            "stats": {"spearman": {"value": rho, "lo": rho - 0.1, "hi": rho + 0.1},
+                      "recall@10": {"value": recall, "lo": 0.0, "hi": 1.0}}}
+
+
+def test_gate_check_rules():
+    cells = [_cell(), _cell(method="eap-ig", rho=0.3)]
+    rows = gate_mod.check(cells, [{"method": "eap", "min": {"spearman": 0.7, "recall@10": 0.5}}])
+    assert [r["ok"] for r in rows] == [True, True]
+    rows = gate_mod.check(cells, [{"min": {"spearman": 0.5}}])
+    assert [r["ok"] for r in rows] == [True, False]
+    rows = gate_mod.check(cells, [{"model": "other", "min": {"spearman": 0.0}}])
+    assert not rows[0]["ok"] and "missing" in rows[0]["note"]
+    assert "FAILED" in gate_mod.table(rows)
+
+
+def test_make_thresholds_sits_below_measured():
+    data = gate_mod.make_thresholds({"cells": [_cell(rho=0.8312)]}, ["spearman"], {"spearman": 0.05})
+    (rule,) = data["rules"]
+    assert rule["min"]["spearman"] == 0.78 and rule["measured"]["spearman"] == 0.8312
+    assert all(r["ok"] for r in gate_mod.check([_cell(rho=0.8312)], data["rules"]))
+
+
+# ------------------------------------------------------------------------------ end to end
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory):
+    """A tiny real run: toy-ioi-2l, 8 prompts, EAP, through the default worker subprocess."""
+    from bench.matrix import Config, run
+
+    out = tmp_path_factory.mktemp("run")
+    cfg = Config(models=["toy-ioi-2l"], sizes=[8], methods=["eap"], groups=2, repeats=1, bootstrap=20,
+                 isolate="model", progress=False)
+    first = run(cfg, out)
+    return cfg, out, first
+
+
+def test_run_writes_everything(small_run):
+    cfg, out, results = small_run
+    for name in ("results.json", "results.csv", "summary.md", "config.json"):
+        assert (out / name).is_file(), name
+    data = json.loads((out / "results.json").read_text())
+    assert data["schema_version"] == 1
+    assert {"packages", "device", "git_commit"} <= set(data["environment"])
+    (cell,) = data["cells"]
+    assert cell["n_edges"] == cell["n_edges_selected"] > 0
+    assert cell["attribution"]["time_s"] > 0 and cell["exact"]["edges_per_s"] > 0
+    for key in ("spearman", "kendall", "pearson", "recall@10", "sign@10", "spearman[v]"):
+        assert key in cell["stats"]
+    assert len(cell["worst"]) > 0
+    assert results["run_stats"]["exact_computed"] == 1
+    for stem in ("scatter_toy-ioi-2l_n8", "agreement_vs_n", "cost_vs_n", "cost_vs_edges"):
+        for ext in ("png", "pdf"):
+            assert (out / "figures" / f"{stem}.{ext}").stat().st_size > 1000
+    assert "| toy-ioi-2l | 8 | eap |" in (out / "summary.md").read_text()
+    header = (out / "results.csv").read_text().splitlines()[0]
+    assert "spearman_lo" in header and "exact_edges_per_s" in header
+
+
+def test_rerun_reuses_exact_cache(small_run, tmp_path):
+    """Adding a method to a finished run reuses the cached exact truth (no recomputation)."""
+    from bench.matrix import Config, run
+
+    cfg, out, _ = small_run
+    meta = next((out / "cache" / "exact").glob("*/meta.json"))
+    before = (meta.stat().st_mtime_ns, meta.read_text())
+    cfg2 = Config(**{**cfg.__dict__, "methods": ["eap", "clean-corrupted"], "figures": False})
+    res = run(cfg2, out)
+    assert res["run_stats"] == {"exact_computed": 0, "exact_reused": 1, "cells_computed": 1, "cells_reused": 1}
+    assert (meta.stat().st_mtime_ns, meta.read_text()) == before
+    assert len(res["cells"]) == 2
+    # a second identical run does nothing at all
+    res = run(cfg2, out)
+    assert res["run_stats"]["cells_computed"] == 0 and res["run_stats"]["exact_reused"] == 0
+
+
+def test_gate_cli_on_run_dir(small_run, tmp_path, capsys):
+    from bench.__main__ import main
+
+    _, out, _ = small_run
+    cells = json.loads((out / "results.json").read_text())["cells"]  # other tests may add cells
+    rho = min(c["stats"]["spearman"]["value"] for c in cells)
+    assert main(["gate", str(out), "--min", f"spearman={rho - 0.05}"]) == 0
+    assert "PASS" in capsys.readouterr().out
+    assert main(["gate", str(out), "--min", f"spearman={rho + 0.001}"]) == 1
+    assert "FAIL" in capsys.readouterr().out
+    # thresholds written from the run pass on the same run, and fail when raised
+    th = tmp_path / "th.json"
+    assert main(["thresholds", str(out), "--out", str(th)]) == 0
+    assert main(["gate", str(out), "--thresholds", str(th)]) == 0
+    data = json.loads(th.read_text())
+    data["rules"][0]["min"]["spearman"] = 1.01
+    th.write_text(json.dumps(data))
+    assert main(["gate", str(out), "--thresholds", str(th)]) == 1
+
+
+def test_gate_cli_subprocess_exit_code(small_run):
+    """The exit status CI sees."""
+    import subprocess
+    import sys
+
+    _, out, _ = small_run
+    r = subprocess.run([sys.executable, "-m", "bench", "gate", str(out), "--min", "spearman=1.5"],
+                       capture_output=True, text=True)
+    assert r.returncode == 1 and "FAIL" in r.stdout

@@ -8,7 +8,7 @@ PY      = $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install test bench bench-pytest clean
+.PHONY: install test bench bench-gate bench-pytest clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,3 +29,6 @@ bench-pytest: install
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .benchmarks
+
+bench-gate: install
+	$(PY) -m bench gate --run runs/gate

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from bench.measure import PeakMemory, floor_pass, median, time_call
+from eap.attribute import auto_batch_size
 
 pytestmark = pytest.mark.benchmark
 
@@ -55,16 +56,25 @@ def test_attribution(benchmark, name, n, edges, rounds, method):
     model, graph, task = _setup(name, n)
     benchmark.group = f"attribution {name}"
     floor = median(time_call(lambda: floor_pass(model, task), repeats=rounds, warmup=1))
+    with PeakMemory("cpu") as floor_pm:
+        floor_pass(model, task)
     with PeakMemory("cpu") as pm:
         scores = benchmark.pedantic(eap.attribute, args=(model, graph, task), kwargs=dict(method=method, progress=False),
                                     rounds=rounds if method == "eap" else max(1, rounds - 1), iterations=1,
                                     warmup_rounds=1)
     assert scores.shape == (graph.n_edges,) and torch.isfinite(scores).all()
     ratio = benchmark.stats.stats.median / floor
+    # the activation-difference buffer: [n_senders, batch, pos, d_model] in the model's dtype
+    batch = min(n, auto_batch_size(model, graph, task))
+    buffer_mib = graph.n_senders * batch * task.seq_len * model.cfg.d_model * scores.element_size() / 2**20
+    extra_ratio = (pm.mib - floor_pm.mib) / buffer_mib
     benchmark.extra_info.update(edges=graph.n_edges, prompts=n, peak_mib=round(pm.mib, 2), floor_s=floor,
-                                floor_ratio=round(ratio, 3), method=method, model=name)
+                                floor_ratio=round(ratio, 3), method=method, model=name,
+                                floor_peak_mib=round(floor_pm.mib, 2), buffer_mib=round(buffer_mib, 2),
+                                extra_memory_over_buffer=round(extra_ratio, 3))
     print(f"\n{name} {method}: {benchmark.stats.stats.median:.3f} s = {ratio:.2f} x floor ({floor:.3f} s), "
-          f"{graph.n_edges} edges, {n} prompts, peak {pm.mib:.1f} MiB")
+          f"{graph.n_edges} edges, {n} prompts, peak {pm.mib:.1f} MiB vs floor {floor_pm.mib:.1f} MiB: "
+          f"extra {pm.mib - floor_pm.mib:.1f} MiB = {extra_ratio:.2f} x the {buffer_mib:.1f} MiB difference buffer")
 
 
 @pytest.mark.parametrize("name,n,edges,rounds", MODELS, ids=_ids(MODELS))

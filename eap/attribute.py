@@ -127,7 +127,7 @@ def attribute(
 
     Prompts are split into batches of ``batch_size`` (automatic from ``memory_budget`` bytes
     when None); the result does not depend on the split. Scores come back on the CPU in the
-    model's dtype; with ``write_graph`` they are also written into ``graph.scores``.
+    model's dtype (float32 at least); with ``write_graph`` they are also written into ``graph.scores``.
     """
     _check_inputs(model, graph, task, method, level)
     points = gradient_points(method, ig_steps)
@@ -135,7 +135,8 @@ def attribute(
     task = task.to(device)
     if batch_size is None:
         batch_size = auto_batch_size(model, graph, task, memory_budget)
-    scores = torch.zeros(graph.n_senders, graph.n_receivers, device=device, dtype=dtype)
+    # accumulate in at least float32 (a half-precision model would otherwise sum in half)
+    scores = torch.zeros(graph.n_senders, graph.n_receivers, device=device, dtype=torch.promote_types(dtype, torch.float32))
     batches = list(task.batches(batch_size))
     bar = tqdm(batches, desc=f"{method} attribution", unit="batch", disable=not progress or len(batches) == 1)
     for batch in bar:
@@ -160,7 +161,7 @@ def _accumulate(
     """Add one batch's contribution (weighted by ``prompt_weight`` per prompt) into ``scores``."""
     b, p = task.clean.shape
     d = model.cfg.d_model
-    buf = torch.empty(graph.n_senders, b, p, d, device=scores.device, dtype=scores.dtype)
+    buf = torch.empty(graph.n_senders, b, p, d, device=scores.device, dtype=model_dtype(model))
 
     # 1. corrupted forward: buffer <- corrupted sender outputs; stop after the last sender.
     def write(group: HookGroup):
@@ -193,7 +194,7 @@ def _accumulate(
             g = grad.unsqueeze(-2) if group.n_heads is None else grad
             g = g.transpose(-1, -2).reshape(-1, size)
             block = buf[:n_up].reshape(n_up, -1) @ g
-            scores[:n_up, group.start : group.start + size].add_(block, alpha=current_weight[0])
+            scores[:n_up, group.start : group.start + size].add_(block.to(scores.dtype), alpha=current_weight[0])
 
         def hook(act: Tensor, hook: Any = None) -> Tensor:
             # A tensor hook (not a module backward hook: those clone every gradient). It goes on

@@ -159,6 +159,7 @@ def test_clean_corrupted_is_average_of_two_gradients(setup):
     torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-9 * ref.abs().max())
 
 
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing")
 def test_node_scores_sum_edges_and_match_sender_gradient(setup):
     model, graph, task = setup
     edges = attribute(model, graph, task, progress=False)

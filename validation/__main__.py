@@ -106,8 +106,14 @@ def main(argv: list[str] | None = None) -> int:
     else:
         values = validation.patch_edges(model, graph, task, items, out=out, stats=stats, **kw)
     if stats.get("n_measured"):
+        from validation.bench import forward_seconds
+
+        fwd = forward_seconds(model, task)
+        per_item = stats["patch_s"] / stats["n_measured"]
         print(f"measured {stats['n_measured']} {kind} in {stats['patch_s']:.1f}s ({stats['items_per_s']:.1f}/s, "
-              f"setup {stats['setup_s']:.1f}s, path {stats['path']}, {stats['rows_per_forward']} rows/forward)")
+              f"setup {stats['setup_s']:.1f}s, path {stats['path']}, {stats['rows_per_forward']} rows/forward); "
+              f"{per_item / fwd:.3f} forward-equivalents per {kind[:-1]} (one plain forward of the "
+              f"{task.n_prompts} prompts: {fwd:.3f}s)")
     print(_summary(values, names))
     return 0
 

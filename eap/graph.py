@@ -194,20 +194,23 @@ class Graph:
 
     def edge_index(self, names_or_indices: Iterable[str | int] | Tensor) -> Int[Tensor, " k"]:
         """Edge indices from edge names and/or integer indices (checked)."""
-        if isinstance(names_or_indices, Tensor):
-            names_or_indices = names_or_indices.flatten().tolist()
-        out = []
-        for item in names_or_indices:
-            if isinstance(item, str):
-                if item not in self._edge_index:
-                    raise GraphError(f"unknown edge name {item!r} (names look like 'a0.h1->a2.h0<q>')")
-                out.append(self._edge_index[item])
-            else:
-                i = int(item)
-                if not 0 <= i < self.n_edges:
-                    raise GraphError(f"edge index {i} out of range [0, {self.n_edges})")
-                out.append(i)
-        return torch.tensor(out, dtype=torch.long)
+        return _resolve(names_or_indices, self._edge_index, self.n_edges, "edge", "'a0.h1->a2.h0<q>'")
+
+    @cached_property
+    def _sender_index(self) -> dict[str, int]:
+        return {name: i for i, name in enumerate(self.senders)}
+
+    def sender_index(self, names_or_indices: Iterable[str | int] | Tensor) -> Int[Tensor, " k"]:
+        """Sender indices from sender names and/or integer indices (checked)."""
+        return _resolve(names_or_indices, self._sender_index, self.n_senders, "sender", "'input', 'a0.h1', 'm0'")
+
+    def select_senders(self, spec: Any) -> Int[Tensor, " k"]:
+        """Sorted sender indices: None/'all' or a list/tensor of sender names or indices."""
+        if spec is None or (isinstance(spec, str) and spec == "all"):
+            return torch.arange(self.n_senders)
+        if isinstance(spec, str):
+            raise GraphError(f"bad node spec {spec!r}: use 'all' or a list of sender names/indices")
+        return _unique_sorted(self.sender_index(spec), "node")
 
     # ---------------------------------------------------------------- scores
     def edge_scores(self) -> Float[Tensor, " n_edges"]:
@@ -320,8 +323,29 @@ class Graph:
                 chosen.append(pool[torch.randperm(len(pool), generator=gen)[:take]])
             return torch.cat(chosen).sort().values
         if isinstance(spec, (Sequence, Tensor)):
-            idx = self.edge_index(spec)
-            if idx.unique().numel() != idx.numel():
-                raise GraphError("edge list contains duplicates")
-            return idx.sort().values
+            return _unique_sorted(self.edge_index(spec), "edge")
         raise GraphError(f"cannot interpret edge spec {spec!r}")
+
+
+def _resolve(items: Iterable[str | int] | Tensor, index: dict[str, int], n: int, what: str, example: str) -> Tensor:
+    """Indices from names (looked up in ``index``) and/or integers in [0, n), checked."""
+    if isinstance(items, Tensor):
+        items = items.flatten().tolist()
+    out = []
+    for item in items:
+        if isinstance(item, str):
+            if item not in index:
+                raise GraphError(f"unknown {what} name {item!r} (names look like {example})")
+            out.append(index[item])
+        else:
+            i = int(item)
+            if not 0 <= i < n:
+                raise GraphError(f"{what} index {i} out of range [0, {n})")
+            out.append(i)
+    return torch.tensor(out, dtype=torch.long)
+
+
+def _unique_sorted(idx: Tensor, what: str) -> Tensor:
+    if idx.unique().numel() != idx.numel():
+        raise GraphError(f"{what} list contains duplicates")
+    return idx.sort().values

@@ -94,6 +94,18 @@ def test_edge_index_and_topk():
     assert g.topk(1, vals, absolute=False).tolist() == [9]
 
 
+def test_select_senders():
+    g = Graph(GraphSpec(2, 2))
+    assert g.select_senders("all").tolist() == list(range(g.n_senders))
+    assert g.select_senders(["m1", "input", 2]).tolist() == [0, 2, 6]
+    with pytest.raises(GraphError, match="unknown sender name"):
+        g.select_senders(["a7.h0"])
+    with pytest.raises(GraphError, match="duplicates"):
+        g.select_senders(["m0", 3])
+    with pytest.raises(GraphError, match="bad node spec"):
+        g.select_senders("top:3")
+
+
 def test_select_edges_specs():
     g = Graph(GraphSpec(3, 4))
     assert torch.equal(g.select_edges("all"), torch.arange(g.n_edges))

@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     kw = dict(scale=a.scale, batch_size=a.batch_size, method=a.method, shard=a.shard, progress=not a.no_progress)
     stats: dict = {}
     if a.nodes:
-        items = validation.patch.select_nodes(graph, None if a.edges == "all" else _edges_arg(a.edges))
+        items = graph.select_senders(None if a.edges == "all" else _edges_arg(a.edges))
         kind, names = "nodes", graph.senders
     else:
         items = graph.select_edges(_edges_arg(a.edges), scores, a.seed)

@@ -457,7 +457,7 @@ def patch_nodes(
     ``result[u] = mean_prompts[metric(clean with out_u -> clean_u + scale*(corr_u - clean_u)) -
     metric(clean)]``, metric units; the truth for node-level attribution. ``nodes``: None/'all'
     or a list of sender names/indices; NaN for senders not requested."""
-    items = select_nodes(graph, nodes)
+    items = graph.select_senders(nodes)
     ids = torch.arange(graph.n_senders)
     sender_layer = []
     for g in graph.sender_groups:
@@ -467,29 +467,6 @@ def patch_nodes(
         lambda s: sender_layer[s], scale, batch_size, memory_budget, readout,
         method, out, shard, progress, stats,
     )
-
-
-def select_nodes(graph: Graph, nodes: Any) -> Tensor:
-    if nodes is None or (isinstance(nodes, str) and nodes == "all"):
-        return torch.arange(graph.n_senders)
-    if isinstance(nodes, str):
-        raise GraphError(f"bad node spec {nodes!r}: use 'all' or a list of sender names/indices")
-    if isinstance(nodes, Tensor):
-        nodes = nodes.flatten().tolist()
-    out = []
-    for x in nodes:
-        if isinstance(x, str):
-            if x not in graph.senders:
-                raise GraphError(f"unknown sender {x!r} (senders look like 'input', 'a0.h1', 'm0')")
-            out.append(graph.senders.index(x))
-        else:
-            if not 0 <= int(x) < graph.n_senders:
-                raise GraphError(f"sender index {x} out of range [0, {graph.n_senders})")
-            out.append(int(x))
-    t = torch.tensor(out, dtype=torch.long)
-    if t.unique().numel() != t.numel():
-        raise GraphError("node list contains duplicates")
-    return t.sort().values
 
 
 def _node(self: _Evaluator, group: int, D: Tensor, P: slice) -> Tensor:

@@ -246,8 +246,8 @@ def metric_values(model: Any, task: Task, tokens: Tensor) -> Float[Tensor, " bat
         resid.append(act)
         raise StopForward
 
-    # grab after the last block's output hook, so that hook's backward hook (the logits
-    # receiver) is part of the graph; nothing of the final LayerNorm or unembedding runs.
+    # grab after the last block's output hook, so the logits receiver's tensor hook (put on
+    # that hook's output) is on the path; nothing of the final LayerNorm or unembedding runs.
     with model.hooks(fwd_hooks=[("ln_final.hook_in", grab)]):
         try:
             model(tokens)

@@ -6,7 +6,6 @@ PY      = $(VENV)/bin/python
 # The CPU wheel of torch (pinned: an unpinned torch pulls a several-GB CUDA build). With a GPU,
 # install your CUDA torch into .venv first; it is kept (see README).
 TORCH  ?= torch==2.13.0
-export HF_HUB_OFFLINE ?= 1
 
 .PHONY: install test bench bench-gate bench-pytest clean
 
@@ -19,7 +18,7 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 test: install
-	$(PY) -m pytest -q
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
 
 bench: install
 	$(PY) -m bench run

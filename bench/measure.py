@@ -5,16 +5,20 @@ resident just before the measured call (model, task and caches already loaded):
 
 * CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats`` minus the
   allocated memory before the call.
-* CPU: peak resident set size (RSS) minus the RSS before the call. The peak is the larger of
-  ``getrusage(RUSAGE_SELF).ru_maxrss`` (exact, when the call sets a new high-water mark for the
-  process) and a background sampler reading ``/proc/self/statm`` every 2 ms (catches
-  peaks below an earlier high-water mark). ``bench run`` starts its workers with
-  ``MALLOC_MMAP_THRESHOLD_=65536`` so freed tensors leave the RSS. Run each measurement in a fresh process
-  (``bench run --isolate``) when exactness of small peaks matters.
+* CPU: peak resident set size (RSS) minus the RSS before the call. Before the call freed heap
+  pages are handed back (``malloc_trim``) and, on Linux, the kernel's peak counter is reset
+  (``/proc/self/clear_refs``), so ``VmHWM`` after the call is the call's own exact peak. Where
+  that is unavailable the peak is the larger of ``getrusage(RUSAGE_SELF).ru_maxrss`` (when the
+  call sets a new high-water mark) and a background sampler reading ``/proc/self/statm`` every
+  2 ms. ``bench run`` starts its workers with ``MALLOC_MMAP_THRESHOLD_=65536`` so freed tensors
+  leave the RSS. Run each measurement in a fresh process (``bench run --isolate job``) when
+  exactness of small peaks matters.
 """
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import os
 import resource
 import statistics
@@ -39,6 +43,34 @@ def _rss_bytes() -> int:
 def _maxrss_bytes() -> int:
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return r if os.uname().sysname == "Darwin" else r * 1024
+
+
+def _malloc_trim() -> None:
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+def _reset_hwm() -> bool:
+    """Reset the process's peak RSS (VmHWM) via /proc/self/clear_refs (Linux >= 4.0)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return _hwm_bytes() > 0
+    except OSError:
+        return False
+
+
+def _hwm_bytes() -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
 
 def sync(device: torch.device | str) -> None:
@@ -66,6 +98,11 @@ class PeakMemory:
             self.method = "cuda.max_memory_allocated"
             return self
         self.method = "rss"
+        gc.collect()
+        _malloc_trim()  # hand freed heap pages back, so the baseline holds no reusable free memory
+        self._hwm = _reset_hwm()  # Linux: reset VmHWM, then the kernel tracks this call's exact peak
+        if self._hwm:
+            self.method = "rss-hwm"
         self._base = _rss_bytes()
         self._maxrss0 = _maxrss_bytes()
         self._peak = self._base
@@ -87,6 +124,8 @@ class PeakMemory:
         self._stop.set()
         self._thread.join()
         peak = max(self._peak, _rss_bytes())
+        if self._hwm:
+            peak = max(peak, _hwm_bytes())
         maxrss = _maxrss_bytes()
         if maxrss > self._maxrss0:  # this call set a new process high-water mark: exact
             peak = max(peak, maxrss)

@@ -141,12 +141,15 @@ def random_model(
     seed: int = 0,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
+    arch: str = "gpt2",
 ) -> Any:
-    """A randomly initialised GPT-2 of a named shape (see ``RANDOM_SHAPES``) or of a dict of
-    GPT2Config fields, built offline. Same seed -> same weights. The tokenizer is the embedded
-    word-level IOI tokenizer, so ``eap.tasks.ioi`` works on it."""
-    from transformers import GPT2Config, GPT2LMHeadModel
+    """A randomly initialised model of a named shape (see ``RANDOM_SHAPES``) or of a dict of
+    GPT-2-style fields (``n_layer``, ``n_embd``, ``n_head``, ``n_inner``, ``n_positions``,
+    ``vocab_size``), built offline. Same seed -> same weights. The tokenizer is the embedded
+    word-level IOI tokenizer, so ``eap.tasks.ioi`` works on it.
 
+    ``arch='gpt2'`` (default) builds a GPT-2; ``arch='gpt-neox'`` builds a Pythia-style model of
+    the same shape (parallel attention/MLP, rotary positions), for architecture coverage."""
     if isinstance(shape, str):
         if shape not in RANDOM_SHAPES:
             raise ModelLoadError(f"unknown random shape {shape!r}; known: {sorted(RANDOM_SHAPES)}")
@@ -158,13 +161,27 @@ def random_model(
         raise ModelLoadError("square MLPs (n_inner == n_embd) are corrupted by TransformerLens 4.3; use another width")
     tokenizer = _word_tokenizer()
     fields["vocab_size"] = max(fields.get("vocab_size", 0), len(tokenizer))
-    config = GPT2Config(**fields, bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
+    special = dict(bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
+    if arch == "gpt2":
+        from transformers import GPT2Config as Config, GPT2LMHeadModel as Model
+
+        config = Config(**fields, **special)
+    elif arch == "gpt-neox":
+        from transformers import GPTNeoXConfig as Config, GPTNeoXForCausalLM as Model
+
+        config = Config(
+            vocab_size=fields["vocab_size"], hidden_size=fields["n_embd"], num_hidden_layers=fields["n_layer"],
+            num_attention_heads=fields["n_head"], intermediate_size=fields["n_inner"],
+            max_position_embeddings=fields.get("n_positions", 2048), use_parallel_residual=True, **special,
+        )
+    else:
+        raise ModelLoadError(f"unknown architecture {arch!r}; use 'gpt2' or 'gpt-neox'")
     config.pad_token_id = tokenizer.pad_token_id
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or torch.float32
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        hf_model = GPT2LMHeadModel(config)
+        hf_model = Model(config)
     hf_model = hf_model.to(dtype=dtype).eval()
     with tempfile.TemporaryDirectory() as tmp:
         config.save_pretrained(tmp)

@@ -278,7 +278,7 @@ def _check_inputs(model: Any, graph: Graph, task: Task, scale: float) -> None:
 def _run(
     model: Any, graph: Graph, task: Task, kind: str, items: Tensor, n_items: int,
     item_sender: Tensor, item_key: Tensor, key_layer: Callable[[int], int],
-    scale: float, batch_size: int | None, memory_budget: int | None, readout: bool | None,
+    *, scale: float, batch_size: int | None, memory_budget: int | None, readout: bool | None,
     method: str, out: Any, shard: Any, progress: bool, stats: dict | None,
 ) -> Float[Tensor, " n"]:
     _check_inputs(model, graph, task, scale)
@@ -431,7 +431,8 @@ def patch_edges(
     rec_layer = [g.layer for g in graph.receiver_groups for _ in range(g.size)]
     return _run(
         model, graph, task, "edges", items, graph.n_edges, graph.edge_sender, graph.edge_receiver,
-        lambda r: rec_layer[r], scale, batch_size, memory_budget, readout, method, out, shard, progress, stats,
+        lambda r: rec_layer[r], scale=scale, batch_size=batch_size, memory_budget=memory_budget,
+        readout=readout, method=method, out=out, shard=shard, progress=progress, stats=stats,
     )
 
 
@@ -464,8 +465,8 @@ def patch_nodes(
         sender_layer += [g.layer] * g.size
     return _run(
         model, graph, task, "nodes", items, graph.n_senders, ids, ids,
-        lambda s: sender_layer[s], scale, batch_size, memory_budget, readout,
-        method, out, shard, progress, stats,
+        lambda s: sender_layer[s], scale=scale, batch_size=batch_size, memory_budget=memory_budget,
+        readout=readout, method=method, out=out, shard=shard, progress=progress, stats=stats,
     )
 
 

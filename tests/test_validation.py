@@ -446,6 +446,42 @@ def test_kill_and_resume_loses_no_unit(tiny3_model, make_random_task, tmp_path, 
     torch.testing.assert_close(validation.load_values(out), full, atol=1e-12, rtol=0, equal_nan=True)
 
 
+def test_resume_with_other_prompt_batches(tiny3_model, make_random_task, tmp_path, monkeypatch):
+    """A resumed file keeps its prompt batches when no batch size is asked for (its partial sums
+    stay valid); asked for other batches, it recomputes the partial items (with a warning)."""
+    graph = Graph.from_model(tiny3_model)
+    task = make_random_task(tiny3_model, n=5, seq=6)
+    full = validation.patch_edges(tiny3_model, graph, task, progress=False)
+    real_record = ResultStore.record_unit
+
+    def interrupted(path):
+        calls = []
+
+        def flaky(self, *args):
+            real_record(self, *args)
+            calls.append(1)
+            if len(calls) == 9:
+                raise _Interrupt
+
+        monkeypatch.setattr(ResultStore, "record_unit", flaky)
+        with pytest.raises(_Interrupt):
+            validation.patch_edges(tiny3_model, graph, task, progress=False, batch_size=2, out=path)
+        monkeypatch.setattr(ResultStore, "record_unit", real_record)
+
+    interrupted(tmp_path / "a.pt")
+    kept = {}
+    got = validation.patch_edges(tiny3_model, graph, task, progress=False, out=tmp_path / "a.pt", stats=kept)
+    assert kept["prompts_per_batch"] == 2 and kept["n_units_resumed"] == 9
+    torch.testing.assert_close(got, full, atol=1e-14, rtol=0)
+    interrupted(tmp_path / "b.pt")
+    other = {}
+    with pytest.warns(UserWarning, match="recomputing"):
+        got = validation.patch_edges(tiny3_model, graph, task, progress=False, batch_size=3, out=tmp_path / "b.pt",
+                                     stats=other)
+    assert other["prompts_per_batch"] == 3 and other["n_units_resumed"] == 0
+    torch.testing.assert_close(got, full, atol=1e-14, rtol=0)
+
+
 def test_resume_after_sigkill(tiny_model, make_random_task, tmp_path):
     """kill -9 after 5 journalled units: the file plus its journal resume with those units."""
     graph = Graph.from_model(tiny_model)

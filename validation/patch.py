@@ -292,12 +292,7 @@ class PatchJob:
 
     def unit_key(self, items: Int[Tensor, " k"]) -> Int[Tensor, " k"]:
         """The unit key of each item (see :class:`Unit`)."""
-        if self.kind == "edges":
-            return self.graph.edge_receiver[items]
-        if self.runner is None:
-            return items
-        group_of = torch.cat([torch.full((g.size,), gi) for gi, g in enumerate(self.graph.sender_groups)])
-        return group_of[items]
+        return unit_keys(self.graph, self.kind, self.runner is not None, items)
 
     def units(self, items: Int[Tensor, " k"]) -> list[Unit]:
         """All units of ``items``: for each prompt batch, one per key (keys in increasing order)."""
@@ -305,6 +300,17 @@ class PatchJob:
         keys = self.unit_key(items)
         groups = [(int(k), tuple(items[keys == k].tolist())) for k in keys.unique().tolist()]
         return [Unit(k, b, its) for b in range(len(self.batches)) for k, its in groups]
+
+
+def unit_keys(graph: Graph, kind: str, fast: bool, items: Int[Tensor, " k"]) -> Int[Tensor, " k"]:
+    """The unit key of each item: its receiver (edges), its sender group (nodes, fast path: the
+    senders of one hook group enter the residual stream at one point) or itself (nodes, hooks)."""
+    if kind == "edges":
+        return graph.edge_receiver[items]
+    if not fast:
+        return items
+    group_of = torch.cat([torch.full((g.size,), gi) for gi, g in enumerate(graph.sender_groups)])
+    return group_of[items]
 
 
 def prepare_batch(job: PatchJob, batch: int) -> _Evaluator:
@@ -461,10 +467,9 @@ def _run(
     fp = fingerprint_of(parts)
     fingerprint_s = time.perf_counter() - t0
 
-    job = PatchJob(model, graph, task, kind, runner, use_readout, float(scale), item_sender.cpu().long(), None)
     assigned = items
     if shard is not None:
-        keys = job.unit_key(items)
+        keys = unit_keys(graph, kind, runner is not None, items)
         if kind == "edges":
             rec_layer = torch.tensor([g.layer for g in graph.receiver_groups for _ in range(g.size)])
             layers = rec_layer[keys].double()
@@ -473,9 +478,11 @@ def _run(
             layers = send_layer[items].double()
         weights = graph.spec.n_layers - layers + 1.0
         assigned = items[shard_groups(keys, weights, *shard)]
-    max_copies = int(job.unit_key(assigned).unique(return_counts=True)[1].max()) if len(assigned) else 1
-    job.plan = _plan(model, graph, task, runner=runner, use_readout=use_readout, max_copies=max_copies,
-                     batch_size=batch_size, budget=budget)
+    keys = unit_keys(graph, kind, runner is not None, assigned)
+    max_copies = int(keys.unique(return_counts=True)[1].max()) if len(assigned) else 1
+    plan = _plan(model, graph, task, runner=runner, use_readout=use_readout, max_copies=max_copies,
+                 batch_size=batch_size, budget=budget)
+    job = PatchJob(model, graph, task, kind, runner, use_readout, float(scale), item_sender.cpu().long(), plan)
 
     t0 = time.perf_counter()
     meta = describe_request(model, graph, task, items, scale, kind)

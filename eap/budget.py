@@ -26,6 +26,7 @@ the batch becomes one prompt (and one copy) and a ``BudgetWarning`` says so.
 from __future__ import annotations
 
 import math
+import os
 import re
 import warnings
 from dataclasses import dataclass
@@ -95,8 +96,6 @@ def free_memory(device: torch.device | str) -> int:
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
-    import os
-
     try:  # other POSIX systems: the physical pages not in use
         return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
     except (ValueError, OSError, AttributeError):

@@ -25,13 +25,7 @@ from conftest import closure_task
 TOL = 1e-9
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run far faster single-threaded (and the CI box is shared)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------------------------------ naive reference
@@ -380,6 +374,33 @@ def test_fingerprint_keys_metric_code_closures_and_data(tiny_model, make_random_
     assert validation.fingerprint(tiny_model, graph, task, idx) != fp
     monkeypatch.setattr(vs, "package_version", lambda: "9.9")
     assert vs.fingerprint_parts(tiny_model, graph, task, idx)["package"] == "9.9"
+
+
+def test_code_hash_follows_partials_objects_and_helpers():
+    import functools
+
+    from validation.store import code_hash
+
+    def scaled(logits, offset=0.0, **_):
+        return logits[:, -1, 0] + offset
+
+    assert code_hash(functools.partial(scaled, offset=1.0)) == code_hash(functools.partial(scaled, offset=1.0))
+    assert code_hash(functools.partial(scaled, offset=1.0)) != code_hash(functools.partial(scaled, offset=2.0))
+
+    class Answer:
+        def __init__(self, io):
+            self.io = io
+
+        def __call__(self, logits, **_):
+            return logits[:, -1, self.io].diagonal()
+
+    a, b = Answer(torch.tensor([1, 2])), Answer(torch.tensor([1, 3]))
+    assert code_hash(a) != code_hash(b) and code_hash(a) == code_hash(Answer(torch.tensor([1, 2])))
+    ns: dict = {}
+    exec("def helper(x):\n    return x + 1\ndef metric(logits):\n    return helper(logits[:, -1, 0])", ns)
+    before = code_hash(ns["metric"])
+    exec("def helper(x):\n    return x + 2", ns)  # the helper the metric calls was fixed
+    assert code_hash(ns["metric"]) != before
 
 
 def test_fingerprint_once_per_call(tiny_model, make_random_task, monkeypatch, tmp_path):

@@ -59,7 +59,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from eap.budget import PatchPlan, plan_patching, resolve_budget
+from eap.budget import BudgetError, PatchPlan, plan_patching, resolve_budget
 from eap.graph import Graph, GraphError
 from eap.hooks import check_edge_hooks, run_until_stop, sender_difference_hooks, stop_hook
 from eap.task import Task, TaskError
@@ -427,7 +427,7 @@ def _plan(model: Any, graph: Graph, task: Task, *, runner: BlockRunner | None, u
     try:
         return plan_patching(model, graph.n_senders, n, task.seq_len, whole_task=problem is not None,
                              prompts_per_batch=batch_size, **kw)
-    except ValueError as exc:  # eap.budget.BudgetError: the whole task does not fit
+    except BudgetError as exc:  # the whole task does not fit the budget
         raise TaskError(f"{problem}. {exc}") from exc
 
 

@@ -132,6 +132,8 @@ class Shape:
 
 
 def _fmt(n: float) -> str:
+    if n < 2**10:
+        return f"{int(n)} bytes"
     if n < 2**20:
         return f"{n / 2**10:.1f} KiB"
     return f"{n / 2**20:.1f} MiB" if n < 2**30 else f"{n / 2**30:.2f} GiB"

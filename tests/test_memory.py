@@ -142,7 +142,7 @@ def test_closure_metric_attribution_needs_all_prompts_in_one_batch(tiny3_model):
     with pytest.raises(TaskError, match="per_prompt") as err:
         eap.attribute(tiny3_model, graph, closure, batch_size=4, progress=False)
     assert "batch_size=4" in str(err.value) and "6 prompts" in str(err.value)
-    with pytest.raises(TaskError, match="memory budget"):
+    with pytest.raises(TaskError, match="memory budget"), pytest.warns(B.BudgetWarning):
         eap.attribute(tiny3_model, graph, closure, memory_budget=1, progress=False)
     whole = eap.attribute(tiny3_model, graph, closure, batch_size=6, progress=False)
     split = eap.attribute(tiny3_model, graph, base, batch_size=4, progress=False)  # control: per-prompt data splits

@@ -258,7 +258,7 @@ def random_model(
     with tempfile.TemporaryDirectory() as tmp:
         hf_model.config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        bridge = _boot(tmp, device, dtype, hf_model=hf_model)
+        bridge = _boot(tmp, device, dtype, hf_model=hf_model, tokenizer=_saved_generic_tokenizer(tmp))
     if attn_only:
         with torch.no_grad():
             for block in bridge.blocks:  # the bridge's W_out / b_out are views of the HF weights
@@ -289,6 +289,10 @@ def _boot_pretrained(source: str, device: torch.device, dtype: torch.dtype) -> A
 
     with _quiet():
         config = AutoConfig.from_pretrained(source)
+    kwargs: dict[str, Any] = {}
+    tokenizer = _saved_generic_tokenizer(source)
+    if tokenizer is not None:
+        kwargs["tokenizer"] = tokenizer
     try:
         fam = family_of(str(getattr(config, "model_type", "")))
     except UnsupportedModel:
@@ -298,10 +302,26 @@ def _boot_pretrained(source: str, device: torch.device, dtype: torch.dtype) -> A
         and (getattr(config, fam.n_kv_heads, None) or 0) not in (0, getattr(config, fam.n_heads))
     )
     if not grouped:
-        return _boot(source, device, dtype)
+        return _boot(source, device, dtype, **kwargs)
     with _quiet():
         hf_model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation="eager")
-    return _boot(source, device, dtype, hf_model=_ready_hf_model(hf_model, device, dtype)).to(device)
+    return _boot(source, device, dtype, hf_model=_ready_hf_model(hf_model, device, dtype), **kwargs).to(device)
+
+
+def _saved_generic_tokenizer(source: str) -> Any:
+    """A directory's tokenizer saved as a generic fast tokenizer (like the embedded word-level
+    one), loaded as such: ``AutoTokenizer`` would swap in the family's own class for some
+    families (Qwen2), which re-splits the text differently. None for anything else."""
+    path = Path(source) / "tokenizer_config.json"
+    if not path.is_file():
+        return None
+    import json
+
+    from transformers import PreTrainedTokenizerFast
+
+    if json.loads(path.read_text()).get("tokenizer_class") not in ("TokenizersBackend", "PreTrainedTokenizerFast"):
+        return None
+    return PreTrainedTokenizerFast.from_pretrained(source, add_bos_token=True)  # as TransformerLens sets it up
 
 
 def _word_tokenizer():

@@ -212,6 +212,28 @@ def test_gemma2_blocks_and_readout_are_exact_with_biting_softcaps_and_windows():
         bad.verify(model, n_pos=10)
 
 
+def test_rotary_styles_match_hf():
+    """Rotate-half (Llama, used by every family here) and adjacent pairs (GPT-J; no family here
+    uses it yet) against transformers' own functions; partial rotary passes the rest through."""
+    from transformers.models.gptj.modeling_gptj import apply_rotary_pos_emb as gptj_rope, create_sinusoidal_positions
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb as llama_rope
+
+    from eap.arch import apply_rotary
+
+    B, P, H, r, dh = 2, 5, 3, 8, 12
+    x = torch.randn(B, H, P, dh, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    sincos = create_sinusoidal_positions(P, r).double()
+    sin, cos = sincos[:, : r // 2], sincos[:, r // 2:]
+    cos2, sin2 = torch.cat([cos, cos], -1), torch.cat([sin, sin], -1)  # HF's layout
+    want = gptj_rope(x[..., :r].transpose(1, 2), sin[None], cos[None]).transpose(1, 2)
+    got = apply_rotary(x, cos2, sin2, "interleaved")
+    torch.testing.assert_close(got[..., :r], want)
+    assert torch.equal(got[..., r:], x[..., r:])
+    want_q, _ = llama_rope(x[..., :r], x[..., :r], cos2[None], sin2[None])
+    torch.testing.assert_close(apply_rotary(x, cos2, sin2, "half")[..., :r], want_q)
+    assert not torch.allclose(apply_rotary(x, cos2, sin2, "half"), got)  # the styles differ
+
+
 # ------------------------------------------------------------------------------ half precision
 BF16_TOL = 0.05  # max |score(half) - score(float32)| as a share of the largest float32 score
 

@@ -359,7 +359,10 @@ class Graph:
 
         ``level="node"``: the ``n`` highest-scoring nodes (``node_scores``; unscored NaN nodes are
         always kept and do not count) are the graph's nodes; with ``reset`` every edge out of a
-        kept node is put in (EAP-IG also marks non-edges there; this graph keeps to ``mask``).
+        kept node is put in. EAP-IG also marks non-edges there (e.g. a head's own q input) and
+        its ``prune`` counts them, so a node can stay in through a non-edge; circuits here keep to
+        ``mask``, so node-level selection with pruning can keep less than EAP-IG's. (Edge level,
+        what MIB's edge-level evaluation uses, matches EAP-IG exactly.)
         """
         n = _count(n, "apply_topn")
         if level == "edge":
@@ -412,7 +415,7 @@ class Graph:
         order. Then ``prune`` (default) removes edges whose sender was never fed from the input,
         so fewer than ``n`` edges may stay. NaN scores are refused.
         """
-        if isinstance(n, bool) or not isinstance(n, (int, float)) or not math.isfinite(n) or n < 0:
+        if isinstance(n, bool) or not isinstance(n, numbers.Real) or not math.isfinite(n) or n < 0:
             raise GraphError(f"apply_greedy: n must be a number >= 0, got {n!r}")
         if n > self.n_edges:
             raise GraphError(f"apply_greedy: n={n} is more than the graph's {self.n_edges} edges")

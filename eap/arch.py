@@ -173,7 +173,8 @@ class ArchSpec:
 
     def graph_spec(self) -> GraphSpec:
         """The edge graph's shape: q/k/v receivers per query head (MIB/EAP-IG convention)."""
-        return GraphSpec(self.n_layers, self.n_heads, attn_only=self.attn_only, parallel_attn_mlp=self.parallel)
+        return GraphSpec(self.n_layers, self.n_heads, attn_only=self.attn_only, parallel_attn_mlp=self.parallel,
+                         d_model=self.d_model)
 
 
 def _get(cfg: Any, key: str | None, default: Any = None) -> Any:

@@ -367,6 +367,7 @@ def test_graph_from_config_only(config, edges):
         assert g.n_edges == edges
     assert spec.n_heads == config.get("num_attention_heads", config.get("n_head"))  # per query head
     assert Graph.from_cfg(dict(n_layers=spec.n_layers, n_heads=spec.n_heads, parallel_attn_mlp=spec.parallel_attn_mlp)).n_edges == g.n_edges
+    assert spec.d_model == config.get("hidden_size", config.get("n_embd"))
 
 
 def test_closed_form_matches_built_graphs():

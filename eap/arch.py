@@ -38,7 +38,7 @@ to half precision before the metric).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import torch
@@ -166,11 +166,6 @@ class ArchSpec:
     grouped_kv_heads: int | None = None  # KV heads before ungrouping (None if never grouped)
     problems: tuple[str, ...] = field(default=())  # features the block runner does not implement
 
-    @property
-    def kv_groups(self) -> int:
-        """Query heads per key/value head in the original model (1 without GQA)."""
-        return self.n_heads // (self.grouped_kv_heads or self.n_kv_heads)
-
     def graph_spec(self) -> GraphSpec:
         """The edge graph's shape: q/k/v receivers per query head (MIB/EAP-IG convention)."""
         return GraphSpec(self.n_layers, self.n_heads, attn_only=self.attn_only, parallel_attn_mlp=self.parallel,
@@ -266,13 +261,7 @@ def _spec_from_model(model: Any) -> ArchSpec:
             problems.append(what)
     if getattr(cfg, "num_experts", None):
         problems.append("mixture of experts")
-    return _replace(spec, n_kv_heads=int(kv), attn_only=bool(getattr(cfg, "attn_only", False)), problems=tuple(problems))
-
-
-def _replace(spec: ArchSpec, **kw: Any) -> ArchSpec:
-    from dataclasses import replace
-
-    return replace(spec, **kw)
+    return replace(spec, n_kv_heads=int(kv), attn_only=bool(getattr(cfg, "attn_only", False)), problems=tuple(problems))
 
 
 def check_edges(model: Any) -> ArchSpec:
@@ -370,7 +359,8 @@ def _softcap(x: Tensor, cap: float | None) -> Tensor:
 class Readout:
     """Final norm + unembedding (+ final logit softcap): the one read-out of eap-bench.
 
-    Computed in float32 at least. Used by ``eap.attribute.select_logits`` (with gradients) and
+    ``selected`` is computed in float32 at least (a half-precision model's logits are not rounded
+    to half precision before the metric). Used by ``eap.attribute.select_logits`` (with gradients) and
     by validation's block runner."""
 
     def __init__(self, model: Any, spec: ArchSpec | None = None) -> None:
@@ -383,11 +373,12 @@ class Readout:
         self.dtype = torch.promote_types(self.W_U.dtype, torch.float32)
 
     def logits(self, x: Float[Tensor, "*b d_model"]) -> Float[Tensor, "*b d_vocab"]:
-        """All logits from the final residual (before the final norm)."""
-        y = self.norm(x, self.dtype) @ self.W_U.to(self.dtype)
+        """All logits from the final residual (before the final norm). A half-precision model's
+        full unembedding runs in its own dtype (no float32 copy of it); the result is float32."""
+        y = self.norm(x, self.W_U.dtype) @ self.W_U
         if self.b_U is not None:
-            y = y + self.b_U.to(self.dtype)
-        return _softcap(y, self.softcap)
+            y = y + self.b_U
+        return _softcap(y.to(self.dtype), self.softcap)
 
     def selected(self, x: Float[Tensor, "b d_model"], tokens: Int[Tensor, "b k"]) -> Float[Tensor, "b k"]:
         """Only the logits of ``tokens`` (per row) from the final residual at one position."""

@@ -25,10 +25,12 @@ from conftest import random_task
 from test_attribute import reference_scores
 from test_validation import _sender_outputs, naive_edges, naive_nodes, readout_task
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 F64 = dict(device="cpu", dtype=torch.float64)
 
 #: (shape, arch) of the tiny test model of each family
 FAMILY_MODELS = {
+    "gpt2": ("gpt2-tiny", None),
     "llama": ("llama-tiny", None),
     "qwen2": ("qwen-tiny", None),
     "pythia": ("pythia-tiny", None),
@@ -36,14 +38,6 @@ FAMILY_MODELS = {
                      intermediate_size=64, sliding_window=5, max_position_embeddings=64), "mistral"),
     "attn-only": (dict(n_layer=3, n_embd=24, n_head=3, n_positions=32, attn_only=True), "gpt2"),
 }
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="module", params=list(FAMILY_MODELS))
@@ -330,6 +324,11 @@ def test_saved_gqa_model_loads_ungrouped_and_computes_the_same_function(tmp_path
     task = random_task(model, n=2, seq=6)
     ref = reference_scores(model, g, task)[g.edge_sender, g.edge_receiver]
     torch.testing.assert_close(attribute(model, g, task, progress=False), ref, rtol=1e-6, atol=1e-7 * ref.abs().max())
+    edges = g.select_edges("stratified:24", seed=0)
+    stats = {}
+    exact = validation.patch_edges(model, g, task, edges, progress=False, stats=stats)
+    assert stats["path"] == "fast"
+    torch.testing.assert_close(exact[edges], naive_edges(model, g, task, edges.tolist()), atol=1e-9, rtol=0)
 
 
 def test_undescribed_family_is_refused():

@@ -26,7 +26,7 @@ import torch
 
 from bench.measure import PeakMemory, floor_pass
 
-pytestmark = pytest.mark.benchmark
+pytestmark = [pytest.mark.benchmark, pytest.mark.usefixtures("one_thread", "_free_models")]
 
 MODELS = ["random:gpt2-small", "random:qwen2.5-0.5b", "random:pythia-160m"]
 N_PROMPTS = 8
@@ -35,12 +35,9 @@ ROUNDS = 3
 _CACHE: dict[str, tuple] = {}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
+@pytest.fixture(scope="module")
+def _free_models():
     yield
-    torch.set_num_threads(old)
     _CACHE.clear()
 
 

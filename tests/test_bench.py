@@ -14,6 +14,9 @@ from bench import agreement as ag
 from bench import gate as gate_mod
 
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 # ------------------------------------------------------------------ statistics vs scipy / by hand
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_correlations_match_scipy(seed):

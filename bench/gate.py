@@ -303,6 +303,6 @@ def sensitivity_table(rows: list[dict]) -> str:
     for r in rows:
         unit = " x std" if r["degradation"] == "noise" else " of edges"
         drop = (f"{r['spearman_drop_min']:.3f}–{r['spearman_drop_max']:.3f}" if math.isfinite(r["strength"]) else "–")
-        out.append(f"{r['method']:<16} {r['degradation']:<20} {r['strength']:>18.3f}{unit:<8} {drop:>16}  "
+        out.append(f"{r['method']:<16} {r['degradation']:<20} {r['strength']:>18.3g}{unit:<8} {drop:>16}  "
                    + "; ".join(r["first_failures"]))
     return "\n".join(out)

@@ -139,6 +139,25 @@ def test_bootstrap_one_group_has_no_ci():
     assert math.isfinite(s["value"]) and math.isnan(s["lo"]) and math.isnan(s["hi"])
 
 
+def test_group_vectors_average_to_the_full_data_scores(tiny_model, make_random_task):
+    """The bootstrap resamples per-group score vectors; their mean must be the full-data score, for
+    attribution and for exact patching alike (both are means over prompts), float64."""
+    import torch
+
+    import eap
+    import validation
+    from bench.worker import groups_of
+
+    task = make_random_task(tiny_model, n=6, seq=6, seed=4)
+    graph = eap.Graph.from_model(tiny_model)
+    parts = [task.subset(p) for p in groups_of(6, 3)]
+    for score in (lambda t: eap.attribute(tiny_model, graph, t, progress=False),
+                  lambda t: validation.patch_edges(tiny_model, graph, t, progress=False)):
+        full = score(task)
+        mean = torch.stack([score(t) for t in parts]).mean(0)
+        torch.testing.assert_close(mean, full, rtol=1e-6, atol=1e-9 * float(full.abs().max()))
+
+
 def test_groups_of():
     from bench.worker import groups_of
 

@@ -86,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     scores = None
     if a.scores:
         g = Graph.from_json(a.scores) if a.scores.endswith(".json") else Graph.load(a.scores)
+        g.check_model(model)  # a graph file (ours or EAP-IG's/MIB's) of another model is refused
         scores = g.edge_scores()
     kw = dict(scale=a.scale, batch_size=a.batch_size, method=a.method, shard=a.shard, progress=not a.no_progress)
     stats: dict = {}

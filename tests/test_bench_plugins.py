@@ -12,14 +12,13 @@ import torch
 from bench.matrix import Config, WorkerError, run
 from bench.plugins import PluginError, build_task, call_method, resolve_method, resolve_task
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 # A custom task (IOI's prompts with another readout-free metric, so it is not the built-in one)
 # and custom methods, written to a temporary module as a user would.
 PLUGIN_SOURCE = '''
 import torch
 import eap
-
-
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 def build(model, n, seed=0, offset=0):
     base = eap.tasks.ioi(model, n, seed=seed + offset)

@@ -30,6 +30,16 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a test module (``pytestmark = pytest.mark.usefixtures("one_thread")``):
+    toy models gain nothing from threads, and on a busy machine extra threads cost many times over."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 TINY_SHAPE = dict(n_layer=2, n_embd=16, n_head=2, n_positions=32, vocab_size=64)
 TINY3_SHAPE = dict(n_layer=3, n_embd=24, n_head=3, n_positions=32, vocab_size=64)
 

@@ -7,24 +7,23 @@ Real shapes with random weights (``random:gpt2-small``, ``random:qwen2.5-0.5b``,
 one torch thread. Printed per model, side by side:
 
 * EAP x floor: median EAP time / median ``bench.measure.floor_pass`` time (bare model, same
-  task), timed interleaved (floor, EAP, floor, EAP, ...) so machine load hits both alike;
+  task, same read-out), timed interleaved (``eap.measure.time_interleaved``) so machine load
+  hits both alike;
 * exact forward-equivalents per edge on ``stratified:300`` edges (``validation.throughput``:
   patching seconds per edge / one plain forward), and which path ran (fast / hooks);
-* peak memory (MiB over the resident baseline, ``bench.measure.PeakMemory``) of EAP, of the
-  floor and of exact patching.
+* peak memory (MiB over the resident baseline) of EAP, of the
+  floor and of exact patching (``eap.measure.PeakMemory``).
 
 Figures, not a timed test: the only assertions are that the results are finite.
 """
 
 from __future__ import annotations
 
-import statistics
-import time
-
 import pytest
 import torch
 
-from bench.measure import PeakMemory, floor_pass
+from bench.measure import floor_pass
+from eap.measure import PeakMemory, median, time_interleaved
 
 pytestmark = [pytest.mark.benchmark, pytest.mark.usefixtures("one_thread", "_free_models")]
 
@@ -57,25 +56,20 @@ def test_arch_eap_vs_floor(benchmark, name):
 
     model, graph, task = _setup(name)
     run_eap = lambda: eap.attribute(model, graph, task, progress=False)  # noqa: E731
-    run_eap(), floor_pass(model, task)  # warm-up
-    eap_s, floor_s = [], []
-    for _ in range(ROUNDS):
-        for fn, out in ((lambda: floor_pass(model, task), floor_s), (run_eap, eap_s)):
-            t0 = time.perf_counter()
-            fn()
-            out.append(time.perf_counter() - t0)
+    times = time_interleaved({"floor": lambda: floor_pass(model, task), "eap": run_eap}, repeats=ROUNDS)
+    eap_s, floor_s = median(times["eap"]), median(times["floor"])
     with PeakMemory("cpu") as floor_pm:
         floor_pass(model, task)
     with PeakMemory("cpu") as pm:
         scores = benchmark.pedantic(run_eap, rounds=1, iterations=1)
     assert scores.shape == (graph.n_edges,) and torch.isfinite(scores).all()
-    ratio = statistics.median(eap_s) / statistics.median(floor_s)
+    ratio = eap_s / floor_s
     benchmark.group = "architectures: EAP"
     benchmark.extra_info.update(model=name, edges=graph.n_edges, prompts=N_PROMPTS, seq_len=task.seq_len,
-                                eap_s=statistics.median(eap_s), floor_s=statistics.median(floor_s),
+                                eap_s=eap_s, floor_s=floor_s,
                                 floor_ratio=round(ratio, 3), peak_mib=round(pm.mib, 1),
                                 floor_peak_mib=round(floor_pm.mib, 1))
-    print(f"\n{name}: EAP {statistics.median(eap_s):.2f} s = {ratio:.2f} x floor ({statistics.median(floor_s):.2f} s); "
+    print(f"\n{name}: EAP {eap_s:.2f} s = {ratio:.2f} x floor ({floor_s:.2f} s); "
           f"{graph.n_edges} edges, {N_PROMPTS} prompts x {task.seq_len} tokens; peak {pm.mib:.0f} MiB "
           f"(floor {floor_pm.mib:.0f} MiB)")
 

@@ -151,36 +151,19 @@ class _Evaluator:
         return self._metric_from_resid(x, point, P, m) - self.baseline(point, P)
 
     def receiver(self, r: int, D: Float[Tensor, "m nb p d"], P: slice) -> Float[Tensor, "m nb"]:
-        """Receiver ``r``'s input += D (one copy per leading index)."""
+        """Receiver ``r``'s input += D (one copy per leading index); the runner recomputes it."""
         g = self.graph.receiver_group_of(r)
-        rn, c, L, m = self.rn, self.cache, g.layer, D.shape[0]
-        if g.kind == "logits":
-            return self.inject(("post", self.graph.spec.n_layers - 1), D, P)
-        if g.kind == "mlp":
-            x0 = c.mlp_in[L][P]
-            out = rn.mlp(L, (x0.unsqueeze(0) + D).flatten(0, 1)).view_as(D) - rn.mlp(L, x0).unsqueeze(0)
-            return self.inject(("post", L), out, P)
-        h = r - g.start
-        key = (L, h, P.start)
-        if key not in self._head:
-            x0 = c.pre[L][P]
-            qkv = {k: rn.head_qkv(L, h, k, x0) for k in "qkv"}
-            self._head = {key: (qkv, rn.head_result(L, h, qkv["q"], qkv["k"], qkv["v"]))}
-        qkv, r0 = self._head[key]
-        x = (c.pre[L][P].unsqueeze(0) + D).flatten(0, 1)
-        new = {k: (rn.head_qkv(L, h, k, x) if k == g.kind else v.repeat(m, 1, 1)) for k, v in qkv.items()}
-        dr = rn.head_result(L, h, new["q"], new["k"], new["v"]).view_as(D) - r0.unsqueeze(0)
-        return self.inject(("post" if rn.parallel else "mid", L), dr, P)
+        c = self.cache
+        x_in = {"q": c.pre, "k": c.pre, "v": c.pre, "mlp": c.mlp_in, "logits": c.post}[g.kind]
+        x_in = x_in[min(g.layer, self.graph.spec.n_layers - 1)][P]
+        point, delta = self.rn.patch_receiver(g.kind, g.layer, (r - g.start) if g.n_heads else None, x_in, D)
+        return self.inject(point, delta, P)
 
     def sender_point(self, s: int) -> tuple[str, int]:
         """Where sender ``s`` writes into the residual stream (node patching)."""
         for g in self.graph.sender_groups:
             if g.start <= s < g.start + g.size:
-                if g.kind == "input":
-                    return ("pre", 0)
-                if g.kind == "head" and not self.graph.spec.parallel_attn_mlp and not self.graph.spec.attn_only:
-                    return ("mid", g.layer)
-                return ("post", g.layer)
+                return self.rn.sender_point(g.kind, g.layer)
         raise GraphError(f"sender index {s} out of range")
 
     # -------------------------------------------------------------- hooks

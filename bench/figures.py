@@ -1,12 +1,12 @@
 """Paper-style figures of a run (PNG and PDF, matplotlib Agg backend).
 
-* ``scatter_<model>_n<n>``: attribution vs exact per edge, one panel per method, y = x line,
-  points coloured by receiver type, the worst outliers labelled, ρ and τ in the title, the
+* ``scatter_<model>_<task>_n<n>``: attribution vs exact per edge, one panel per method, y = x
+  line, points coloured by receiver type, the worst outliers labelled, ρ and τ in the title, the
   number of edges (and sample size when edges were sampled) in the panel.
 * ``agreement_vs_n``: Spearman ρ, Kendall τ-b and top-1% recall vs dataset size with 95%
-  bootstrap CI bands, one line per model/method.
-* ``cost_vs_n`` / ``cost_vs_edges``: wall time and peak memory (log-log), attribution and
-  exact side by side.
+  bootstrap CI bands, one row of panels per task, one line per model/method.
+* ``cost_vs_n`` / ``cost_vs_edges``: wall time and peak memory (log-log), attribution (warm
+  median) and exact (warm patched forwards) side by side, one line per model/task/method.
 """
 
 from __future__ import annotations
@@ -55,12 +55,12 @@ def _save(fig: Any, out: Path, name: str) -> list[Path]:
 
 
 def scatter(cells: list[dict], run_dir: Path, out: Path, n_labels: int = 4) -> list[Path]:
-    """One figure per (model, n), one panel per method."""
+    """One figure per (model, task, n), one panel per method."""
     paths = []
     groups: dict[tuple, list[dict]] = {}
     for c in cells:
-        groups.setdefault((c["model"], c["n"]), []).append(c)
-    for (model, n), cs in groups.items():
+        groups.setdefault((c["model"], c["task"], c["n"]), []).append(c)
+    for (model, task, n), cs in groups.items():
         fig, axes = plt.subplots(1, len(cs), figsize=(3.3 * len(cs), 3.3), squeeze=False)
         for ax, c in zip(axes[0], cs):
             d = np.load(Path(run_dir) / "cells" / f"{c['id']}.npz")
@@ -85,15 +85,17 @@ def scatter(cells: list[dict], run_dir: Path, out: Path, n_labels: int = 4) -> l
                     va="top", fontsize=7)
         axes[0][0].set_ylabel("attribution score (metric units)")
         axes[0][-1].legend(title="receiver", fontsize=7, title_fontsize=7, loc="lower right", markerscale=2)
-        fig.suptitle(f"{model}: attribution vs exact per edge", y=1.02)
-        paths += _save(fig, out, f"scatter_{slug(model)}_n{n}")
+        fig.suptitle(f"{model}, task {task}: attribution vs exact per edge", y=1.02)
+        paths += _save(fig, out, f"scatter_{slug(model)}_{slug(task)}_n{n}")
     return paths
 
 
 def _lines(cells: list[dict]) -> dict[tuple, list[dict]]:
+    """Cells by (model, method) (tasks told apart in the label when there are several)."""
+    several = len({c["task"] for c in cells}) > 1
     lines: dict[tuple, list[dict]] = {}
     for c in cells:
-        lines.setdefault((c["model"], c["method"]), []).append(c)
+        lines.setdefault((c["model"], f"{c['task']} / {c['method']}" if several else c["method"]), []).append(c)
     return {k: sorted(v, key=lambda c: c["n"]) for k, v in lines.items()}
 
 
@@ -104,71 +106,81 @@ def _model_colors(cells: list[dict]) -> dict[str, Any]:
 
 
 def agreement_vs_n(cells: list[dict], out: Path) -> list[Path]:
+    """One row of panels per task; in each, one line per model (colour) and method (style)."""
     stats = [("spearman", "Spearman ρ"), ("kendall", "Kendall τ-b"), ("recall@1%", "top-1% recall")]
-    fig, axes = plt.subplots(1, len(stats), figsize=(3.4 * len(stats), 3.0), squeeze=False)
+    tasks = list(dict.fromkeys(c["task"] for c in cells))
+    fig, axes = plt.subplots(len(tasks), len(stats), figsize=(3.4 * len(stats), 3.0 * len(tasks)), squeeze=False)
     colors = _model_colors(cells)
-    for ax, (key, label) in zip(axes[0], stats):
-        for (model, method), cs in _lines(cells).items():
-            x = np.array([c["n"] for c in cs])
-            v = np.array([c["stats"][key]["value"] for c in cs])
-            lo = np.array([c["stats"][key]["lo"] for c in cs])
-            hi = np.array([c["stats"][key]["hi"] for c in cs])
-            edge_note = "" if cs[0]["n_edges_selected"] == cs[0]["n_edges"] else f", {cs[0]['n_edges_selected']} sampled"
-            ax.plot(x, v, METHOD_STYLE.get(method, "-"), marker="o", ms=3, color=colors[model],
-                    label=f"{model} / {method}{edge_note}")
-            if np.isfinite(lo).all():
-                ax.fill_between(x, lo, hi, color=colors[model], alpha=0.12, lw=0)
-        _log_axes(ax, [c["n"] for c in cells], logy=False)
-        ax.set_xlabel("prompts (n)")
-        ax.set_ylabel(label)
-        ax.set_title(label)
-    axes[0][-1].legend(fontsize=6, loc="center left", bbox_to_anchor=(1.02, 0.5))
-    fig.suptitle("agreement with exact patching vs dataset size (bands: 95% bootstrap CI over prompts)", y=1.03)
+    for row, task in zip(axes, tasks):
+        tcells = [c for c in cells if c["task"] == task]
+        for ax, (key, label) in zip(row, stats):
+            for (model, method), cs in _lines(tcells).items():
+                x = np.array([c["n"] for c in cs])
+                v = np.array([c["stats"][key]["value"] for c in cs])
+                lo = np.array([c["stats"][key]["lo"] for c in cs])
+                hi = np.array([c["stats"][key]["hi"] for c in cs])
+                edge_note = "" if cs[0]["n_edges_selected"] == cs[0]["n_edges"] else f", {cs[0]['n_edges_selected']} sampled"
+                ax.plot(x, v, METHOD_STYLE.get(method, "-."), marker="o", ms=3, color=colors[model],
+                        label=f"{model} / {method}{edge_note}")
+                if np.isfinite(lo).all():
+                    ax.fill_between(x, lo, hi, color=colors[model], alpha=0.12, lw=0)
+            _log_axes(ax, [c["n"] for c in cells], logy=False)
+            ax.set_xlabel("prompts (n)")
+            ax.set_ylabel(label)
+            ax.set_title(f"{label} — task {task}" if len(tasks) > 1 else label)
+        row[-1].legend(fontsize=6, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    fig.suptitle("agreement with exact patching vs dataset size (bands: 95% bootstrap CI over prompts)", y=1.01)
     fig.tight_layout()
     return _save(fig, out, "agreement_vs_n")
+
+
+def _cost_value(c: dict, which: str, key: str) -> float:
+    if which == "attribution":
+        return c["attribution"][key]
+    return c["exact"]["cost"]["compute_s" if key == "time_s" else "peak_mib"]
 
 
 def cost(cells: list[dict], out: Path, x_key: str) -> list[Path]:
     """Time (top) and memory (bottom); attribution (left) and exact (right); log-log."""
     xlabel = {"n": "prompts (n)", "n_edges": "edges in graph"}[x_key]
+    several = len({c["task"] for c in cells}) > 1
     fig, axes = plt.subplots(2, 2, figsize=(7.4, 5.6))
     colors = _model_colors(cells)
     for col, which in enumerate(("attribution", "exact")):
         for row, (key, ylabel) in enumerate((("time_s", "wall time (s)"), ("peak_mib", "peak memory (MiB over baseline)"))):
             ax = axes[row][col]
-            if x_key == "n":
-                series = _lines(cells)
-            else:
-                series = {}
-                for c in cells:
-                    series.setdefault((c["n"], c["method"]), []).append(c)
-                series = {k: sorted(v, key=lambda c: c["n_edges"]) for k, v in series.items()}
+            series: dict[tuple, list[dict]] = {}
+            for c in cells:
+                g = c["model"] if x_key == "n" else f"n={c['n']}"
+                if several:
+                    g = f"{g} / {c['task']}"
+                series.setdefault((g, c["model"], c["method"]), []).append(c)
             seen = set()
-            for (g, method), cs in series.items():
-                if which == "exact":  # one exact measurement per (model, n): not per method
+            for (g, model, method), cs in series.items():
+                if which == "exact":  # one exact measurement per (model, task, n): not per method
                     if g in seen:
                         continue
                     seen.add(g)
+                cs = sorted(cs, key=lambda c: c[x_key])
                 x = np.array([c[x_key] for c in cs], float)
-                y = np.array([c[which][key] for c in cs], float)
+                y = np.array([_cost_value(c, which, key) for c in cs], float)
                 ok = np.isfinite(y) & (y > 0)
                 if not ok.any():
                     continue
-                color = colors[g] if x_key == "n" else None
-                label = f"{g} / {method}" if which == "attribution" else (f"{g}" if x_key == "n" else f"n={g}")
-                if x_key == "n_edges" and which == "attribution":
-                    label = f"n={g} / {method}"
-                ax.plot(x[ok], y[ok], METHOD_STYLE.get(method, "-") if which == "attribution" else "-", marker="o",
+                color = colors[model] if x_key == "n" else None
+                label = f"{g} / {method}" if which == "attribution" else g
+                ax.plot(x[ok], y[ok], METHOD_STYLE.get(method, "-.") if which == "attribution" else "-", marker="o",
                         ms=3, color=color, label=label)
             _log_axes(ax, [c[x_key] for c in cells])
             if row == 0:
-                ax.set_title(f"{which}{' (time: all selected edges, summed over groups)' if which == 'exact' else ' (median of repeats)'}",
+                ax.set_title(f"{which}{' (warm patched forwards, selected edges)' if which == 'exact' else ' (warm median)'}",
                              fontsize=8)
             if row == 1:
                 ax.set_xlabel(xlabel)
             if col == 0:
                 ax.set_ylabel(ylabel)
-            ax.legend(fontsize=5.5)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=5.5)
     sampled = [c for c in cells if c["n_edges_selected"] != c["n_edges"]]
     if sampled:
         fig.text(0.5, -0.01, "exact on sampled edges: " + ", ".join(sorted({f"{c['model']}: {edges_label(c)}" for c in sampled})),

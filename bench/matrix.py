@@ -1,15 +1,25 @@
-"""The benchmark matrix: models x dataset sizes x attribution methods, run cell by cell.
+"""The benchmark matrix: models x tasks x dataset sizes x attribution methods, run cell by cell.
 
-A *cell* is (model, task, n prompts, method, edge selection, seed). Its measurements:
+A *cell* is (model, task, n prompts, method, edge selection, seed). Tasks and methods are
+specs resolved by :mod:`bench.plugins` (built-in names, ``module:function``, entry points).
+Its measurements:
 
-* attribution: wall time (median of ``repeats`` after one warm-up) on all n prompts, peak
-  memory (MiB over the pre-call baseline, see ``bench.measure``), the floor pass time and the
-  ratio time / floor;
-* exact patching of the selected edges (``validation.patch_edges``): wall time, edges/s, peak
-  memory; cached per (model, task, n, seed, edges, groups, device, dtype) under
-  ``<cache>/exact/<key>/`` so re-running or adding a method never recomputes it;
+* attribution: wall time (median of ``repeats`` after one warm-up) on all n prompts,
+  interleaved with the floor pass of the same read-out (``bench.measure``) and, for a task with a
+  read-out, also both again with full logits; peak memory of one warm call (MiB over the
+  pre-call baseline, ``eap.measure``);
+* exact patching of the selected edges (``validation.patch_edges``): the truth, computed once
+  per prompt group with resumable results files ("cold": fingerprint, setup, patched forwards,
+  file I/O, as ``stats`` reports them), and, when timing, one more call on all n prompts with
+  ``out=None`` ("warm": compute and peak memory without file I/O), plus one plain forward of
+  the prompts for forward-equivalents per edge;
 * agreement (``bench.agreement``) between the two edge vectors with 95% bootstrap CIs over
   prompt groups (prompts split into G equal groups; both methods give one vector per group).
+
+Exact truth is cached under ``<cache>/exact/<key>/`` (key: model, task and its kwargs, n, seed,
+edges, groups, device, dtype) and reused only when ``validation.fingerprint`` of every prompt
+group (weights, prompts, per-prompt data, metric, edges, code versions) equals the stored one;
+otherwise it is recomputed and the run says so (``run_stats['exact_stale']``).
 
 Finished work is never lost: exact truth and attribution vectors are files, each finished cell
 is ``<run>/cells/<id>.json`` (+ ``.npz`` with the mean vectors) and a re-run skips it.
@@ -32,23 +42,47 @@ from typing import Any
 
 import numpy as np
 
-SCHEMA_VERSION = 1
+from bench.plugins import Plugin, eap_ig_method, resolve_method, resolve_task
+
+SCHEMA_VERSION = 2
 DEFAULT_MODELS = ["toy-ioi-2l", "toy-ioi-4l"]
+#: Tasks of the default run: the first two of these that ``eap.tasks.TASKS`` has.
+PREFERRED_TASKS = ("ioi", "greater-than", "induction", "sva")
 METHODS = ("eap", "eap-ig", "clean-corrupted")
 REPO = Path(__file__).resolve().parent.parent
 #: Settings a run directory is tied to (cells measured under other values would not be comparable).
-FIXED_KEYS = ("task", "task_kwargs", "seed", "groups", "ig_steps", "batch_size", "device", "dtype")
+FIXED_KEYS = ("seed", "groups", "ig_steps", "batch_size", "device", "dtype")
+
+
+class ConfigError(ValueError):
+    """Settings of a run that cannot work together."""
+
+
+def default_tasks() -> list[str]:
+    from eap.tasks import TASKS
+
+    return [t for t in PREFERRED_TASKS if t in TASKS][:2] or ["ioi"]
 
 
 @dataclass
 class Config:
-    """Everything that defines a run (flags or a JSON/TOML config file with these keys)."""
+    """Everything that defines a run (flags or a JSON/TOML config file with these keys).
+
+    ``tasks``: task specs (built-in names, ``module:function``, entry-point names); ``task``: one
+    task (the older spelling, same as ``tasks=[task]``). ``task_kwargs``: keyword arguments of the
+    task builder, ``{task: {...}}`` (with a single task also just ``{...}``). ``method_kwargs``:
+    ``{method: {...}}`` for plug-in methods (built-ins take ``batch_size`` and ``ig_steps``).
+    ``threads``: torch CPU threads in the workers (default: torch's; 1 gives steadier timings on a
+    busy machine).
+    """
 
     models: list[str] = field(default_factory=lambda: list(DEFAULT_MODELS))
     sizes: list[int] = field(default_factory=lambda: [16, 32])
     methods: list[str] = field(default_factory=lambda: list(METHODS))
-    task: str = "ioi"
+    tasks: list[str] | None = None
+    task: str | None = None
     task_kwargs: dict[str, Any] = field(default_factory=dict)
+    method_kwargs: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
     edges: str = "all"
     groups: int = 8
@@ -58,11 +92,23 @@ class Config:
     batch_size: int | None = None
     device: str | None = None
     dtype: str | None = None
+    threads: int | None = None
     isolate: str = "model"
     cache_dir: str | None = None
     figures: bool = True
     worst: int = 10
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.task is not None:
+            if self.tasks not in (None, [self.task]):
+                raise ConfigError(f"give either task={self.task!r} or tasks={self.tasks!r}, not both")
+            self.tasks, self.task = [self.task], None
+        if self.tasks is None:
+            self.tasks = default_tasks()
+        self.tasks = list(dict.fromkeys(self.tasks))
+        self.task_kwargs = _per_key(self.task_kwargs, self.tasks, "task")
+        self.method_kwargs = _per_key(self.method_kwargs, self.methods, "method")
 
     @classmethod
     def from_file(cls, path: str | Path, **overrides: Any) -> "Config":
@@ -76,30 +122,67 @@ class Config:
         data = data.get("bench", data)
         unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
-            raise ValueError(f"{path}: unknown config keys {sorted(unknown)}")
-        data.update({k: v for k, v in overrides.items() if v is not None})
+            raise ConfigError(f"{path}: unknown config keys {sorted(unknown)}")
+        overrides = {k: v for k, v in overrides.items() if v is not None}
+        if "task" in overrides or "tasks" in overrides:  # a task flag replaces the file's task list
+            data.pop("task", None)
+            data.pop("tasks", None)
+        data.update(overrides)
         return cls(**data)
 
-    def check(self) -> None:
-        bad = [m for m in self.methods if m not in METHODS]
-        if bad:
-            raise ValueError(f"unknown methods {bad}; choose from {METHODS}")
+    def check(self) -> tuple[dict[str, Plugin], dict[str, Plugin]]:
+        """Validate settings and resolve every task and method (imports plug-ins, so a bad
+        plug-in fails here, before any model is loaded). Returns ({task: Plugin}, {method: Plugin})."""
         if self.isolate not in ("model", "job", "none"):
-            raise ValueError("isolate must be 'model', 'job' or 'none'")
+            raise ConfigError("isolate must be 'model', 'job' or 'none'")
         if any(int(n) < 1 for n in self.sizes):
-            raise ValueError("sizes must be positive numbers of prompts")
+            raise ConfigError("sizes must be positive numbers of prompts")
+        if not self.tasks or not self.methods or not self.models:
+            raise ConfigError("a run needs at least one model, task and method")
+        tasks = {t: resolve_task(t) for t in self.tasks}
+        methods = {m: resolve_method(m) for m in self.methods}
+        return tasks, methods
+
+    def method_kwargs_for(self, plugin: Plugin) -> dict[str, Any]:
+        """Keyword arguments a method is called with: ``batch_size`` (and ``ig_steps`` for
+        ``eap-ig``) for built-ins, ``method_kwargs[spec]`` for plug-ins."""
+        if plugin.fn is eap_ig_method:
+            return {"batch_size": self.batch_size, "ig_steps": self.ig_steps}
+        if plugin.builtin:
+            return {"batch_size": self.batch_size}
+        return dict(self.method_kwargs.get(plugin.spec, {}))
+
+
+def _per_key(kwargs: dict[str, Any] | None, keys: list[str], what: str) -> dict[str, dict[str, Any]]:
+    """``{key: {...}}`` from either that form or, with a single key, the bare ``{...}``."""
+    kwargs = dict(kwargs or {})
+    if not kwargs:
+        return {}
+    if all(k in keys and isinstance(v, dict) for k, v in kwargs.items()):
+        return kwargs
+    if len(keys) == 1:
+        return {keys[0]: kwargs}
+    raise ConfigError(f"with several {what}s give {what}_kwargs per {what}: "
+                     f"{{\"<{what}>\": {{...}}}} with <{what}> one of {keys}; got keys {sorted(kwargs)}")
 
 
 def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", str(text)).strip("_")[:80]
 
 
-def exact_key(cfg: Config, model: str, n: int) -> str:
-    """Cache key of the exact truth of one (model, task, n, seed, edges, groups, device, dtype)."""
+def _kw_tag(kwargs: dict[str, Any] | None) -> str:
+    if not kwargs:
+        return ""
+    return "-" + hashlib.sha1(json.dumps(kwargs, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+def exact_key(cfg: Config, model: str, task: str, n: int) -> str:
+    """Cache directory name of the exact truth of one (model, task + kwargs, n, seed, edges,
+    groups, device, dtype). Inside, the stored fingerprints decide whether it is still valid."""
     ident = {
         "model": _model_identity(model),
-        "task": cfg.task,
-        "task_kwargs": cfg.task_kwargs,
+        "task": task,
+        "task_kwargs": cfg.task_kwargs.get(task, {}),
         "n": n,
         "seed": cfg.seed,
         "edges": cfg.edges,
@@ -108,7 +191,7 @@ def exact_key(cfg: Config, model: str, n: int) -> str:
         "dtype": cfg.dtype or "float32",
     }
     h = hashlib.sha1(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:12]
-    return f"{slug(model)}-{cfg.task}-n{n}-s{cfg.seed}-{slug(cfg.edges)}-{h}"
+    return f"{slug(model)}-{slug(task)}-n{n}-s{cfg.seed}-{slug(cfg.edges)}-{h}"
 
 
 def _model_identity(model: str) -> str:
@@ -127,8 +210,10 @@ def _model_identity(model: str) -> str:
     return model
 
 
-def cell_id(cfg: Config, model: str, n: int, method: str) -> str:
-    return f"{slug(model)}__{cfg.task}__n{n}__{method}__{slug(cfg.edges)}__s{cfg.seed}"
+def cell_id(cfg: Config, model: str, task: str, n: int, method: str) -> str:
+    t = slug(task) + _kw_tag(cfg.task_kwargs.get(task))
+    m = slug(method) + _kw_tag(cfg.method_kwargs.get(method))
+    return f"{slug(model)}__{t}__n{n}__{m}__{slug(cfg.edges)}__s{cfg.seed}"
 
 
 def environment(device: str | None = None) -> dict[str, Any]:
@@ -166,8 +251,15 @@ def environment(device: str | None = None) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------- running
-def _spawn(spec: dict, work: Path, cfg: Config) -> None:
-    """Run worker jobs in this process or in a fresh one (see ``Config.isolate``)."""
+class WorkerError(RuntimeError):
+    """A worker process failed; the message holds the worker's own error."""
+
+
+def _spawn(spec: dict, work: Path, cfg: Config, paths: list[str]) -> None:
+    """Run worker jobs in this process or in a fresh one (see ``Config.isolate``).
+
+    A fresh worker imports plug-ins by module path: it gets this package, ``paths`` (where the
+    plug-ins resolved here live) and the caller's ``PYTHONPATH``, and runs in the same directory."""
     if cfg.isolate == "none":
         from bench.worker import run_jobs
 
@@ -176,20 +268,24 @@ def _spawn(spec: dict, work: Path, cfg: Config) -> None:
     work.mkdir(parents=True, exist_ok=True)
     path = work / f"jobs-{slug(spec['model'])}-{os.getpid()}-{time.time_ns()}.json"
     path.write_text(json.dumps(spec))
+    err = Path(str(path) + ".error")
     env = dict(os.environ)
     # A fixed mmap threshold makes glibc return every large tensor to the OS when it is freed,
     # so the RSS of a later measurement is not hidden by heap memory kept from an earlier one.
     env.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    entries = [str(REPO), *paths, *env.get("PYTHONPATH", "").split(os.pathsep)]
+    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(e for e in entries if e))
     proc = subprocess.run([sys.executable, "-m", "bench.worker", str(path)], env=env)
     path.unlink(missing_ok=True)
     if proc.returncode != 0:
-        raise RuntimeError(f"worker for {spec['model']} failed with exit code {proc.returncode}")
+        detail = err.read_text().strip() if err.exists() else f"exit code {proc.returncode} (see its output above)"
+        err.unlink(missing_ok=True)
+        raise WorkerError(f"worker for {spec['model']} failed: {detail}")
 
 
 def run(cfg: Config, run_dir: str | Path) -> dict[str, Any]:
     """Run (or resume) the matrix into ``run_dir``; returns the results dict (also written)."""
-    cfg.check()
+    task_plugins, method_plugins = cfg.check()
     run_dir = Path(run_dir)
     (run_dir / "cells").mkdir(parents=True, exist_ok=True)
     cache = Path(cfg.cache_dir) if cfg.cache_dir else run_dir / "cache"
@@ -198,53 +294,96 @@ def run(cfg: Config, run_dir: str | Path) -> dict[str, Any]:
         prev = json.loads(old_cfg.read_text())
         diff = [k for k in FIXED_KEYS if prev.get(k) != dataclasses.asdict(cfg)[k]]
         if diff:
-            raise ValueError(f"{run_dir} was run with other {', '.join(diff)} ("
+            raise ConfigError(f"{run_dir} was run with other {', '.join(diff)} ("
                              + ", ".join(f"{k}={prev.get(k)!r}" for k in diff) + "); use another --out")
     old_cfg.write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
-    stats = {"exact_computed": 0, "exact_reused": 0, "cells_computed": 0, "cells_reused": 0}
+    token = f"{os.getpid()}-{time.time_ns()}"
+    paths = list(dict.fromkeys(p for pl in [*task_plugins.values(), *method_plugins.values()] for p in pl.paths))
+    stats = {"exact_computed": 0, "exact_reused": 0, "exact_stale": 0, "cells_computed": 0, "cells_reused": 0}
     for model in cfg.models:
-        jobs = []
-        todo = []
-        for n in cfg.sizes:
-            edir = cache / "exact" / exact_key(cfg, model, n)
-            pending = [m for m in cfg.methods if not (run_dir / "cells" / f"{cell_id(cfg, model, n, m)}.json").exists()]
-            stats["cells_reused"] += len(cfg.methods) - len(pending)
-            if not pending:
-                continue
-            if (edir / "meta.json").exists():
-                stats["exact_reused"] += 1
-            else:
-                stats["exact_computed"] += 1
-                jobs.append(dict(kind="exact", dir=str(edir), task=cfg.task, task_kwargs=cfg.task_kwargs, n=n,
-                                 seed=cfg.seed, edges=cfg.edges, groups=cfg.groups))
-            for m in pending:
-                out = run_dir / "attr" / cell_id(cfg, model, n, m)
-                todo.append((n, m, edir, out))
-                if Path(str(out) + ".json").exists() and Path(str(out) + ".pt").exists():
-                    continue  # measured before an interruption: only the agreement is missing
-                jobs.append(dict(kind="attr", out=str(out), task=cfg.task, task_kwargs=cfg.task_kwargs, n=n,
-                                 seed=cfg.seed, groups=cfg.groups, method=m, repeats=cfg.repeats,
-                                 ig_steps=cfg.ig_steps, batch_size=cfg.batch_size))
+        jobs, todo, exact_dirs = [], [], []
+        for task in cfg.tasks:
+            tp = task_plugins[task]
+            tkw = cfg.task_kwargs.get(task, {})
+            for n in cfg.sizes:
+                edir = cache / "exact" / exact_key(cfg, model, task, n)
+                pending = [m for m in cfg.methods
+                           if not (run_dir / "cells" / f"{cell_id(cfg, model, task, n, m)}.json").exists()]
+                stats["cells_reused"] += len(cfg.methods) - len(pending)
+                if not pending:
+                    continue
+                exact_dirs.append(edir)
+                jobs.append(dict(kind="exact", dir=str(edir), task=task, task_target=tp.target, task_kwargs=tkw,
+                                 n=n, seed=cfg.seed, edges=cfg.edges, groups=cfg.groups, repeats=cfg.repeats,
+                                 token=token))
+                for m in pending:
+                    mp = method_plugins[m]
+                    out = run_dir / "attr" / cell_id(cfg, model, task, n, m)
+                    todo.append((task, n, m, edir, out))
+                    if Path(str(out) + ".json").exists() and Path(str(out) + ".pt").exists():
+                        continue  # measured before an interruption: only the agreement is missing
+                    jobs.append(dict(kind="attr", out=str(out), task=task, task_target=tp.target, task_kwargs=tkw,
+                                     n=n, seed=cfg.seed, groups=cfg.groups, method=m, method_target=mp.target,
+                                     method_kwargs=cfg.method_kwargs_for(mp), repeats=cfg.repeats))
         if not todo:
             continue
         (run_dir / "attr").mkdir(exist_ok=True)
-        base = dict(model=model, device=cfg.device, dtype=cfg.dtype, progress=cfg.progress,
+        base = dict(model=model, device=cfg.device, dtype=cfg.dtype, threads=cfg.threads, progress=cfg.progress,
                     describe_out=str(run_dir / "models" / f"{slug(model)}.json"))
-        if not jobs:
-            pass
-        elif cfg.isolate == "job":
+        if cfg.isolate == "job":
             for job in jobs:
-                _spawn({**base, "jobs": [job]}, run_dir / "work", cfg)
+                _spawn({**base, "jobs": [job]}, run_dir / "work", cfg, paths)
         else:
-            _spawn({**base, "jobs": jobs}, run_dir / "work", cfg)
-        for n, m, edir, out in todo:
-            finish_cell(cfg, run_dir, model, n, m, edir, Path(str(out)))
+            _spawn({**base, "jobs": jobs}, run_dir / "work", cfg, paths)
+        for edir in exact_dirs:
+            meta = json.loads((edir / "meta.json").read_text())
+            if meta.get("token") != token:
+                stats["exact_reused"] += 1
+            else:
+                stats["exact_computed"] += 1
+                stats["exact_stale"] += int(bool(meta.get("replaced_stale")))
+        for task, n, m, edir, out in todo:
+            finish_cell(cfg, run_dir, model, task, n, m, edir, Path(str(out)))
             stats["cells_computed"] += 1
     results = collect(cfg, run_dir, stats)
     return results
 
 
-def finish_cell(cfg: Config, run_dir: Path, model: str, n: int, method: str, edir: Path, out: Path) -> dict:
+def _nan(x: Any) -> float:
+    return float("nan") if x is None else float(x)
+
+
+def exact_cost(meta: dict, n_edges: int) -> dict[str, float]:
+    """The exact-patching cost columns of a cell from the truth's ``meta.json``.
+
+    ``compute_s``: warm patched forwards only (``stats['patch_s']`` of the ``out=None`` call on
+    all prompts); ``setup_io_s``: the rest of a real run: caching forwards (warm ``setup_s``),
+    fingerprint (warm) and results-file I/O (cold, summed over prompt groups); where the patching
+    code reports no ``fingerprint_s``/``io_s``, the cold wall time not spent in setup or patched
+    forwards stands for both. ``all_edges_s``: warm setup + patched forwards scaled to every edge
+    of the graph (no fingerprint, no I/O). NaN where no warm call was timed (``repeats`` 0)."""
+    cold, warm = meta.get("cold", {}), meta.get("warm") or {}
+    n_sel = meta["n_edges_selected"]
+    if cold.get("io_s") is not None and cold.get("fingerprint_s") is not None:
+        cold_other = cold["io_s"] + (warm.get("fingerprint_s") if warm.get("fingerprint_s") is not None
+                                     else cold["fingerprint_s"])
+    else:
+        cold_other = cold["wall_s"] - cold["setup_s"] - cold["patch_s"]
+    compute = _nan(warm.get("patch_s"))
+    setup = _nan(warm.get("setup_s"))
+    return {
+        "compute_s": compute,
+        "setup_io_s": setup + max(0.0, cold_other),
+        "all_edges_s": setup + compute * (n_edges / n_sel) if n_sel else float("nan"),
+        "fwd_eq_per_edge": _nan(warm.get("fwd_eq_per_edge")),
+        "edges_per_s": n_sel / compute if compute and compute > 0 else float("nan"),
+        "peak_mib": _nan(warm.get("peak_mib")),
+        "cold_wall_s": cold["wall_s"],
+    }
+
+
+def finish_cell(cfg: Config, run_dir: Path, model: str, task: str, n: int, method: str, edir: Path,
+                out: Path) -> dict:
     """Agreement statistics of one cell from its files; writes ``cells/<id>.json`` and ``.npz``."""
     import torch
 
@@ -262,12 +401,15 @@ def finish_cell(cfg: Config, run_dir: Path, model: str, n: int, method: str, edi
     boot = bootstrap(A, E, lambda a, e: statistics(a, e, kinds), n_boot=cfg.bootstrap, seed=cfg.seed)
     a, e = A.mean(0), E.mean(0)
     desc_path = run_dir / "models" / f"{slug(model)}.json"
-    cid = cell_id(cfg, model, n, method)
+    cid = cell_id(cfg, model, task, n, method)
+    cost = exact_cost(exact_meta, edges["n_edges"])
+    timed = bool(attr_meta.get("repeats"))
     cell = {
         "id": cid,
         "model": model,
         "model_info": json.loads(desc_path.read_text()) if desc_path.exists() else {},
-        "task": cfg.task,
+        "task": task,
+        "task_kwargs": cfg.task_kwargs.get(task, {}),
         "n": n,
         "method": method,
         "seed": cfg.seed,
@@ -277,9 +419,9 @@ def finish_cell(cfg: Config, run_dir: Path, model: str, n: int, method: str, edi
         "groups": A.shape[0],
         "bootstrap": cfg.bootstrap,
         "attribution": attr_meta,
-        "exact": {**exact_meta, "cache": str(edir)},
-        "speedup": exact_meta["time_s"] * (len(idx) and edges["n_edges"] / len(idx)) / attr_meta["time_s"]
-        if attr_meta.get("repeats") else float("nan"),
+        "exact": {**exact_meta, "cost": cost, "cache": str(edir)},
+        # warm exact (setup + patched forwards, scaled to all edges) / warm attribution median
+        "speedup": cost["all_edges_s"] / attr_meta["time_s"] if timed else float("nan"),
         "stats": boot,
         "by_kind_n": {k: int(sum(1 for x in kinds if x == k)) for k in dict.fromkeys(kinds)},
         "worst": worst_edges(a, e, edges["names"], kinds, cfg.worst),
@@ -293,9 +435,21 @@ def finish_cell(cfg: Config, run_dir: Path, model: str, n: int, method: str, edi
     return cell
 
 
+def rescore(cfg: Config, run_dir: str | Path) -> dict:
+    """Recompute every cell's agreement from the run's attribution and exact files (e.g. after
+    the attribution files were replaced) and rewrite ``results.json``; returns it."""
+    run_dir = Path(run_dir)
+    for path in sorted((run_dir / "cells").glob("*.json")):
+        c = json.loads(path.read_text())
+        edir = Path(c["exact"]["cache"])
+        finish_cell(cfg, run_dir, c["model"], c["task"], c["n"], c["method"], edir, run_dir / "attr" / c["id"])
+    return collect(cfg, run_dir)
+
+
 def load_cells(run_dir: str | Path) -> list[dict]:
     cells = [json.loads(p.read_text()) for p in sorted(Path(run_dir, "cells").glob("*.json"))]
-    return sorted(cells, key=lambda c: (c["model"], c["task"], c["n"], METHODS.index(c["method"]) if c["method"] in METHODS else 9))
+    return sorted(cells, key=lambda c: (c["model"], c["task"], c["n"],
+                                        METHODS.index(c["method"]) if c["method"] in METHODS else 9, c["method"]))
 
 
 def collect(cfg: Config, run_dir: str | Path, stats: dict | None = None) -> dict:
@@ -307,7 +461,7 @@ def collect(cfg: Config, run_dir: str | Path, stats: dict | None = None) -> dict
         "schema_version": SCHEMA_VERSION,
         "tool": "eap-bench",
         "config": dataclasses.asdict(cfg),
-        "environment": environment(cfg.device),
+        "environment": {**environment(cfg.device), **({"torch_threads": cfg.threads} if cfg.threads else {})},
         "seeds": {"task": cfg.seed, "edge_sample": cfg.seed, "bootstrap": cfg.seed, "torch": 0},
         "run_stats": stats or {},
         "cells": load_cells(run_dir),

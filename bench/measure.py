@@ -1,163 +1,169 @@
-"""Timing, peak memory and the 'floor' pass: the raw measurements of one benchmark cell.
+"""The floor: what any gradient attribution must pay at least, on the bare model.
 
-Units: wall times in seconds, memory in MiB. Peak memory is *extra* memory over what was
-resident just before the measured call (model, task and caches already loaded):
+Timing and peak memory themselves are measured by :mod:`eap.measure` (re-exported here).
 
-* CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats`` minus the
-  allocated memory before the call.
-* CPU: peak resident set size (RSS) minus the RSS before the call. Before the call freed heap
-  pages are handed back (``malloc_trim``) and, on Linux, the kernel's peak counter is reset
-  (``/proc/self/clear_refs``), so ``VmHWM`` after the call is the call's own exact peak. Where
-  that is unavailable the peak is the larger of ``getrusage(RUSAGE_SELF).ru_maxrss`` (when the
-  call sets a new high-water mark) and a background sampler reading ``/proc/self/statm`` every
-  2 ms. ``bench run`` starts its workers with ``MALLOC_MMAP_THRESHOLD_=65536`` so freed tensors
-  leave the RSS. Run each measurement in a fresh process (``bench run --isolate job``) when
-  exactness of small peaks matters.
+The floor of a run is the **bare HuggingFace model** underneath the TransformerLens bridge
+(the same weights, no bridge components, no hooks, HuggingFace's default attention), doing
+the passes a gradient attribution cannot avoid, with the **same read-out** as the run it is
+compared with:
+
+1. the corrupted prompts, forward without grad, up to the final residual stream (EAP also
+   stops there: it needs the senders' outputs, not corrupted logits);
+2. the clean prompts, forward with grad from the input embeddings (a leaf; weights frozen) to
+   the metric, and one backward to the input embeddings.
+
+The read-out of step 2 (:func:`floor_kind`):
+
+* ``"readout"`` when the task has one (``task.has_readout``; IOI has): the final norm at the
+  read-out position only and only the read-out tokens' columns of the unembedding, as
+  ``eap.attribute`` does;
+* ``"full-logits"`` otherwise: the full unembedding at every position, then ``task.metric``.
+
+:func:`full_logits` strips a task's read-out, so both ratios can be measured for a task that has
+one. :func:`bridge_floor_pass` is the previous definition (the bridge with its edge hooks
+switched on, full logits for both runs), kept to show how much the bridge itself costs.
 """
 
 from __future__ import annotations
 
-import ctypes
-import gc
-import os
-import resource
-import statistics
-import threading
-import time
-from typing import Any, Callable
+import weakref
+from typing import Any
 
 import torch
+from jaxtyping import Float
+from torch import Tensor
 
-MiB = 1024 * 1024
-_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+from eap.hooks import StopForward
+from eap.measure import PeakMemory, median, sync, time_call, time_interleaved
+from eap.task import Task
+
+__all__ = [
+    "PeakMemory", "bare_model", "bridge_floor_pass", "floor_kind", "floor_pass", "full_logits", "median",
+    "sync", "time_call", "time_interleaved",
+]
+
+_BARE: "weakref.WeakKeyDictionary[Any, Any]" = weakref.WeakKeyDictionary()
 
 
-def _rss_bytes() -> int:
+class FloorError(RuntimeError):
+    """The bare model under a bridge cannot be rebuilt (an unknown layout)."""
+
+
+def _unwrapped_attr(root: Any, path: str) -> Any:
+    """``root.<path>`` in the bridge's HuggingFace model, stepping through bridge components
+    (their public ``original_component``) where the HF name is not an attribute of the bridge."""
+    cur = root
+    for part in path.split("."):
+        while not hasattr(cur, part) and isinstance(getattr(cur, "original_component", None), torch.nn.Module):
+            cur = cur.original_component
+        cur = cur[int(part)] if part.isdigit() else getattr(cur, part)
+    return cur
+
+
+def bare_model(model: Any) -> Any:
+    """The HuggingFace model under a TransformerLens bridge, without the bridge: a fresh
+    instance of the same class from the same config (HuggingFace's default attention
+    implementation), sharing the bridge's weight tensors (no copy), frozen, in eval mode.
+    Built once per bridge."""
+    bare = _BARE.get(model)
+    if bare is not None:
+        return bare
+    from transformers import AutoModelForCausalLM
+
+    hf = model.original_model
+    config = type(hf.config).from_dict(hf.config.to_dict())  # fresh: no attention override of the bridge
     try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * _PAGE
-    except OSError:  # not Linux: fall back to the high-water mark
-        return _maxrss_bytes()
+        bare = AutoModelForCausalLM.from_config(config)
+    except ValueError:  # a class outside the auto mapping
+        bare = type(hf)(config)
+    param = next(model.parameters())
+    bare = bare.to(device=param.device, dtype=param.dtype)
+    state = {}
+    for key, value in bare.state_dict().items():
+        try:
+            src = _unwrapped_attr(hf, key)
+        except (AttributeError, IndexError, TypeError) as exc:
+            raise FloorError(f"cannot find {key} of the bare {type(bare).__name__} in the bridge's model: {exc}") from exc
+        if not isinstance(src, Tensor) or src.shape != value.shape:
+            raise FloorError(f"{key}: the bridge's tensor has shape {getattr(src, 'shape', None)}, expected {tuple(value.shape)}")
+        state[key] = src.detach()
+    bare.load_state_dict(state, assign=True)
+    bare.requires_grad_(False)
+    bare.eval()
+    _BARE[model] = bare
+    return bare
 
 
-def _maxrss_bytes() -> int:
-    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return r if os.uname().sysname == "Darwin" else r * 1024
+def floor_kind(task: Task) -> str:
+    """``"readout"`` when the task (and so the run compared with it) reads only a few logits,
+    ``"full-logits"`` otherwise."""
+    return "readout" if task.has_readout else "full-logits"
 
 
-def _malloc_trim() -> None:
+def full_logits(task: Task) -> Task:
+    """The same task without its read-out: every pass computes all logits at every position
+    (``task.metric``). Scores do not change; only the cost does."""
+    return Task(task.clean, task.corrupted, task.metric_fn, per_prompt=task.per_prompt, name=task.name,
+                info=task.info)
+
+
+def _final_norm(model: Any, bare: Any) -> torch.nn.Module:
+    """The bare model's final norm: the module the bridge maps to ``ln_final``."""
+    return bare.get_submodule(model.adapter.component_mapping["ln_final"].name)
+
+
+def _final_residual(bare: Any, norm: torch.nn.Module, **inputs: Any) -> Float[Tensor, "batch pos d_model"]:
+    """The residual stream entering the final norm (the forward stops there)."""
+    got: list[Tensor] = []
+
+    def grab(module: Any, args: tuple) -> None:
+        got.append(args[0])
+        raise StopForward
+
+    handle = norm.register_forward_pre_hook(grab)
     try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
+        bare.base_model(**inputs)
+    except StopForward:
         pass
+    finally:
+        handle.remove()
+    return got[0]
 
 
-def _reset_hwm() -> bool:
-    """Reset the process's peak RSS (VmHWM) via /proc/self/clear_refs (Linux >= 4.0)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return _hwm_bytes() > 0
-    except OSError:
-        return False
+def floor_pass(model: Any, task: Task) -> float:
+    """One floor pass (see module docstring) on the bare model under ``model``, with the read-out
+    of ``task`` (:func:`floor_kind`). Returns the summed clean metric (so no work can be skipped)."""
+    bare = bare_model(model)
+    norm = _final_norm(model, bare)
+    device = next(bare.parameters()).device
+    task = task.to(device)
+    with torch.no_grad():
+        _final_residual(bare, norm, input_ids=task.corrupted)
+    with torch.enable_grad():
+        emb = bare.get_input_embeddings()(task.clean).detach().requires_grad_(True)
+        if task.has_readout:
+            resid = _final_residual(bare, norm, inputs_embeds=emb)
+            pos = task.per_prompt["readout_pos"].long()
+            toks = task.per_prompt["readout_tokens"].long()
+            x = norm(resid[torch.arange(resid.shape[0], device=device), pos])  # [b, d]
+            unembed = bare.get_output_embeddings()
+            selected = torch.einsum("bd,bkd->bk", x, unembed.weight[toks])
+            if getattr(unembed, "bias", None) is not None:
+                selected = selected + unembed.bias[toks]
+            metric = task.readout(selected).sum()
+        else:
+            metric = task.metric(bare(inputs_embeds=emb).logits).sum()
+        (grad,) = torch.autograd.grad(metric, emb)
+    return float(metric.detach()) + 0.0 * float(grad.flatten()[0])
 
 
-def _hwm_bytes() -> int:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+def bridge_floor_pass(model: Any, task: Task) -> float:
+    """The old floor, kept for comparison: the bridge itself (edge hooks switched on), one
+    corrupted forward to full logits without grad, one clean forward to full logits and a
+    backward to the first residual stream."""
+    store: dict[str, Tensor] = {}
 
-
-def sync(device: torch.device | str) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-class PeakMemory:
-    """Context manager measuring the extra peak memory (MiB) of the code inside it.
-
-    ``with PeakMemory(device) as pm: ...`` then ``pm.mib``. See the module docstring.
-    """
-
-    def __init__(self, device: torch.device | str = "cpu", interval: float = 0.002) -> None:
-        self.device = torch.device(device)
-        self.interval = interval
-        self.mib: float = float("nan")
-        self.method = ""
-
-    def __enter__(self) -> "PeakMemory":
-        if self.device.type == "cuda":
-            sync(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self._base = torch.cuda.memory_allocated(self.device)
-            self.method = "cuda.max_memory_allocated"
-            return self
-        self.method = "rss"
-        gc.collect()
-        _malloc_trim()  # hand freed heap pages back, so the baseline holds no reusable free memory
-        self._hwm = _reset_hwm()  # Linux: reset VmHWM, then the kernel tracks this call's exact peak
-        if self._hwm:
-            self.method = "rss-hwm"
-        self._base = _rss_bytes()
-        self._maxrss0 = _maxrss_bytes()
-        self._peak = self._base
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def _sample(self) -> None:
-        while not self._stop.is_set():
-            self._peak = max(self._peak, _rss_bytes())
-            time.sleep(self.interval)
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.device.type == "cuda":
-            sync(self.device)
-            self.mib = (torch.cuda.max_memory_allocated(self.device) - self._base) / MiB
-            return
-        self._stop.set()
-        self._thread.join()
-        peak = max(self._peak, _rss_bytes())
-        if self._hwm:
-            peak = max(peak, _hwm_bytes())
-        maxrss = _maxrss_bytes()
-        if maxrss > self._maxrss0:  # this call set a new process high-water mark: exact
-            peak = max(peak, maxrss)
-        self.mib = max(0.0, (peak - self._base) / MiB)
-
-
-def time_call(fn: Callable[[], Any], repeats: int = 3, warmup: int = 1, device: Any = "cpu") -> list[float]:
-    """Wall times (s) of ``repeats`` calls of ``fn`` after ``warmup`` untimed calls."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return times
-
-
-def median(xs: list[float]) -> float:
-    return float(statistics.median(xs)) if xs else float("nan")
-
-
-def floor_pass(model: Any, task: Any) -> float:
-    """The floor any gradient attribution pays, on the bare model: one corrupted forward
-    (no grad), one clean forward and one backward to the first residual stream (frozen
-    weights; a single hook makes ``blocks.0.hook_resid_pre`` a leaf). Returns the summed
-    metric (so the work cannot be optimised away)."""
-    store: dict[str, torch.Tensor] = {}
-
-    def leaf(x: torch.Tensor, hook: Any) -> torch.Tensor:
+    def leaf(x: Tensor, hook: Any) -> Tensor:
         x = x.detach().requires_grad_(True)
         store["x"] = x
         return x

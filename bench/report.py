@@ -1,8 +1,20 @@
 """Tables of a run: ``results.csv`` (one row per cell, every number) and a markdown summary.
 
-Columns: times in seconds, memory in MiB over the pre-call baseline, ``speedup`` = exact time
-(extrapolated to all edges when edges were sampled) / attribution time; agreement statistics
-are point estimates with 95% bootstrap CIs over prompt groups ``[lo, hi]``.
+Cost columns (times in seconds, memory in MiB over the pre-call baseline):
+
+* ``floor``: which floor the attribution is compared with: ``readout`` (the task reads a few
+  logits; the floor reads the same) or ``full-logits`` (see ``bench.measure``);
+* ``×floor``: attribution median / floor median, measured interleaved; ``×floor full`` the same
+  with the task's read-out stripped (both the method and the floor compute all logits), for
+  tasks with a read-out;
+* ``exact warm s``: exact patching's patched forwards of the selected edges, a second (warm) call
+  on all prompts with no results file; ``exact setup+I/O s``: caching forwards, fingerprint and
+  results-file I/O of a real run; ``fwd-eq/edge``: patched-forward seconds per edge / one plain
+  forward of the prompts;
+* ``speed-up (warm/warm)``: exact warm setup + patched forwards scaled to every edge of the graph,
+  over the attribution's warm median.
+
+Agreement statistics are point estimates with 95% bootstrap CIs over prompt groups ``[lo, hi]``.
 """
 
 from __future__ import annotations
@@ -41,17 +53,28 @@ def edges_label(cell: dict) -> str:
     return f"{cell['n_edges_selected']:,}/{cell['n_edges']:,} ({cell['edges_spec']})"
 
 
+def _full(a: dict, key: str) -> float:
+    return (a.get("full_logits") or {}).get(key, float("nan"))
+
+
 def rows(results: dict) -> list[dict[str, Any]]:
     out = []
     for c in results["cells"]:
-        a, e = c["attribution"], c["exact"]
+        a, cost = c["attribution"], c["exact"]["cost"]
+        cold = c["exact"].get("cold", {})
         row = {
             "model": c["model"], "task": c["task"], "n": c["n"], "method": c["method"], "seed": c["seed"],
             "edges_spec": c["edges_spec"], "n_edges": c["n_edges"], "n_edges_selected": c["n_edges_selected"],
             "groups": c["groups"], "attr_time_s": a["time_s"], "attr_repeats": a["repeats"],
-            "attr_peak_mib": a["peak_mib"], "floor_s": a["floor_s"], "floor_ratio": a["floor_ratio"],
-            "exact_time_s": e["time_s"], "exact_edges_per_s": e["edges_per_s"], "exact_peak_mib": e["peak_mib"],
-            "speedup": c["speedup"],
+            "attr_peak_mib": a["peak_mib"], "floor_kind": a.get("floor_kind"), "floor_s": a["floor_s"],
+            "floor_ratio": a["floor_ratio"], "floor_peak_mib": a.get("floor_peak_mib"),
+            "full_logits_time_s": _full(a, "time_s"), "full_logits_floor_s": _full(a, "floor_s"),
+            "full_logits_floor_ratio": _full(a, "floor_ratio"),
+            "exact_warm_compute_s": cost["compute_s"], "exact_setup_io_s": cost["setup_io_s"],
+            "exact_all_edges_s": cost["all_edges_s"], "exact_fwd_eq_per_edge": cost["fwd_eq_per_edge"],
+            "exact_edges_per_s": cost["edges_per_s"], "exact_warm_peak_mib": cost["peak_mib"],
+            "exact_cold_wall_s": cost["cold_wall_s"], "exact_cold_peak_mib": cold.get("peak_mib"),
+            "speedup_warm": c["speedup"],
         }
         for name, s in c["stats"].items():
             row[name] = s["value"]
@@ -78,56 +101,72 @@ def _table(header: list[str], body: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def _speedup(x: float) -> str:
+    return f"{x:,.0f}×" if math.isfinite(x) and x >= 10 else (f"{x:.2g}×" if math.isfinite(x) else "–")
+
+
 def markdown(results: dict, worst: int = 5) -> str:
     """The summary printed after a run and saved as ``summary.md``."""
     cells = results["cells"]
     env = results.get("environment", {})
+    cfg = results["config"]
+    tasks = cfg.get("tasks") or [cfg.get("task")]
     parts = [
         "# eap-bench results",
         "",
-        f"Task `{results['config']['task']}`, seed {results['config']['seed']}, device {env.get('device')}"
+        f"Tasks {', '.join(f'`{t}`' for t in tasks)}, seed {cfg['seed']}, device {env.get('device')}"
         f" ({env.get('cuda') or env.get('platform', '')}), torch {env.get('packages', {}).get('torch')},"
+        f" {env.get('torch_threads')} torch thread(s),"
         f" commit {(env.get('git_commit') or 'none')[:10]}{' (dirty)' if env.get('git_dirty') else ''}.",
         "Scores are in metric units (mean over prompts of metric(patched) − metric(clean)); "
         "agreement is attribution vs exact patching per edge, with 95% bootstrap CIs over prompt groups.",
         "",
         "## Cost",
         "",
+        "Times in s (attribution: median of interleaved repeats; ×floor: against the bare model's corrupted "
+        "forward + clean forward + backward with the same read-out; ×floor full: both with full logits). "
+        "Exact: warm patched forwards of the selected edges; setup+I/O: caching forwards, fingerprint and "
+        "results files; speed-up: warm exact for all edges / warm attribution. MiB over the pre-call baseline.",
+        "",
     ]
     body = []
     for c in cells:
-        a, e = c["attribution"], c["exact"]
+        a, cost = c["attribution"], c["exact"]["cost"]
         body.append([
-            c["model"], str(c["n"]), c["method"], edges_label(c), _f(a["time_s"]), _f(a["floor_ratio"], 2),
-            _f(a["peak_mib"]), _f(e["time_s"]), _f(e["edges_per_s"]), _f(e["peak_mib"]), _f(c["speedup"]),
+            c["model"], c["task"], str(c["n"]), c["method"], edges_label(c), str(a.get("floor_kind", "–")),
+            _f(a["time_s"]), _f(a["floor_ratio"], 2), _f(_full(a, "floor_ratio"), 2), _f(a["peak_mib"]),
+            _f(cost["compute_s"]), _f(cost["setup_io_s"]), _f(cost["fwd_eq_per_edge"], 2), _f(cost["peak_mib"]),
+            _speedup(c["speedup"]),
         ])
-    parts.append(_table(["model", "n", "method", "edges", "attr s", "×floor", "attr MiB", "exact s",
-                         "exact edges/s", "exact MiB", "speedup"], body))
+    parts.append(_table(["model", "task", "n", "method", "edges", "floor", "attr s", "×floor", "×floor full",
+                         "attr MiB", "exact warm s", "exact setup+I/O s", "fwd-eq/edge", "exact MiB",
+                         "speed-up (warm/warm)"], body))
     parts += ["", "## Agreement with exact patching", ""]
-    body = [[c["model"], str(c["n"]), c["method"], edges_label(c)] + [_ci(c["stats"][s]) for s in SUMMARY_STATS]
+    body = [[c["model"], c["task"], str(c["n"]), c["method"], edges_label(c)] + [_ci(c["stats"][s]) for s in SUMMARY_STATS]
             for c in cells]
-    parts.append(_table(["model", "n", "method", "edges"] + list(SUMMARY_STATS), body))
+    parts.append(_table(["model", "task", "n", "method", "edges"] + list(SUMMARY_STATS), body))
     parts += ["", "## Spearman ρ by receiver type", ""]
     kinds = ["q", "k", "v", "mlp", "logits"]
     body = []
     for c in cells:
-        body.append([c["model"], str(c["n"]), c["method"]] + [
+        body.append([c["model"], c["task"], str(c["n"]), c["method"]] + [
             _ci(c["stats"][f"spearman[{k}]"]) + f" ({c['by_kind_n'].get(k, 0)})" if f"spearman[{k}]" in c["stats"] else "–"
             for k in kinds
         ])
-    parts.append(_table(["model", "n", "method"] + [f"{k} (edges)" for k in kinds], body))
+    parts.append(_table(["model", "task", "n", "method"] + [f"{k} (edges)" for k in kinds], body))
     if cells:
-        parts += ["", "## Where attribution is most wrong (largest |attribution − exact|, largest n per model/method)", ""]
+        parts += ["", "## Where attribution is most wrong (largest |attribution − exact|, largest n per model/task/method)", ""]
         best: dict[tuple, dict] = {}
         for c in cells:
-            key = (c["model"], c["method"])
+            key = (c["model"], c["task"], c["method"])
             if key not in best or c["n"] > best[key]["n"]:
                 best[key] = c
         body = []
         for c in best.values():
             for w in c["worst"][:worst]:
-                body.append([c["model"], c["method"], str(c["n"]), w["edge"], w["kind"], f"{w['attribution']:+.3g}",
-                             f"{w['exact']:+.3g}", str(w["rank_exact"]), str(w["rank_attribution"])])
-        parts.append(_table(["model", "method", "n", "edge", "kind", "attribution", "exact", "rank exact",
+                body.append([c["model"], c["task"], c["method"], str(c["n"]), w["edge"], w["kind"],
+                             f"{w['attribution']:+.3g}", f"{w['exact']:+.3g}", str(w["rank_exact"]),
+                             str(w["rank_attribution"])])
+        parts.append(_table(["model", "task", "method", "n", "edge", "kind", "attribution", "exact", "rank exact",
                              "rank attr"], body))
     return "\n".join(parts) + "\n"

@@ -1,30 +1,44 @@
 """Run the measurement jobs of one model (in this process, or as ``python -m bench.worker JOBS.json``).
 
-A job is a dict; its results go to files named in the job, so finished work survives a crash:
+Tasks and methods arrive as targets (``module:function`` or a built-in name) and are imported
+here by module path (:mod:`bench.plugins`), so a plug-in on ``PYTHONPATH`` or installed in the
+environment works in a fresh process. A job's results go to files named in the job, so finished
+work survives a crash; a failing worker process writes its error to ``JOBS.json.error`` for the
+parent to report.
 
 ``{"kind": "exact", "dir": D, ...}``
-    exact patching of the selected edges on each prompt group, through
+    the exact truth of the selected edges on each prompt group, through
     ``validation.patch_edges(out=D/group{g}.pt)`` (resumable). Writes ``D/exact.pt``
-    (``[G, n_edges]``, NaN on edges not selected) and then ``D/meta.json`` (wall time summed over
-    groups, peak memory, edges/s). ``meta.json`` marks a finished, reusable truth.
+    (``[G, n_edges]``, NaN on edges not selected), ``D/edges.json`` and then ``D/meta.json``,
+    which marks a finished truth and stores the ``validation.fingerprint`` of every group: a
+    truth whose fingerprints differ from the current ones (other weights, prompts, per-prompt
+    data, metric, code) is deleted and recomputed, never reused. ``meta['cold']``: the truth
+    run's costs summed over groups (wall, and the ``stats`` of ``patch_edges``: setup, patched
+    forwards, fingerprint, I/O, where reported). With ``repeats > 0``, ``meta['warm']``: one more
+    ``patch_edges`` call on all prompts with ``out=None`` (no file I/O), its stats, peak memory,
+    and the forward-equivalents per edge (patched-forward seconds per edge / one plain forward).
 ``{"kind": "attr", "out": P, ...}``
-    times ``eap.attribute`` on the whole task (warm-up, then the median of repeats), measures
-    its peak memory and the floor pass, then computes one attribution vector per prompt group
-    (untimed). Writes ``P.pt`` (``[G, n_edges]``) and ``P.json``.
+    times the method on the whole task interleaved with the floor of the same read-out (and,
+    for a task with a read-out, both again with full logits), measures the peak memory of one
+    warm call, then computes one attribution vector per prompt group (untimed). Writes ``P.pt``
+    (``[G, n_edges]``) and ``P.json``.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from bench.measure import PeakMemory, floor_pass, median, time_call
+from bench.measure import PeakMemory, floor_kind, floor_pass, full_logits, median, time_interleaved
+from bench.plugins import build_task, call_method, resolve_method, resolve_task
 
 _MODELS: dict[tuple, Any] = {}
 
@@ -40,14 +54,10 @@ def load(model_name: str, device: str | None, dtype: str | None) -> Any:
     return _MODELS[key]
 
 
-def make_task(model: Any, name: str, n: int, seed: int, kwargs: dict | None = None) -> Any:
-    """The task of a cell. Only 'ioi' is built in; kwargs go to ``eap.tasks.<name>``."""
-    import eap.tasks
-
-    fn = getattr(eap.tasks, name, None)
-    if fn is None:
-        raise ValueError(f"unknown task {name!r}; built in: ioi")
-    return fn(model, n, seed=seed, **(kwargs or {}))
+def make_task(model: Any, spec: str, n: int, seed: int, kwargs: dict | None = None) -> Any:
+    """The task of a cell: ``spec`` (a built-in name, ``module:function`` or an entry point)
+    called as ``fn(model, n, seed=seed, **kwargs)``."""
+    return build_task(resolve_task(spec), model, n, seed, kwargs)
 
 
 def groups_of(n: int, groups: int) -> list[torch.Tensor]:
@@ -62,6 +72,33 @@ def _log(msg: str, progress: bool) -> None:
         print(f"[bench] {msg}", file=sys.stderr, flush=True)
 
 
+def _job_task(model: Any, job: dict) -> Any:
+    return make_task(model, job.get("task_target", job["task"]), job["n"], job["seed"], job.get("task_kwargs"))
+
+
+def _stat(stats: dict, key: str) -> float | None:
+    v = stats.get(key)
+    return None if v is None else float(v)
+
+
+def _fingerprints(model: Any, graph: Any, subs: list, edges: torch.Tensor) -> list[str]:
+    import validation
+
+    return [validation.fingerprint(model, graph, sub, edges, 1.0, "edges") for sub in subs]
+
+
+def _what_differs(old: dict, model: Any, graph: Any, sub: Any, edges: torch.Tensor) -> list[str]:
+    """Names of the fingerprint parts that changed (empty when the parts are not available)."""
+    try:
+        from validation.store import fingerprint_parts
+
+        now = fingerprint_parts(model, graph, sub, edges, 1.0, "edges")
+    except (ImportError, TypeError):
+        return []
+    before = old.get("fingerprint_parts") or {}
+    return sorted(k for k in set(now) | set(before) if now.get(k) != before.get(k))
+
+
 def run_exact(model: Any, job: dict, progress: bool = True) -> dict:
     import eap
     import validation
@@ -69,107 +106,187 @@ def run_exact(model: Any, job: dict, progress: bool = True) -> dict:
     out = Path(job["dir"])
     out.mkdir(parents=True, exist_ok=True)
     graph = eap.Graph.from_model(model)
-    task = make_task(model, job["task"], job["n"], job["seed"], job.get("task_kwargs"))
-    edges = torch.load(out / "edges.pt") if (out / "edges.pt").exists() else graph.select_edges(
-        job["edges"], seed=job["seed"]
-    )
-    torch.save(edges, out / "edges.pt")
-    (out / "edges.json").write_text(json.dumps({
-        "index": edges.tolist(),
-        "names": [graph.edge_names[i] for i in edges.tolist()],
-        "kinds": [graph.edge_kind[i] for i in edges.tolist()],
-        "n_edges": graph.n_edges,
-    }))
+    task = _job_task(model, job)
+    edges = graph.select_edges(job["edges"], seed=job["seed"])
+    groups = groups_of(job["n"], job["groups"])
+    subs = [task.subset(idx) for idx in groups]
+    fps = _fingerprints(model, graph, subs, edges)
+    meta_path = out / "meta.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.exists() else None
+    stale = None
+    if meta is not None and meta.get("fingerprints") != fps:
+        differs = _what_differs(meta, model, graph, subs[0], edges)
+        stale = {"old_fingerprint": (meta.get("fingerprints") or ["?"])[0][:16], "differs": differs}
+        _log(f"exact truth in {out} was computed for other inputs"
+             f"{' (' + ', '.join(differs) + ' differ)' if differs else ''}: recomputing", True)
+        shutil.rmtree(out)
+        out.mkdir(parents=True)
+        meta = None
     device = next(model.parameters()).device
-    rows, total = [], 0.0
-    peak = 0.0
-    for g, idx in enumerate(groups_of(job["n"], job["groups"])):
-        _log(f"exact {job['model']} n={job['n']} group {g + 1}: {len(edges)} edges", progress)
-        sub = task.subset(idx)
-        with PeakMemory(device) as pm:
-            t0 = time.perf_counter()
-            res = validation.patch_edges(
-                model, graph, sub, edges=edges, seed=job["seed"], out=str(out / f"group{g}.pt"), progress=progress
-            )
-            total += time.perf_counter() - t0
-        peak = max(peak, pm.mib)
-        rows.append(res.detach().float().cpu())
-    exact = torch.stack(rows)
-    torch.save(exact, out / "exact.pt")
-    meta = {
-        "time_s": total,
-        "peak_mib": peak,
-        "memory_method": pm.method,
-        "n_edges_selected": int(len(edges)),
-        "n_edges": graph.n_edges,
-        "edges_per_s": len(edges) / total if total > 0 else float("nan"),
-        "groups": len(rows),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-    }
-    (out / "meta.json").write_text(json.dumps(meta, indent=1))
+    if meta is None:
+        (out / "edges.json").write_text(json.dumps({
+            "index": edges.tolist(),
+            "names": [graph.edge_names[i] for i in edges.tolist()],
+            "kinds": [graph.edge_kind[i] for i in edges.tolist()],
+            "n_edges": graph.n_edges,
+        }))
+        rows, cold = [], {"wall_s": 0.0, "setup_s": 0.0, "patch_s": 0.0, "fingerprint_s": 0.0, "io_s": 0.0,
+                          "peak_mib": 0.0}
+        for g, sub in enumerate(subs):
+            _log(f"exact {job['model']} {job['task']} n={job['n']} group {g + 1}/{len(subs)}: {len(edges)} edges",
+                 progress)
+            st: dict[str, Any] = {}
+            path = out / f"group{g}.pt"
+            with PeakMemory(device) as pm:
+                t0 = time.perf_counter()
+                try:
+                    res = validation.patch_edges(model, graph, sub, edges=edges, seed=job["seed"], out=str(path),
+                                                 progress=progress, stats=st)
+                except validation.StoreError:  # a partial file from other inputs (an interrupted stale run)
+                    path.unlink()
+                    res = validation.patch_edges(model, graph, sub, edges=edges, seed=job["seed"], out=str(path),
+                                                 progress=progress, stats=st)
+                cold["wall_s"] += time.perf_counter() - t0
+            for key in ("setup_s", "patch_s", "fingerprint_s", "io_s"):  # contract 1; None where not reported
+                v = _stat(st, key)
+                cold[key] = None if v is None or cold[key] is None else cold[key] + v
+            cold["peak_mib"] = max(cold["peak_mib"], pm.mib)
+            cold["memory_method"] = pm.method
+            rows.append(res.detach().float().cpu())
+        torch.save(torch.stack(rows), out / "exact.pt")
+        meta = {
+            "n_edges_selected": int(len(edges)),
+            "n_edges": graph.n_edges,
+            "groups": len(rows),
+            "cold": cold,
+            "warm": None,
+            "fingerprints": fps,
+            "token": job.get("token"),
+            "replaced_stale": stale,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
+        try:
+            from validation.store import fingerprint_parts
+
+            meta["fingerprint_parts"] = fingerprint_parts(model, graph, subs[0], edges, 1.0, "edges")
+        except (ImportError, TypeError):
+            pass
+        _write_json(meta_path, meta)
+    if job.get("repeats", 0) > 0 and not meta.get("warm"):
+        meta["warm"] = _warm_exact(model, graph, task, edges, job, progress)
+        _write_json(meta_path, meta)
     return meta
+
+
+def _warm_exact(model: Any, graph: Any, task: Any, edges: torch.Tensor, job: dict, progress: bool) -> dict:
+    """One more exact call on all prompts, ``out=None``: compute and memory without file I/O."""
+    import validation
+
+    device = next(model.parameters()).device
+    _log(f"exact (warm, timed) {job['model']} {job['task']} n={job['n']}: {len(edges)} edges", progress)
+    st: dict[str, Any] = {}
+    with PeakMemory(device) as pm:
+        t0 = time.perf_counter()
+        validation.patch_edges(model, graph, task, edges=edges, seed=job["seed"], out=None, progress=False, stats=st)
+        wall = time.perf_counter() - t0
+    fwd = validation.forward_seconds(model, task)
+    patch_s, n = _stat(st, "patch_s"), int(st.get("n_measured", len(edges)))
+    return {
+        "wall_s": wall,
+        "setup_s": _stat(st, "setup_s"),
+        "patch_s": patch_s,
+        "fingerprint_s": _stat(st, "fingerprint_s"),
+        "n_measured": n,
+        "forward_s": fwd,
+        "fwd_eq_per_edge": patch_s / n / fwd if patch_s is not None and n else None,
+        "peak_mib": pm.mib,
+        "memory_method": pm.method,
+        "path": st.get("path"),
+        "rows_per_forward": st.get("rows_per_forward"),
+    }
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=1, allow_nan=True))
+    tmp.replace(path)
 
 
 def run_attr(model: Any, job: dict, progress: bool = True) -> dict:
     import eap
 
     graph = eap.Graph.from_model(model)
-    task = make_task(model, job["task"], job["n"], job["seed"], job.get("task_kwargs"))
+    task = _job_task(model, job)
+    method = resolve_method(job.get("method_target", job["method"]))
+    kw = job.get("method_kwargs") or {}
     device = next(model.parameters()).device
-    kw = dict(method=job["method"], batch_size=job.get("batch_size"), ig_steps=job.get("ig_steps", 5), progress=False)
 
-    def call() -> Any:
-        return eap.attribute(model, graph, task, **kw)
+    def call(t: Any) -> torch.Tensor:
+        return call_method(method, model, graph, t, kw)
 
-    times: list[float] = []
-    peak = float("nan")
-    floor_times: list[float] = []
+    meta: dict[str, Any] = {"n_edges": graph.n_edges, "repeats": 0, "time_s": float("nan"), "times_s": [],
+                            "floor_kind": floor_kind(task), "floor_s": float("nan"), "floor_ratio": float("nan"),
+                            "full_logits": None, "peak_mib": float("nan"), "floor_peak_mib": float("nan")}
     if job.get("repeats", 0) > 0:
-        _log(f"time {job['method']} {job['model']} n={job['n']}", progress)
-        floor_times = time_call(lambda: floor_pass(model, task), job["repeats"], 1, device)
-        with PeakMemory(device) as pm:  # the warm-up call counts: it is the first, coldest call
-            times = time_call(call, job["repeats"], 1, device)
-        peak = pm.mib
-    rows = [eap.attribute(model, graph, task.subset(idx), **kw).detach().float().cpu()
-            for idx in groups_of(job["n"], job["groups"])]
+        _log(f"time {job['method']} {job['model']} {job['task']} n={job['n']}", progress)
+        fns = {"floor": lambda: floor_pass(model, task), "attr": lambda: call(task)}
+        if task.has_readout:
+            ft = full_logits(task)
+            fns.update(floor_full=lambda: floor_pass(model, ft), attr_full=lambda: call(ft))
+        times = time_interleaved(fns, job["repeats"], warmup=1, device=device)
+        t, f = median(times["attr"]), median(times["floor"])
+        meta.update(time_s=t, times_s=times["attr"], repeats=len(times["attr"]), floor_s=f, floor_times_s=times["floor"],
+                    floor_ratio=t / f if f > 0 else float("nan"))
+        if task.has_readout:
+            tf, ff = median(times["attr_full"]), median(times["floor_full"])
+            meta["full_logits"] = {"time_s": tf, "floor_s": ff, "floor_ratio": tf / ff if ff > 0 else float("nan")}
+        with PeakMemory(device) as pm:  # one warm call
+            call(task)
+        with PeakMemory(device) as fpm:
+            floor_pass(model, task)
+        meta.update(peak_mib=pm.mib, floor_peak_mib=fpm.mib, memory_method=pm.method)
+    rows = [call(task.subset(idx)).float() for idx in groups_of(job["n"], job["groups"])]
     torch.save(torch.stack(rows), job["out"] + ".pt")
-    t, f = median(times), median(floor_times)
-    meta = {
-        "time_s": t,
-        "times_s": times,
-        "repeats": len(times),
-        "floor_s": f,
-        "floor_ratio": t / f if times and f > 0 else float("nan"),
-        "peak_mib": peak,
-        "n_edges": graph.n_edges,
-    }
-    Path(job["out"] + ".json").write_text(json.dumps(meta, indent=1))
+    Path(job["out"] + ".json").write_text(json.dumps(meta, indent=1, allow_nan=True))
     return meta
 
 
 def run_jobs(spec: dict, progress: bool = True) -> None:
-    """Run ``spec['jobs']`` on ``spec['model']`` (loaded once)."""
-    model = load(spec["model"], spec.get("device"), spec.get("dtype"))
-    torch.manual_seed(0)
-    if spec.get("describe_out"):
-        from eap.models import describe
+    """Run ``spec['jobs']`` on ``spec['model']`` (loaded once), with ``spec['threads']`` torch
+    threads if given (restored afterwards: this may be the caller's process)."""
+    threads = torch.get_num_threads()
+    if spec.get("threads"):
+        torch.set_num_threads(int(spec["threads"]))
+    try:
+        model = load(spec["model"], spec.get("device"), spec.get("dtype"))
+        torch.manual_seed(0)
+        if spec.get("describe_out"):
+            from eap.models import describe
 
-        Path(spec["describe_out"]).parent.mkdir(parents=True, exist_ok=True)
-        Path(spec["describe_out"]).write_text(json.dumps(describe(model), indent=1))
-    for job in spec["jobs"]:
-        job = {**job, "model": spec["model"]}
-        if job["kind"] == "exact":
-            run_exact(model, job, progress)
-        elif job["kind"] == "attr":
-            run_attr(model, job, progress)
-        else:
-            raise ValueError(f"unknown job kind {job['kind']!r}")
+            Path(spec["describe_out"]).parent.mkdir(parents=True, exist_ok=True)
+            Path(spec["describe_out"]).write_text(json.dumps(describe(model), indent=1))
+        for job in spec["jobs"]:
+            job = {**job, "model": spec["model"]}
+            if job["kind"] == "exact":
+                run_exact(model, job, progress)
+            elif job["kind"] == "attr":
+                run_attr(model, job, progress)
+            else:
+                raise ValueError(f"unknown job kind {job['kind']!r}")
+    finally:
+        torch.set_num_threads(threads)
 
 
 def main(argv: list[str]) -> int:
-    spec = json.loads(Path(argv[0]).read_text())
+    path = Path(argv[0])
+    spec = json.loads(path.read_text())
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    run_jobs(spec, progress=spec.get("progress", True))
+    try:
+        run_jobs(spec, progress=spec.get("progress", True))
+    except Exception as exc:
+        Path(str(path) + ".error").write_text(f"{type(exc).__name__}: {exc}")
+        traceback.print_exc()
+        return 1
     return 0
 
 

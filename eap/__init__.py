@@ -4,6 +4,7 @@ Sign and units everywhere: score(edge) ~= mean over prompts of metric(edge patch
 in the metric's units ("noising": corrupted - clean sender difference, gradient on the clean run).
 """
 
+from eap.arch import UnsupportedModel
 from eap.graph import Graph, GraphError, GraphSpec
 from eap.models import ModelLoadError, embedded_names, load_model, random_model
 from eap.task import Task, TaskError
@@ -11,6 +12,6 @@ from eap import tasks
 from eap.attribute import METHODS, attribute
 
 __all__ = [
-    "Graph", "GraphError", "GraphSpec", "ModelLoadError", "Task", "TaskError", "METHODS",
+    "Graph", "GraphError", "GraphSpec", "ModelLoadError", "Task", "TaskError", "METHODS", "UnsupportedModel",
     "attribute", "embedded_names", "load_model", "random_model", "tasks",
 ]

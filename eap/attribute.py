@@ -37,6 +37,7 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from eap.arch import Readout
 from eap.budget import attribution_batch_size
 from eap.graph import Graph, HookGroup
 from eap.hooks import (
@@ -81,8 +82,8 @@ def _check_inputs(model: Any, graph: Graph, task: Task, method: str, level: str)
         raise AttributionError(f"level must be 'edge' or 'node', got {level!r}")
     if not isinstance(task, Task):
         raise AttributionError(f"task must be an eap.Task, got {type(task).__name__}")
-    check_edge_hooks(model, graph)
-    task.check_tokens(model.cfg.d_vocab, model.cfg.n_ctx)
+    spec = check_edge_hooks(model, graph)  # hooks, and the architecture adapter's checks (eap.arch)
+    task.check_tokens(spec.d_vocab, model.cfg.n_ctx)
 
 
 def attribute(
@@ -232,11 +233,10 @@ def metric_values(model: Any, task: Task, tokens: Tensor) -> Float[Tensor, " bat
 def select_logits(
     model: Any, resid: Float[Tensor, "batch pos d_model"], task: Task
 ) -> Float[Tensor, "batch k"]:
-    """Logits of ``readout_tokens`` at ``readout_pos`` from the final residual stream: final
-    LayerNorm at that one position, then only those columns of the unembedding."""
+    """Logits of ``readout_tokens`` at ``readout_pos`` from the final residual stream: the final
+    norm at that one position, then only those columns of the unembedding (and any final logit
+    softcap), in float32 at least. The same ``eap.arch.Readout`` as validation's block runner."""
     pos = task.per_prompt["readout_pos"].long()
     toks = task.per_prompt["readout_tokens"].long()
     x = resid[torch.arange(resid.shape[0], device=resid.device), pos]  # [b, d]
-    x = model.ln_final(x)
-    w = model.W_U.T[toks]  # [b, k, d]
-    return torch.einsum("bd,bkd->bk", x, w) + model.b_U[toks]
+    return Readout(model).selected(x, toks)

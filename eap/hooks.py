@@ -1,8 +1,9 @@
 """Hook plumbing shared by attribution (``eap``) and exact patching (``validation``).
 
 The graph (``eap.graph``) names, for every sender and receiver, the TransformerLens hook where
-it is read or written; this module checks that a model has those hooks switched on and offers
-the few hook functions both sides need.
+it is read or written; this module checks that a model has those hooks switched on (and, through
+the architecture adapter ``eap.arch``, that the graph is right for the model) and offers the few
+hook functions both sides need.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from eap.graph import Graph, HookGroup
+from eap.arch import ArchSpec, check_edges
+from eap.graph import Graph, GraphError, HookGroup
 
 
 class HookError(RuntimeError):
@@ -27,11 +29,13 @@ class StopForward(Exception):
     """Raised inside a hook to end a forward pass early (nothing after it is needed)."""
 
 
-def check_edge_hooks(model: Any, graph: Graph | None = None) -> None:
-    """Raise ``HookError`` unless ``model`` exposes every hook the edge graph reads/writes.
+def check_edge_hooks(model: Any, graph: Graph | None = None) -> ArchSpec:
+    """Raise ``HookError`` unless ``model`` exposes every hook the edge graph reads/writes, and
+    ``eap.arch.UnsupportedModel`` (naming the feature) unless the edge graph is right for the
+    model's architecture (``eap.arch.check_edges``). Returns the model's ``ArchSpec``.
 
-    Models must be TransformerLens bridges (or HookedTransformers) with split q/k/v inputs,
-    per-head results and ``hook_mlp_in`` switched on; ``eap.load_model`` does that.
+    Models must be TransformerLens bridges with split q/k/v inputs, per-head results and
+    ``hook_mlp_in`` switched on, grouped-query attention ungrouped; ``eap.load_model`` does that.
     """
     hook_dict = getattr(model, "hook_dict", None)
     cfg = getattr(model, "cfg", None)
@@ -46,11 +50,15 @@ def check_edge_hooks(model: Any, graph: Graph | None = None) -> None:
             "per-head results and hook_mlp_in (use eap.load_model, or call set_use_split_qkv_input(True), "
             "set_use_attn_result(True), set_use_hook_mlp_in(True))"
         )
+    spec = check_edges(model)
     graph = graph or Graph.from_model(model)
     graph.check_model(model)
+    if not graph.spec.matches(spec.graph_spec()):
+        raise GraphError(f"graph was built for {graph.spec} but the model's architecture gives {spec.graph_spec()}")
     missing = [g.hook for g in graph.sender_groups + graph.receiver_groups if g.hook not in hook_dict]
     if missing:
         raise HookError(f"model lacks the hooks {missing[:6]}{' ...' if len(missing) > 6 else ''} needed for edges")
+    return spec
 
 
 def as_nodes(act: Tensor, group: HookGroup) -> Float[Tensor, "nodes batch pos d_model"]:

@@ -2,15 +2,19 @@
 
 ``load_model`` accepts
   (a) the name of an embedded model (``toy-ioi-2l``, ...; shipped in ``eap/embedded/``),
-  (b) ``random:<shape>`` or ``random:<shape>@<seed>``: a randomly initialised GPT-2 of a named
-      shape (``gpt2-small``, ``gpt2-medium``, ...), built offline, seedable, with the embedded
-      word-level IOI tokenizer,
+  (b) ``random:<shape>`` or ``random:<shape>@<seed>``: a randomly initialised model of a named
+      shape (``gpt2-small``, ``llama-3.2-1b``, ``qwen2.5-0.5b``, ``pythia-160m``, ``gemma-2-2b``,
+      and a ``-tiny`` variant of each family; see ``RANDOM_SHAPES``), built offline, seedable,
+      with the embedded word-level IOI tokenizer,
   (c) a local directory with a transformers model + tokenizer saved with ``save_pretrained``,
   (d) any HuggingFace name TransformerLens supports (downloads when online).
 
 Every model comes back in compatibility mode with raw weights (``no_processing=True``: no
 LayerNorm folding or centering, like the seed's ``fold_ln=False``), with split q/k/v inputs,
 per-head results and ``hook_mlp_in`` switched on, parameters frozen, in eval mode.
+Grouped-query models (Llama, Qwen2, Mistral, Gemma-2) come back *ungrouped*: every query head
+has its own copy of its group's key/value projection (``eap.arch.ungroup_kv_heads``; the same
+function), so q, k and v inputs exist per query head as in MIB and EAP-IG.
 """
 
 from __future__ import annotations
@@ -27,13 +31,65 @@ import torch
 EMBEDDED_DIR = Path(__file__).resolve().parent / "embedded"
 DEFAULT_MODEL = "toy-ioi-4l"
 
-#: Named shapes for randomly initialised GPT-2 models (GPT-2 naming: n_layer, n_embd, n_head).
-RANDOM_SHAPES: dict[str, dict[str, int]] = {
-    "gpt2-small": dict(n_layer=12, n_embd=768, n_head=12, vocab_size=50257, n_positions=1024),
-    "gpt2-medium": dict(n_layer=24, n_embd=1024, n_head=16, vocab_size=50257, n_positions=1024),
-    "gpt2-large": dict(n_layer=36, n_embd=1280, n_head=20, vocab_size=50257, n_positions=1024),
-    "gpt2-tiny": dict(n_layer=2, n_embd=32, n_head=4, vocab_size=512, n_positions=64),
+_LLAMA3_ROPE = dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                    original_max_position_embeddings=8192)
+
+#: Named shapes of randomly initialised models: (family, HuggingFace config fields). The full-size
+#: entries are the layer/width/head/KV-head/MLP numbers and the rope/norm facts of the published
+#: configs (HF ``config.json``); the ``-tiny`` entries keep each family's features (GQA, rope
+#: scaling, biases, partial rotary, softcaps, sliding windows) at test size. The vocabulary size of
+#: the real config is kept (the unembedding costs what it really costs); only the first ids are
+#: used, by the embedded word-level IOI tokenizer.
+RANDOM_SHAPES: dict[str, tuple[str, dict[str, Any]]] = {
+    "gpt2-small": ("gpt2", dict(n_layer=12, n_embd=768, n_head=12, vocab_size=50257, n_positions=1024)),
+    "gpt2-medium": ("gpt2", dict(n_layer=24, n_embd=1024, n_head=16, vocab_size=50257, n_positions=1024)),
+    "gpt2-large": ("gpt2", dict(n_layer=36, n_embd=1280, n_head=20, vocab_size=50257, n_positions=1024)),
+    "gpt2-tiny": ("gpt2", dict(n_layer=2, n_embd=32, n_head=4, vocab_size=512, n_positions=64)),
+    # meta-llama/Llama-3.2-1B
+    "llama-3.2-1b": ("llama", dict(
+        num_hidden_layers=16, hidden_size=2048, num_attention_heads=32, num_key_value_heads=8, head_dim=64,
+        intermediate_size=8192, hidden_act="silu", rms_norm_eps=1e-5, rope_theta=500000.0, rope_scaling=_LLAMA3_ROPE,
+        max_position_embeddings=131072, tie_word_embeddings=True, attention_bias=False, mlp_bias=False,
+        vocab_size=128256)),
+    "llama-tiny": ("llama", dict(
+        num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+        intermediate_size=64, hidden_act="silu", rms_norm_eps=1e-5, rope_theta=500000.0,
+        rope_scaling=dict(_LLAMA3_ROPE, original_max_position_embeddings=16), max_position_embeddings=64,
+        tie_word_embeddings=True, vocab_size=64)),
+    # Qwen/Qwen2.5-0.5B (q/k/v biases are part of the Qwen2 architecture)
+    "qwen2.5-0.5b": ("qwen2", dict(
+        num_hidden_layers=24, hidden_size=896, num_attention_heads=14, num_key_value_heads=2, intermediate_size=4864,
+        hidden_act="silu", rms_norm_eps=1e-6, rope_theta=1000000.0, max_position_embeddings=32768,
+        sliding_window=32768, max_window_layers=24, use_sliding_window=False, tie_word_embeddings=True,
+        vocab_size=151936)),
+    "qwen-tiny": ("qwen2", dict(
+        num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
+        hidden_act="silu", rms_norm_eps=1e-6, rope_theta=1000000.0, max_position_embeddings=64,
+        use_sliding_window=False, tie_word_embeddings=True, vocab_size=64)),
+    # EleutherAI/pythia-160m (parallel attention/MLP, rotary on a quarter of each head)
+    "pythia-160m": ("gpt-neox", dict(
+        num_hidden_layers=12, hidden_size=768, num_attention_heads=12, intermediate_size=3072, hidden_act="gelu",
+        rotary_pct=0.25, rotary_emb_base=10000, layer_norm_eps=1e-5, use_parallel_residual=True,
+        max_position_embeddings=2048, tie_word_embeddings=False, vocab_size=50304)),
+    "pythia-tiny": ("gpt-neox", dict(
+        num_hidden_layers=2, hidden_size=32, num_attention_heads=4, intermediate_size=128, hidden_act="gelu",
+        rotary_pct=0.5, rotary_emb_base=10000, layer_norm_eps=1e-5, use_parallel_residual=True,
+        max_position_embeddings=64, tie_word_embeddings=False, vocab_size=64)),
+    # google/gemma-2-2b (norms with 1 + w, post-norms, softcaps, sliding window on every other layer)
+    "gemma-2-2b": ("gemma2", dict(
+        num_hidden_layers=26, hidden_size=2304, num_attention_heads=8, num_key_value_heads=4, head_dim=256,
+        intermediate_size=9216, hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=256,
+        rms_norm_eps=1e-6, rope_theta=10000.0, attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
+        sliding_window=4096, max_position_embeddings=8192, tie_word_embeddings=True, vocab_size=256000)),
+    "gemma-2-tiny": ("gemma2", dict(
+        num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        intermediate_size=64, hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=16, rms_norm_eps=1e-6,
+        rope_theta=10000.0, attn_logit_softcapping=50.0, final_logit_softcapping=30.0, sliding_window=4,
+        max_position_embeddings=64, tie_word_embeddings=True, vocab_size=64)),
 }
+
+#: GPT-2-style shape names accepted in a dict shape for any family (translated to its config fields).
+_GPT2_STYLE = ("n_layer", "n_embd", "n_head", "n_inner", "n_positions")
 
 
 class ModelLoadError(RuntimeError):
@@ -65,6 +121,10 @@ def prepare_for_edges(bridge: Any) -> Any:
     bridge.set_use_split_qkv_input(True)
     bridge.set_use_attn_result(True)
     bridge.set_use_hook_mlp_in(True)
+    if getattr(getattr(bridge.original_model, "config", None), "attn_only", False):
+        # eap-bench's attention-only models: MLPs removed (zero output weights), config says so;
+        # TransformerLens keeps the MLP hooks, the edge graph has no MLP nodes.
+        bridge.cfg.attn_only = True
     for p in bridge.parameters():
         p.requires_grad_(False)
     bridge.eval()
@@ -137,58 +197,131 @@ def _is_cached(name: str) -> bool:
 
 
 def random_model(
-    shape: str | dict[str, int] = "gpt2-small",
+    shape: str | dict[str, Any] = "gpt2-small",
     seed: int = 0,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
-    arch: str = "gpt2",
+    arch: str | None = None,
 ) -> Any:
     """A randomly initialised model of a named shape (see ``RANDOM_SHAPES``) or of a dict of
-    GPT-2-style fields (``n_layer``, ``n_embd``, ``n_head``, ``n_inner``, ``n_positions``,
-    ``vocab_size``), built offline. Same seed -> same weights. The tokenizer is the embedded
-    word-level IOI tokenizer, so ``eap.tasks.ioi`` works on it.
+    config fields, built offline. Same seed -> same weights (whatever ``dtype``: weights are
+    drawn in float32, then cast). The tokenizer is the embedded word-level IOI tokenizer, so
+    ``eap.tasks.ioi`` works on it.
 
-    ``arch='gpt2'`` (default) builds a GPT-2; ``arch='gpt-neox'`` builds a Pythia-style model of
-    the same shape (parallel attention/MLP, rotary positions), for architecture coverage."""
+    ``arch`` names the family of a dict shape: 'gpt2' (default), 'gpt-neox', 'llama', 'mistral',
+    'qwen2' or 'gemma2' (see ``eap.arch``). A dict may use the family's HuggingFace field names or
+    GPT-2-style ones (``n_layer``, ``n_embd``, ``n_head``, ``n_inner``, ``n_positions``,
+    ``vocab_size``). Grouped-query models are ungrouped as by ``load_model``.
+
+    ``attn_only=True`` in a dict shape builds an attention-only model: the MLPs are removed (their
+    output weights and biases are zero, so they add exactly nothing) and the config says
+    ``attn_only``, so the edge graph has no MLP nodes. (TransformerLens 4.3's own attention-only
+    models have no per-head q/k/v inputs.)"""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from eap.arch import family_named
+
     if isinstance(shape, str):
         if shape not in RANDOM_SHAPES:
             raise ModelLoadError(f"unknown random shape {shape!r}; known: {sorted(RANDOM_SHAPES)}")
-        fields = dict(RANDOM_SHAPES[shape])
+        family_name, fields = RANDOM_SHAPES[shape]
+        if arch is not None and family_named(arch).name != family_named(family_name).name:
+            raise ModelLoadError(f"random shape {shape!r} is a {family_name} model, not {arch!r}")
+        fields = dict(fields)
     else:
-        fields = dict(shape)
-    fields.setdefault("n_inner", 4 * fields["n_embd"])
-    if fields["n_inner"] == fields["n_embd"]:
-        raise ModelLoadError("square MLPs (n_inner == n_embd) are corrupted by TransformerLens 4.3; use another width")
+        family_name, fields = arch or "gpt2", dict(shape)
+    attn_only = bool(fields.pop("attn_only", False))
+    try:
+        fam = family_named(family_name)
+    except KeyError as exc:
+        raise ModelLoadError(str(exc.args[0])) from exc
+    gpt2_style = {"n_layer": fam.n_layers, "n_embd": fam.d_model, "n_head": fam.n_heads, "n_inner": fam.d_mlp,
+                  "n_positions": fam.n_ctx}
+    fields = {gpt2_style.get(k, k): v for k, v in fields.items()}
+    if fields.get(fam.d_mlp) is None:
+        fields[fam.d_mlp] = 4 * fields[fam.d_model]
+    if fields[fam.d_mlp] == fields[fam.d_model]:
+        raise ModelLoadError("square MLPs (d_mlp == d_model) are corrupted by TransformerLens 4.3; use another width")
     tokenizer = _word_tokenizer()
     fields["vocab_size"] = max(fields.get("vocab_size", 0), len(tokenizer))
-    special = dict(bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
-    if arch == "gpt2":
-        from transformers import GPT2Config as Config, GPT2LMHeadModel as Model
-
-        config = Config(**fields, **special)
-    elif arch == "gpt-neox":
-        from transformers import GPTNeoXConfig as Config, GPTNeoXForCausalLM as Model
-
-        config = Config(
-            vocab_size=fields["vocab_size"], hidden_size=fields["n_embd"], num_hidden_layers=fields["n_layer"],
-            num_attention_heads=fields["n_head"], intermediate_size=fields["n_inner"],
-            max_position_embeddings=fields.get("n_positions", 2048), use_parallel_residual=True, **special,
-        )
-    else:
-        raise ModelLoadError(f"unknown architecture {arch!r}; use 'gpt2' or 'gpt-neox'")
-    config.pad_token_id = tokenizer.pad_token_id
+    special = dict(bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
+                   pad_token_id=tokenizer.pad_token_id)
+    config = AutoConfig.for_model(fam.model_types[0], **fields, **special)
+    if attn_only:
+        config.attn_only = True
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or torch.float32
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), _quiet():
         torch.manual_seed(seed)
-        hf_model = Model(config)
-    hf_model = hf_model.to(dtype=dtype).eval()
+        hf_model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    hf_model = _ready_hf_model(hf_model, device, dtype)
     with tempfile.TemporaryDirectory() as tmp:
-        config.save_pretrained(tmp)
+        hf_model.config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        bridge = _boot(tmp, device, dtype, hf_model=hf_model)
-    bridge.to(device)
-    return bridge
+        bridge = _boot(tmp, device, dtype, hf_model=hf_model, tokenizer=_saved_generic_tokenizer(tmp))
+    if attn_only:
+        with torch.no_grad():
+            for block in bridge.blocks:  # the bridge's W_out / b_out are views of the HF weights
+                block.mlp.W_out.zero_()
+                if getattr(block.mlp, "b_out", None) is not None:
+                    block.mlp.b_out.zero_()
+    return bridge.to(device)
+
+
+def _ready_hf_model(hf_model: Any, device: torch.device, dtype: torch.dtype) -> Any:
+    """Ungroup grouped-query attention (``eap.arch.ungroup_kv_heads``), cast the parameters (not
+    the buffers: rotary frequencies stay float32, as HF keeps them) and move to ``device``."""
+    from eap.arch import ungroup_kv_heads
+
+    ungroup_kv_heads(hf_model)
+    for p in hf_model.parameters():
+        if p.is_floating_point() and p.dtype != dtype:
+            p.data = p.data.to(dtype)
+    return hf_model.to(device).eval()
+
+
+def _boot_pretrained(source: str, device: torch.device, dtype: torch.dtype) -> Any:
+    """Boot a saved model (directory or hub name); grouped-query models are loaded here and
+    ungrouped first (the edge graph has q/k/v receivers per query head)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from eap.arch import UnsupportedModel, family_of
+
+    with _quiet():
+        config = AutoConfig.from_pretrained(source)
+    kwargs: dict[str, Any] = {}
+    tokenizer = _saved_generic_tokenizer(source)
+    if tokenizer is not None:
+        kwargs["tokenizer"] = tokenizer
+    try:
+        fam = family_of(str(getattr(config, "model_type", "")))
+    except UnsupportedModel:
+        fam = None
+    grouped = (
+        fam is not None and fam.n_kv_heads is not None
+        and (getattr(config, fam.n_kv_heads, None) or 0) not in (0, getattr(config, fam.n_heads))
+    )
+    if not grouped:
+        return _boot(source, device, dtype, **kwargs)
+    with _quiet():
+        hf_model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation="eager")
+    return _boot(source, device, dtype, hf_model=_ready_hf_model(hf_model, device, dtype), **kwargs).to(device)
+
+
+def _saved_generic_tokenizer(source: str) -> Any:
+    """A directory's tokenizer saved as a generic fast tokenizer (like the embedded word-level
+    one), loaded as such: ``AutoTokenizer`` would swap in the family's own class for some
+    families (Qwen2), which re-splits the text differently. None for anything else."""
+    path = Path(source) / "tokenizer_config.json"
+    if not path.is_file():
+        return None
+    import json
+
+    from transformers import PreTrainedTokenizerFast
+
+    if json.loads(path.read_text()).get("tokenizer_class") not in ("TokenizersBackend", "PreTrainedTokenizerFast"):
+        return None
+    return PreTrainedTokenizerFast.from_pretrained(source, add_bos_token=True)  # as TransformerLens sets it up
 
 
 def _word_tokenizer():
@@ -215,11 +348,11 @@ def load_model(
     if name in embedded_names():
         path = EMBEDDED_DIR / name
         _check_local_dir(path)
-        return _boot(str(path), device, dtype)
+        return _boot_pretrained(str(path), device, dtype)
     path = Path(name).expanduser()
     if path.is_dir():
         _check_local_dir(path)
-        return _boot(str(path.resolve()), device, dtype)
+        return _boot_pretrained(str(path.resolve()), device, dtype)
     if path.exists() or name.startswith((".", "/", "~")):
         raise ModelLoadError(f"{name} is not a model directory")
     if not _is_cached(name) and not _hub_reachable():
@@ -230,7 +363,7 @@ def load_model(
             f"{', '.join('random:' + s for s in RANDOM_SHAPES)}"
         )
     try:
-        return _boot(name, device, dtype)
+        return _boot_pretrained(name, device, dtype)
     except OSError as exc:  # a miss in the cache while offline, a typo online, ...
         raise ModelLoadError(
             f"could not load {name!r} from HuggingFace: {exc}. Embedded models: {', '.join(embedded_names())}"
@@ -238,11 +371,20 @@ def load_model(
 
 
 def describe(model: Any) -> dict[str, Any]:
-    """Shape facts of a model, for reports."""
+    """Shape facts of a model, for reports (``n_key_value_heads``: before ungrouping)."""
+    from eap.arch import UnsupportedModel, arch_spec
+
     cfg = model.cfg
+    try:
+        spec = arch_spec(model)
+        family, kv = spec.family, spec.grouped_kv_heads or spec.n_kv_heads
+    except (UnsupportedModel, AttributeError, TypeError, ValueError):
+        family, kv = getattr(cfg, "architecture", None), getattr(cfg, "n_key_value_heads", None) or cfg.n_heads
     return {
+        "family": family,
         "n_layers": cfg.n_layers,
         "n_heads": cfg.n_heads,
+        "n_key_value_heads": kv,
         "d_model": cfg.d_model,
         "d_mlp": getattr(cfg, "d_mlp", None),
         "d_vocab": cfg.d_vocab,

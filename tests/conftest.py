@@ -32,8 +32,8 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="module")
 def one_thread():
-    """One torch thread for a module: tiny models run far faster single-threaded (and the CI
-    box is shared)."""
+    """One torch thread for a test module (``pytestmark = pytest.mark.usefixtures("one_thread")``):
+    toy models gain nothing from threads, and on a busy machine extra threads cost many times over."""
     old = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

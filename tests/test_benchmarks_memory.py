@@ -53,7 +53,7 @@ def _worker(job: dict) -> dict:
     torch.set_num_threads(1)
     import eap
     import validation
-    from bench.measure import PeakMemory
+    from eap.measure import PeakMemory
 
     budget = None if job["budget"] == "default" else job["budget"]
     model = eap.load_model(MODEL, device="cpu")

@@ -93,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     scores = None
     if a.scores:
         g = Graph.from_json(a.scores) if a.scores.endswith(".json") else Graph.load(a.scores)
+        g.check_model(model)  # a graph file (ours or EAP-IG's/MIB's) of another model is refused
         scores = g.edge_scores()
     from eap.budget import parse_size
 

@@ -2,36 +2,23 @@
 
 from __future__ import annotations
 
-import statistics
-import time
 from typing import Any
 
 import torch
 
 from eap.graph import Graph
+from eap.measure import median, time_call
 from eap.task import Task
 from validation.patch import patch_edges
 
 
 def forward_seconds(model: Any, task: Task, repeats: int = 3) -> float:
-    """Median wall time of one plain forward of the task's clean prompts (no hooks, no grad)."""
+    """Median wall time (s) of one plain forward of the task's clean prompts through the model
+    (no hooks, no grad), after one warm-up call (``eap.measure.time_call``)."""
     dev = next(model.parameters()).device
     tokens = task.clean.to(dev)
-    times = []
     with torch.no_grad():
-        model(tokens)  # warm-up
-        for _ in range(repeats):
-            _sync(dev)
-            t = time.perf_counter()
-            model(tokens)
-            _sync(dev)
-            times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
-
-def _sync(dev: torch.device) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
+        return median(time_call(lambda: model(tokens), repeats=repeats, warmup=1, device=dev))
 
 
 def receiver_sample(graph: Graph, n_edges: int, seed: int = 0) -> torch.Tensor:

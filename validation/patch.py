@@ -62,6 +62,7 @@ from torch import Tensor
 from eap.budget import BudgetError, PatchPlan, plan_patching, resolve_budget
 from eap.graph import Graph, GraphError
 from eap.hooks import check_edge_hooks, run_until_stop, sender_difference_hooks, stop_hook
+from eap.measure import sync
 from eap.task import Task, TaskError
 from validation.runner import BlockRunner, UnsupportedModel
 from validation.store import ResultStore, describe_request, fingerprint_of, fingerprint_parts
@@ -69,12 +70,6 @@ from validation.store import ResultStore, describe_request, fingerprint_of, fing
 
 class PatchError(ValueError):
     """Bad arguments to exact patching."""
-
-
-def _sync(device: torch.device) -> None:
-    """Wait for queued device work, so wall times are honest on CUDA."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 # ------------------------------------------------------------------------------ batch cache
@@ -138,7 +133,6 @@ class _Evaluator:
         self.use_readout = use_readout
         self.rn = runner
         self._base: dict[tuple, Tensor] = {}
-        self._head: dict[tuple, tuple] = {}
 
     # -------------------------------------------------------------- metric
     def _per_copy(self, out: Tensor, m: int, P: slice, readout: bool) -> Float[Tensor, "m nb"]:
@@ -177,36 +171,19 @@ class _Evaluator:
         return self._metric_from_resid(x, point, P, m) - self.baseline(point, P)
 
     def receiver(self, r: int, D: Float[Tensor, "m nb p d"], P: slice) -> Float[Tensor, "m nb"]:
-        """Receiver ``r``'s input += D (one copy per leading index)."""
+        """Receiver ``r``'s input += D (one copy per leading index); the runner recomputes it."""
         g = self.graph.receiver_group_of(r)
-        rn, c, L, m = self.rn, self.cache, g.layer, D.shape[0]
-        if g.kind == "logits":
-            return self.inject(("post", self.graph.spec.n_layers - 1), D, P)
-        if g.kind == "mlp":
-            x0 = c.mlp_in[L][P]
-            out = rn.mlp(L, (x0.unsqueeze(0) + D).flatten(0, 1)).view_as(D) - rn.mlp(L, x0).unsqueeze(0)
-            return self.inject(("post", L), out, P)
-        h = r - g.start
-        key = (L, h, P.start)
-        if key not in self._head:
-            x0 = c.pre[L][P]
-            qkv = {k: rn.head_qkv(L, h, k, x0) for k in "qkv"}
-            self._head = {key: (qkv, rn.head_result(L, h, qkv["q"], qkv["k"], qkv["v"]))}
-        qkv, r0 = self._head[key]
-        x = (c.pre[L][P].unsqueeze(0) + D).flatten(0, 1)
-        new = {k: (rn.head_qkv(L, h, k, x) if k == g.kind else v.repeat(m, 1, 1)) for k, v in qkv.items()}
-        dr = rn.head_result(L, h, new["q"], new["k"], new["v"]).view_as(D) - r0.unsqueeze(0)
-        return self.inject(("post" if rn.parallel else "mid", L), dr, P)
+        c = self.cache
+        x_in = {"q": c.pre, "k": c.pre, "v": c.pre, "mlp": c.mlp_in, "logits": c.post}[g.kind]
+        x_in = x_in[min(g.layer, self.graph.spec.n_layers - 1)][P]
+        point, delta = self.rn.patch_receiver(g.kind, g.layer, (r - g.start) if g.n_heads else None, x_in, D)
+        return self.inject(point, delta, P)
 
     def sender_point(self, s: int) -> tuple[str, int]:
         """Where sender ``s`` writes into the residual stream (node patching)."""
         for g in self.graph.sender_groups:
             if g.start <= s < g.start + g.size:
-                if g.kind == "input":
-                    return ("pre", 0)
-                if g.kind == "head" and not self.graph.spec.parallel_attn_mlp and not self.graph.spec.attn_only:
-                    return ("mid", g.layer)
-                return ("post", g.layer)
+                return self.rn.sender_point(g.kind, g.layer)
         raise GraphError(f"sender index {s} out of range")
 
     def node(self, group: int, D: Float[Tensor, "m nb p d"], P: slice) -> Float[Tensor, "m nb"]:
@@ -506,10 +483,10 @@ def _run(
             if not mine:
                 continue
             ev = None  # free the previous batch's cache before caching this one
-            _sync(device)
+            sync(device)
             t0 = time.perf_counter()
             ev = prepare_batch(job, b)
-            _sync(device)
+            sync(device)
             setup_s += time.perf_counter() - t0
             for unit in mine:
                 t0 = time.perf_counter()

@@ -366,26 +366,35 @@ def _check_inputs(model: Any, graph: Graph, task: Task, scale: float) -> None:
 
 
 def held_bytes(obj: Any, model: Any) -> int:
-    """Bytes of the tensors ``obj`` holds in its attributes (also in lists, tuples, dicts) that
-    do not share storage with the model's parameters: e.g. the block runner's weight copies."""
+    """Bytes of the tensors ``obj`` holds (in its attributes, their lists, tuples, dicts and plain
+    objects, a few levels deep; modules are not entered) that do not share storage with the
+    model's parameters: e.g. the block runner's fused weight copies."""
     shared = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen: dict[int, int] = {}
+    storages: dict[int, int] = {}
+    visited: set[int] = set()
 
     def visit(v: Any, depth: int) -> None:
         if isinstance(v, Tensor):
             st = v.untyped_storage()
             if st.data_ptr() not in shared:
-                seen[st.data_ptr()] = st.nbytes()
-        elif depth < 3 and isinstance(v, (list, tuple)):
-            for x in v:
-                visit(x, depth + 1)
-        elif depth < 3 and isinstance(v, dict):
-            for x in v.values():
-                visit(x, depth + 1)
+                storages[st.data_ptr()] = st.nbytes()
+            return
+        if depth > 4 or id(v) in visited or isinstance(v, torch.nn.Module):
+            return
+        visited.add(id(v))
+        if isinstance(v, (list, tuple)):
+            children = list(v)
+        elif isinstance(v, dict):
+            children = list(v.values())
+        elif hasattr(v, "__dict__") and not isinstance(v, type):
+            children = list(vars(v).values())
+        else:
+            return
+        for x in children:
+            visit(x, depth + 1)
 
-    for v in vars(obj).values():
-        visit(v, 0)
-    return sum(seen.values())
+    visit(obj, 0)
+    return sum(storages.values())
 
 
 def _plan(model: Any, graph: Graph, task: Task, *, runner: BlockRunner | None, use_readout: bool,

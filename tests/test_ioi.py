@@ -135,7 +135,7 @@ def test_normalized_metric(model):
     assert task.metric(clean).mean().item() == pytest.approx(1.0, abs=1e-5)
     assert task.metric(corrupt).mean().item() == pytest.approx(0.0, abs=1e-5)
     ld = logit_diff(clean, **task.per_prompt)
-    assert task.info["ld_clean"] == pytest.approx(ld.mean().item(), abs=1e-6)
+    assert task.info["metric_clean"] == pytest.approx(ld.mean().item(), abs=1e-6)
     rows = torch.arange(40)[:, None]
     sel = clean[rows, task.per_prompt["readout_pos"][:, None], task.per_prompt["readout_tokens"]]
     torch.testing.assert_close(task.readout(sel), task.metric(clean))

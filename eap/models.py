@@ -1,7 +1,7 @@
 """Loading models ready for edge work (TransformerLens 4 ``TransformerBridge``).
 
 ``load_model`` accepts
-  (a) the name of an embedded model (``toy-ioi-2l``, ...; shipped in ``eap/embedded/``),
+  (a) the name of an embedded model (``toy-gpt2-2l``, ...; shipped in ``eap/embedded/``),
   (b) ``random:<shape>`` or ``random:<shape>@<seed>``: a randomly initialised GPT-2 of a named
       shape (``gpt2-small``, ``gpt2-medium``, ...), built offline, seedable, with the embedded
       word-level IOI tokenizer,
@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 EMBEDDED_DIR = Path(__file__).resolve().parent / "embedded"
-DEFAULT_MODEL = "toy-ioi-4l"
+DEFAULT_MODEL = "toy-gpt2-4l"
 
 #: Named shapes for randomly initialised GPT-2 models (GPT-2 naming: n_layer, n_embd, n_head).
 RANDOM_SHAPES: dict[str, dict[str, int]] = {

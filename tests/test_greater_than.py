@@ -134,10 +134,17 @@ def test_subset_batches_and_reproducible(model):
     assert torch.equal(torch.rand(3), r)  # no global RNG state consumed
 
 
-def test_restrictions(model):
+def test_restrictions(model, tok):
     task = greater_than(model, 40, seed=0, nouns=["war", "siege"], years=[10, 50], centuries=["13"])
     assert set(task.info["nouns"]) <= {"war", "siege"} and set(task.info["years"]) <= {10, 50}
     assert set(task.info["centuries"]) == {"13"}
+    combos = [["12", 40], ["16", 7]]
+    task = greater_than(model, 30, seed=0, combinations=combos)
+    assert set(zip(task.info["centuries"], task.info["years"])) == {("12", 40), ("16", 7)}
+    p = generate(tok, 300, seed=0, centuries=["12"], exclude_combinations=combos)
+    assert 40 not in p.info["years"] and len(set(p.info["years"])) > 50
+    with pytest.raises(ValueError, match="no \\(century, start year\\)"):
+        generate(tok, 3, combinations=[["19", 40]])
 
 
 def test_sample_table(model):

@@ -97,12 +97,16 @@ def generate(
     nouns: Sequence[str] | None = None,
     years: Sequence[int] | None = None,
     centuries: Sequence[str] | None = None,
+    combinations: Sequence[Sequence[Any]] | None = None,
+    exclude_combinations: Sequence[Sequence[Any]] | None = None,
 ) -> common.Prompts:
     """Sample ``n`` greater-than prompts and their "01" corruptions, reproducibly from ``seed``.
 
-    ``nouns``, ``years`` (start years, ints in 2..98) and ``centuries`` restrict the pools (to
-    hold some out of a toy model's training). Nouns that are not a single token with a leading
-    space are dropped. ``answers``: ``yy`` (start year, int) and ``year_tokens`` [n, 100].
+    ``nouns``, ``years`` (start years, ints in 2..98) and ``centuries`` restrict the pools;
+    ``combinations`` restricts the (century, start year) pairs to the given ones and
+    ``exclude_combinations`` removes some (to hold them out of a toy model's training). Nouns
+    that are not a single token with a leading space are dropped. ``answers``: ``yy`` (start
+    year, int) and ``year_tokens`` [n, 100].
     """
     n = common.check_n(n)
     years = START_YEARS if years is None else tuple(int(y) for y in years)
@@ -114,6 +118,12 @@ def generate(
         raise ValueError("none of the nouns is a single token (with a leading space) for this tokenizer")
     year_ids = year_token_ids(tokenizer)
     combos = valid_combinations(tokenizer, CENTURIES if centuries is None else centuries, years, year_ids)
+    if combinations is not None:
+        keep = {(str(c), int(y)) for c, y in combinations}
+        combos = [c for c in combos if c in keep]
+    if exclude_combinations:
+        drop = {(str(c), int(y)) for c, y in exclude_combinations}
+        combos = [c for c in combos if c not in drop]
     if not combos:
         raise ValueError(
             'no (century, start year) tokenizes as [" CC", "YY"] with this tokenizer; greater-than '
@@ -238,6 +248,7 @@ def greater_than(
     nouns: Sequence[str] | None = None,
     years: Sequence[int] | None = None,
     centuries: Sequence[str] | None = None,
+    combinations: Sequence[Sequence[Any]] | None = None,
 ) -> Task:
     """The greater-than task for ``model`` (tokenized with ``model.tokenizer``, right-padded).
 
@@ -245,14 +256,15 @@ def greater_than(
     token, in probability; ``'normalized'``: its (PD - PD_corrupt) / (PD_clean - PD_corrupt).
     ``softmax='vocab'`` (paper; no readout) or ``'years'`` (renormalised over the year tokens;
     with a readout over them): see the module docstring. ``nouns``/``years``/``centuries``
-    restrict the pools, e.g. to those held out of a toy model's training.
+    restrict the pools and ``combinations`` the (century, start year) pairs, e.g. to those held
+    out of a toy model's training.
     """
     if softmax not in SOFTMAXES:
         raise ValueError(f"unknown softmax {softmax!r}; expected one of {SOFTMAXES}")
     if metric not in METRICS:
         raise ValueError(f"unknown metric {metric!r}; expected one of {METRICS}")
     tokenizer = common.tokenizer_of(model, "greater-than")
-    p = generate(tokenizer, n, seed=seed, nouns=nouns, years=years, centuries=centuries)
+    p = generate(tokenizer, n, seed=seed, nouns=nouns, years=years, centuries=centuries, combinations=combinations)
     per_prompt = {"end": p.end, **p.answers}
     if softmax == "vocab":
         fns = dict(raw=prob_diff, raw_readout=None, normalized=normalized_prob_diff, normalized_readout=None)

@@ -33,8 +33,8 @@ from torch import Tensor
 
 from eap.task import Task
 from eap.tasks import common
-from eap.tasks.common import pad_id, sample_table  # noqa: F401  (re-exported)
-from eap.tasks.vocab import PUNCTUATION, SPECIAL_TOKENS, vocabulary, word_level_tokenizer  # noqa: F401
+from eap.tasks.vocab import PUNCTUATION
+from eap.tasks.vocab import vocabulary, word_level_tokenizer  # noqa: F401  (their old home; eap.models imports it)
 
 # --------------------------------------------------------------------------------- word lists
 # The 15 BABA templates of the IOI paper; [B] is the subject S, [A] the indirect object IO.

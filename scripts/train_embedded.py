@@ -356,7 +356,9 @@ def main(argv=None) -> None:
                          "(default: per model, see CONFIGS)")
     ap.add_argument("--min-steps", type=int, default=None, help="never stop before this (default: per model)")
     ap.add_argument("--max-steps", type=int, default=20000)
-    ap.add_argument("--max-minutes", type=float, default=15.0, help="training time limit (a stop criterion)")
+    ap.add_argument("--max-minutes", type=float, default=15.0,
+                    help="training time limit in minutes of this process's CPU time (a stop criterion; CPU "
+                         "time, so that other jobs on a shared machine do not cut training short)")
     ap.add_argument("--eval-every", type=int, default=100)
     ap.add_argument("--n-val", type=int, default=256)
     ap.add_argument("--stop-acc", type=float, default=0.98)
@@ -391,7 +393,7 @@ def main(argv=None) -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, args.warmup, args.decay_steps))
 
-    t_start = time.time()
+    t_start, cpu_start = time.time(), time.process_time()
     step, stopped_by, history = 0, "max_steps", []
     while step < args.max_steps:
         losses = {name: batch_loss(model, d.sample(args.batch)) for name, d in data.items()}
@@ -406,19 +408,19 @@ def main(argv=None) -> None:
             model.eval()
             r = measure(wrapped, val)
             model.train()
-            elapsed = time.time() - t_start
-            history.append(dict(step=step, elapsed_s=round(elapsed, 1), loss=loss.item(), val=r))
-            print(f"step {step:5d} {elapsed:6.1f}s loss {loss.item():.3f} | " + " | ".join(
+            elapsed, cpu = time.time() - t_start, time.process_time() - cpu_start
+            history.append(dict(step=step, elapsed_s=round(elapsed, 1), cpu_s=round(cpu, 1), loss=loss.item(), val=r))
+            print(f"step {step:5d} {elapsed:6.1f}s (cpu {cpu:6.1f}s) loss {loss.item():.3f} | " + " | ".join(
                 f"{t} acc {x['accuracy']:.3f} m {x['metric_clean']:.2f}/{x['metric_corrupted']:.2f}"
                 for t, x in r.items()), flush=True)
             if step >= args.min_steps and meets_card(r, args.stop_acc):
                 stopped_by = "validation criterion"
                 break
-            if elapsed > 60 * args.max_minutes:
+            if cpu > 60 * args.max_minutes:
                 stopped_by = "time limit"
                 break
-    wall = time.time() - t_start
-    print(f"stopped after {step} steps ({stopped_by}), {wall:.1f}s", flush=True)
+    wall, cpu = time.time() - t_start, time.process_time() - cpu_start
+    print(f"stopped after {step} steps ({stopped_by}), {wall:.1f}s wall, {cpu:.1f}s CPU", flush=True)
 
     out.mkdir(parents=True, exist_ok=True)
     for f in out.iterdir():  # no stale files from an earlier run
@@ -440,6 +442,7 @@ def main(argv=None) -> None:
         config=card_config(model, cfg),
         training=dict(
             command=command, seed=args.seed, steps=step, stopped_by=stopped_by, wall_time_s=round(wall, 1),
+            cpu_time_s=round(cpu, 1),
             lr=args.lr, weight_decay=args.weight_decay, batch_per_task=args.batch, warmup=args.warmup,
             decay_steps=args.decay_steps,
             deltas=deltas, loss_weights=weights, induction_lengths=args.ind_lengths, n_train_prompts_per_task=args.n_train,
@@ -508,7 +511,7 @@ d_mlp {c['d_mlp']}, n_positions {c['n_positions']}, vocab {c['d_vocab']} (word-l
 `{t['command']}`{reproduce}
 
 Seed {t['seed']}; {t['steps']} steps of {t['batch_per_task']} prompts per task (stopped by
-{t['stopped_by']}, not before step {t['min_steps']}); wall time {t['wall_time_s']} s on {t['threads']} CPU thread(s). AdamW lr {t['lr']},
+{t['stopped_by']}, not before step {t['min_steps']}); {t['cpu_time_s']} s of CPU time ({t['wall_time_s']} s wall, shared machine) on {t['threads']} thread(s). AdamW lr {t['lr']},
 weight decay {t['weight_decay']}, {t['warmup']} warm-up steps, cosine decay to lr/10 at step
 {t['decay_steps']}, no dropout. Loss: {t['loss']};
 soft-target masses {t['deltas']}; loss weights {t['loss_weights']}; induction lengths {t['induction_lengths'][0]}-{t['induction_lengths'][1]}.

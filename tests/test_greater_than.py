@@ -14,17 +14,7 @@ from eap.tasks import greater_than, sample_table, word_level_tokenizer
 from eap.tasks.greater_than import CENTURIES, NOUNS, generate, year_token_ids
 
 from bpe_tokenizer import byte_level_bpe
-from test_ioi import ToyLM
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return word_level_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def model(tok):
-    return ToyLM(tok)
+from test_ioi import ToyLM, assert_normalized, gathered, model, tok  # noqa: F401  (shared fixtures: word-level tokenizer, toy LM)
 
 
 def random_logits(task, vocab, seed=0, dtype=torch.float64):
@@ -93,9 +83,7 @@ def test_year_softmax_readout(model, tok):
     logits = random_logits(task, len(tok), seed=1)
     got = task.metric(logits)
     torch.testing.assert_close(got, reference_pd(logits, task, over_years=True))
-    rows = torch.arange(30)[:, None]
-    sel = logits[rows, task.per_prompt["readout_pos"][:, None], task.per_prompt["readout_tokens"]]
-    torch.testing.assert_close(task.readout(sel), got, rtol=0, atol=1e-12)
+    torch.testing.assert_close(task.readout(gathered(task, logits)), got, rtol=0, atol=1e-12)
     # PD over years = PD over the vocabulary / total probability of the year tokens
     full = greater_than(model, 30, seed=4).metric(logits)
     ends = task.per_prompt["end"]
@@ -106,16 +94,10 @@ def test_year_softmax_readout(model, tok):
 @pytest.mark.parametrize("softmax", ["vocab", "years"])
 def test_normalized(model, softmax):
     task = greater_than(model, 40, seed=5, metric="normalized", softmax=softmax)
-    with torch.no_grad():
-        clean, corrupt = model(task.clean), model(task.corrupted)
-    assert task.metric(clean).mean().item() == pytest.approx(1.0, abs=1e-4)
-    assert task.metric(corrupt).mean().item() == pytest.approx(0.0, abs=1e-4)
+    assert_normalized(task, model)
     raw = greater_than(model, 40, seed=5, softmax=softmax)
-    assert task.info["metric_clean"] == pytest.approx(raw.metric(clean).mean().item(), abs=1e-6)
-    if softmax == "years":
-        rows = torch.arange(40)[:, None]
-        sel = clean[rows, task.per_prompt["readout_pos"][:, None], task.per_prompt["readout_tokens"]]
-        torch.testing.assert_close(task.readout(sel), task.metric(clean))
+    with torch.no_grad():
+        assert task.info["metric_clean"] == pytest.approx(raw.metric(model(raw.clean)).mean().item(), abs=1e-6)
 
 
 def test_subset_batches_and_reproducible(model):

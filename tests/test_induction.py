@@ -10,21 +10,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest
 import torch
 
-from eap.tasks import induction, sample_table, word_level_tokenizer
+from eap.tasks import induction, sample_table
 from eap.tasks.induction import eligible_tokens
 
 from bpe_tokenizer import byte_level_bpe
-from test_ioi import ToyLM
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return word_level_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def model(tok):
-    return ToyLM(tok)
+from test_ioi import ToyLM, assert_normalized, gathered, model, tok  # noqa: F401  (shared fixtures: word-level tokenizer, toy LM)
 
 
 @pytest.mark.parametrize("length", [2, 7, 10])
@@ -57,9 +47,7 @@ def test_metric_matches_independent_computation(model, tok):
         want.append(row[c[5]] - sum(row[t] for t in c[:5]) / 5)
     got = task.metric(logits)
     torch.testing.assert_close(got, torch.stack(want))
-    rows = torch.arange(20)[:, None]
-    sel = logits[rows, task.per_prompt["readout_pos"][:, None], task.per_prompt["readout_tokens"]]
-    torch.testing.assert_close(task.readout(sel), got, rtol=0, atol=1e-12)
+    torch.testing.assert_close(task.readout(gathered(task, logits)), got, rtol=0, atol=1e-12)
     # sign: raising the answer's logit raises the metric by exactly that much
     bumped = logits.clone()
     bumped[torch.arange(20), -1, task.per_prompt["answer"]] += 2.0
@@ -67,14 +55,7 @@ def test_metric_matches_independent_computation(model, tok):
 
 
 def test_normalized(model):
-    task = induction(model, 40, seed=4, metric="normalized")
-    with torch.no_grad():
-        clean, corrupt = model(task.clean), model(task.corrupted)
-    assert task.metric(clean).mean().item() == pytest.approx(1.0, abs=1e-4)
-    assert task.metric(corrupt).mean().item() == pytest.approx(0.0, abs=1e-4)
-    rows = torch.arange(40)[:, None]
-    sel = clean[rows, task.per_prompt["readout_pos"][:, None], task.per_prompt["readout_tokens"]]
-    torch.testing.assert_close(task.readout(sel), task.metric(clean))
+    assert_normalized(induction(model, 40, seed=4, metric="normalized"), model)
 
 
 def test_reproducible_subset_and_pool(model, tok):

@@ -10,25 +10,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest
 import torch
 
-from eap.tasks import sample_table, sva, word_level_tokenizer
+from eap.tasks import sample_table, sva
 from eap.tasks.sva import NOUNS, VERBS, generate
 
 from bpe_tokenizer import byte_level_bpe
-from test_ioi import ToyLM
+from test_ioi import ToyLM, assert_normalized, gathered, model, tok  # noqa: F401  (shared fixtures: word-level tokenizer, toy LM)
 
 SINGULAR = {sg for sg, _ in NOUNS}
 PLURAL = {pl for _, pl in NOUNS}
 FLIP = {**{sg: pl for sg, pl in NOUNS}, **{pl: sg for sg, pl in NOUNS}}
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return word_level_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def model(tok):
-    return ToyLM(tok)
 
 
 def test_prompts_corruption_and_verbs(model, tok):
@@ -64,9 +54,7 @@ def test_metric_readout_and_sign(model, tok):
     ])
     got = task.metric(logits)
     torch.testing.assert_close(got, want, rtol=0, atol=0)
-    rows = torch.arange(30)[:, None]
-    sel = logits[rows, task.per_prompt["readout_pos"][:, None], task.per_prompt["readout_tokens"]]
-    torch.testing.assert_close(task.readout(sel), got, rtol=0, atol=0)
+    torch.testing.assert_close(task.readout(gathered(task, logits)), got, rtol=0, atol=0)
     # a model that always says the plural forms: positive exactly on plural subjects
     plural_ids = [tok.convert_tokens_to_ids(pl) for _, pl in VERBS]
     says_plural = torch.zeros_like(logits)
@@ -75,14 +63,7 @@ def test_metric_readout_and_sign(model, tok):
 
 
 def test_normalized(model):
-    task = sva(model, 40, seed=4, metric="normalized")
-    with torch.no_grad():
-        clean, corrupt = model(task.clean), model(task.corrupted)
-    assert task.metric(clean).mean().item() == pytest.approx(1.0, abs=1e-4)
-    assert task.metric(corrupt).mean().item() == pytest.approx(0.0, abs=1e-4)
-    rows = torch.arange(40)[:, None]
-    sel = clean[rows, task.per_prompt["readout_pos"][:, None], task.per_prompt["readout_tokens"]]
-    torch.testing.assert_close(task.readout(sel), task.metric(clean))
+    assert_normalized(sva(model, 40, seed=4, metric="normalized"), model)
 
 
 def test_padding_subset_reproducible(model, tok):

@@ -4,6 +4,7 @@ product: attribution of each task's metric agrees with exact patching at a small
 from __future__ import annotations
 
 import os
+import pickle
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -34,6 +35,12 @@ def test_registry_names_and_builders():
         assert torch.equal(again.clean, task.clean)
         normalized = builder(model, 3, seed=0, metric="normalized", **SMALL[name])
         assert normalized.info["metric"] == "normalized"
+        # picklable (tasks may be sent to worker processes), and the metric keeps its meaning
+        logits = torch.randn(3, task.seq_len, len(model.tokenizer), generator=torch.Generator().manual_seed(0))
+        for t in (task, normalized):
+            copy = pickle.loads(pickle.dumps(t))
+            torch.testing.assert_close(copy.metric(logits), t.metric(logits), rtol=0, atol=0)
+        assert "Normalized" in normalized.metric_fn.__qualname__
     with pytest.raises(ValueError, match="unknown task 'docstring'.*ioi, greater-than, induction, sva"):
         build_task("docstring", model, 3)
 

@@ -144,6 +144,27 @@ def normalize(
     return (m - lx) / (lc - lx)
 
 
+class Normalized:
+    """A task's raw metric (or readout) turned into (m - m_corrupt) / (m_clean - m_corrupt),
+    with ``m_clean`` and ``m_corrupt`` [n] taken from the per-prompt data. Dimensionless.
+
+    A small class rather than a closure so that tasks stay picklable and the metric keeps a
+    readable name (``Normalized(logit_diff)``) in result-file fingerprints."""
+
+    def __init__(self, raw: Callable[..., Tensor]) -> None:
+        self.raw = raw
+        self.__module__ = raw.__module__
+        self.__qualname__ = f"Normalized({raw.__qualname__})"
+
+    def __call__(
+        self, x: Tensor, m_clean: Float[Tensor, " n"], m_corrupt: Float[Tensor, " n"], **per_prompt: Tensor
+    ) -> Float[Tensor, " n"]:
+        return normalize(self.raw(x, **per_prompt), m_clean, m_corrupt)
+
+    def __repr__(self) -> str:
+        return self.__qualname__
+
+
 def build(
     model: Any,
     clean: Int[Tensor, "n seq"],
@@ -152,8 +173,6 @@ def build(
     *,
     raw: Callable[..., Tensor],
     raw_readout: Callable[..., Tensor] | None,
-    normalized: Callable[..., Tensor] | None,
-    normalized_readout: Callable[..., Tensor] | None,
     metric: str,
     metrics: Sequence[str],
     name: str,
@@ -186,7 +205,7 @@ def build(
         per_prompt["m_clean"] = torch.full((n,), m_clean, device=dev)
         per_prompt["m_corrupt"] = torch.full((n,), m_corrupt, device=dev)
         info.update(metric_clean=m_clean, metric_corrupt=m_corrupt)
-        fn, readout = normalized, normalized_readout
+        fn, readout = Normalized(raw), (Normalized(raw_readout) if raw_readout is not None else None)
     return Task(clean, corrupted, fn, per_prompt=per_prompt, readout=readout, name=name, info=info)
 
 

@@ -206,35 +206,10 @@ def year_prob_diff(
     return year_prob_diff_readout(selected, yy)
 
 
-def normalized_prob_diff(
-    logits: Float[Tensor, "n seq vocab"],
-    m_clean: Float[Tensor, " n"],
-    m_corrupt: Float[Tensor, " n"],
-    **per_prompt: Tensor,
-) -> Float[Tensor, " n"]:
-    """(PD - PD_corrupt) / (PD_clean - PD_corrupt) of :func:`prob_diff`, dimensionless."""
-    return common.normalize(prob_diff(logits, **per_prompt), m_clean, m_corrupt)
 
 
-def normalized_year_prob_diff(
-    logits: Float[Tensor, "n seq vocab"],
-    m_clean: Float[Tensor, " n"],
-    m_corrupt: Float[Tensor, " n"],
-    **per_prompt: Tensor,
-) -> Float[Tensor, " n"]:
-    """(PD - PD_corrupt) / (PD_clean - PD_corrupt) of :func:`year_prob_diff`, dimensionless."""
-    return common.normalize(year_prob_diff(logits, **per_prompt), m_clean, m_corrupt)
 
 
-def normalized_year_prob_diff_readout(
-    selected: Float[Tensor, "n 100"],
-    yy: Int[Tensor, " n"],
-    m_clean: Float[Tensor, " n"],
-    m_corrupt: Float[Tensor, " n"],
-    **_: Any,
-) -> Float[Tensor, " n"]:
-    """:func:`normalized_year_prob_diff` from the 100 gathered year logits."""
-    return common.normalize(year_prob_diff_readout(selected, yy), m_clean, m_corrupt)
 
 
 # ------------------------------------------------------------------------------------- task
@@ -267,13 +242,10 @@ def greater_than(
     p = generate(tokenizer, n, seed=seed, nouns=nouns, years=years, centuries=centuries, combinations=combinations)
     per_prompt = {"end": p.end, **p.answers}
     if softmax == "vocab":
-        fns = dict(raw=prob_diff, raw_readout=None, normalized=normalized_prob_diff, normalized_readout=None)
+        fns = dict(raw=prob_diff, raw_readout=None)
     else:
         per_prompt.update(readout_pos=p.end, readout_tokens=p.answers["year_tokens"])
-        fns = dict(
-            raw=year_prob_diff, raw_readout=year_prob_diff_readout, normalized=normalized_year_prob_diff,
-            normalized_readout=normalized_year_prob_diff_readout,
-        )
+        fns = dict(raw=year_prob_diff, raw_readout=year_prob_diff_readout)
     return common.build(
         model, p.clean, p.corrupted, per_prompt, **fns, metric=metric, metrics=METRICS,
         name="greater-than", info=dict(p.info, softmax=softmax),

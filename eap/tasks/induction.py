@@ -104,21 +104,8 @@ def logit_diff(
     return logit_diff_readout(common.at_end(logits, end).gather(1, toks))
 
 
-def normalized(
-    logits: Float[Tensor, "n seq vocab"],
-    m_clean: Float[Tensor, " n"],
-    m_corrupt: Float[Tensor, " n"],
-    **per_prompt: Tensor,
-) -> Float[Tensor, " n"]:
-    """(m - m_corrupt) / (m_clean - m_corrupt) of :func:`logit_diff`, dimensionless."""
-    return common.normalize(logit_diff(logits, **per_prompt), m_clean, m_corrupt)
 
 
-def normalized_readout(
-    selected: Float[Tensor, "n k"], m_clean: Float[Tensor, " n"], m_corrupt: Float[Tensor, " n"], **_: Any
-) -> Float[Tensor, " n"]:
-    """:func:`normalized` from the gathered logits [answer, others...]."""
-    return common.normalize(logit_diff_readout(selected), m_clean, m_corrupt)
 
 
 # ------------------------------------------------------------------------------------- task
@@ -139,7 +126,7 @@ def induction(
     readout_tokens = torch.cat([p.answers["answer"][:, None], p.answers["others"]], 1)
     per_prompt = {"end": p.end, **p.answers, "readout_pos": p.end, "readout_tokens": readout_tokens}
     return common.build(
-        model, p.clean, p.corrupted, per_prompt, raw=logit_diff, raw_readout=logit_diff_readout,
-        normalized=normalized, normalized_readout=normalized_readout, metric=metric, metrics=METRICS,
+        model, p.clean, p.corrupted, per_prompt, raw=logit_diff, raw_readout=logit_diff_readout, metric=metric,
+        metrics=METRICS,
         name="induction", info=p.info,
     )

@@ -235,27 +235,12 @@ def logit_diff_readout(selected: Float[Tensor, "n 2"], **_: Any) -> Float[Tensor
     return selected[:, 0] - selected[:, 1]
 
 
-def normalized(
-    logits: Float[Tensor, "n seq vocab"],
-    end: Int[Tensor, " n"],
-    io: Int[Tensor, " n"],
-    s: Int[Tensor, " n"],
-    m_clean: Float[Tensor, " n"],
-    m_corrupt: Float[Tensor, " n"],
-    **_: Any,
-) -> Float[Tensor, " n"]:
-    """(LD - LD_corrupt) / (LD_clean - LD_corrupt), dimensionless (1 = clean, 0 = corrupted)."""
-    return common.normalize(logit_diff(logits, end, io, s), m_clean, m_corrupt)
+#: (LD - LD_corrupt) / (LD_clean - LD_corrupt), dimensionless (1 = clean, 0 = corrupted).
+normalized = common.Normalized(logit_diff)
 
 
-def normalized_readout(
-    selected: Float[Tensor, "n 2"],
-    m_clean: Float[Tensor, " n"],
-    m_corrupt: Float[Tensor, " n"],
-    **_: Any,
-) -> Float[Tensor, " n"]:
-    """Same as :func:`normalized` from the gathered logits [n, 2] = [logit(IO), logit(S)]."""
-    return common.normalize(logit_diff_readout(selected), m_clean, m_corrupt)
+
+
 
 
 # ------------------------------------------------------------------------------------- task
@@ -291,7 +276,7 @@ def ioi(
         "end": p.end, "io": io, "s": s, "readout_pos": p.end, "readout_tokens": torch.stack([io, s], dim=1),
     }
     return common.build(
-        model, p.clean, p.corrupted, per_prompt, raw=logit_diff, raw_readout=logit_diff_readout,
-        normalized=normalized, normalized_readout=normalized_readout, metric=metric, metrics=METRICS,
+        model, p.clean, p.corrupted, per_prompt, raw=logit_diff, raw_readout=logit_diff_readout, metric=metric,
+        metrics=METRICS,
         name=f"ioi-{prompt_type}", info=p.info,
     )

@@ -192,21 +192,8 @@ def logit_diff_readout(selected: Float[Tensor, "n 2"], **_: Any) -> Float[Tensor
     return selected[:, 0] - selected[:, 1]
 
 
-def normalized(
-    logits: Float[Tensor, "n seq vocab"],
-    m_clean: Float[Tensor, " n"],
-    m_corrupt: Float[Tensor, " n"],
-    **per_prompt: Tensor,
-) -> Float[Tensor, " n"]:
-    """(LD - LD_corrupt) / (LD_clean - LD_corrupt) of :func:`logit_diff`, dimensionless."""
-    return common.normalize(logit_diff(logits, **per_prompt), m_clean, m_corrupt)
 
 
-def normalized_readout(
-    selected: Float[Tensor, "n 2"], m_clean: Float[Tensor, " n"], m_corrupt: Float[Tensor, " n"], **_: Any
-) -> Float[Tensor, " n"]:
-    """:func:`normalized` from the gathered logits [logit(correct), logit(wrong)]."""
-    return common.normalize(logit_diff_readout(selected), m_clean, m_corrupt)
 
 
 # ------------------------------------------------------------------------------------- task
@@ -228,7 +215,7 @@ def sva(
     c, w = p.answers["correct"], p.answers["wrong"]
     per_prompt = {"end": p.end, **p.answers, "readout_pos": p.end, "readout_tokens": torch.stack([c, w], 1)}
     return common.build(
-        model, p.clean, p.corrupted, per_prompt, raw=logit_diff, raw_readout=logit_diff_readout,
-        normalized=normalized, normalized_readout=normalized_readout, metric=metric, metrics=METRICS,
+        model, p.clean, p.corrupted, per_prompt, raw=logit_diff, raw_readout=logit_diff_readout, metric=metric,
+        metrics=METRICS,
         name="sva", info=p.info,
     )

@@ -13,6 +13,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest
 import torch
 
+from eap.arch import arch_spec
 from eap.models import DEFAULT_MODEL, load_model
 from eap.tasks import TASKS
 
@@ -52,7 +53,9 @@ def test_files_and_config(embedded):
     assert (cfg.n_layers, cfg.n_heads, cfg.d_model, cfg.d_mlp, cfg.d_vocab) == (
         c["n_layers"], c["n_heads"], c["d_model"], c["d_mlp"], c["d_vocab"]
     )
-    assert (getattr(cfg, "n_key_value_heads", None) or cfg.n_heads) == c["n_kv_heads"]
+    # GQA models are ungrouped on load (one k/v copy per query head); the adapter remembers the grouping
+    assert hf.get("num_key_value_heads", cfg.n_heads) == c["n_kv_heads"]
+    assert (arch_spec(model).grouped_kv_heads or cfg.n_heads) == c["n_kv_heads"]
     assert card["training"]["threads"] == 1 and "train_embedded.py" in card["training"]["command"]
 
 

@@ -1,6 +1,6 @@
 """Command line: ``python -m bench run|gate|thresholds|sensitivity|floor|report``.
 
-    python -m bench run --models toy-ioi-2l,random:gpt2-small --tasks ioi,mytasks:arith --sizes 16,64 \
+    python -m bench run --models toy-gpt2-2l,random:gpt2-small --tasks ioi,mytasks:arith --sizes 16,64 \
         --methods eap,eap-ig,mymethods:fast_eap --edges sample:500 --out runs/mine
     python -m bench gate runs/mine                      # against bench/thresholds.json
     python -m bench gate --run                          # compute the cells the thresholds need

@@ -7,7 +7,7 @@ Thresholds file (``bench/thresholds.json``, schema 2)::
      "band":  {"spearman": 0.05, ...},      # regression band per statistic
      "run": {"models": [...], "tasks": [...], ...},   # the cells ``gate --run`` computes
      "measured_on": {... "git_commit": ..., "git_dirty": false},
-     "rules": [{"model": "toy-ioi-2l", "task": "ioi", "method": "eap", "n": 16,
+     "rules": [{"model": "toy-gpt2-2l", "task": "ioi", "method": "eap", "n": 16,
                 "min": {"spearman": 0.49}, "measured": {"spearman": 0.5458}}]}
 
 **Protocol.** For every cell of the ``run`` section and every gated statistic,
@@ -53,7 +53,7 @@ DEFAULT_BAND = {"spearman": 0.05, "kendall_abs": 0.05, "pearson_abs": 0.05, "rec
 #: The cells the project gates itself on (``gate --run``; ``make thresholds``). Tasks: the
 #: default run's (see ``bench.matrix.default_tasks``). One torch thread: the values do not
 #: depend on the machine's core count, and a busy machine does not slow it down.
-GATE_RUN = {"models": ["toy-ioi-2l", "toy-ioi-4l"], "sizes": [16], "methods": ["eap", "eap-ig", "clean-corrupted"],
+GATE_RUN = {"models": ["toy-gpt2-2l", "toy-gpt2-4l"], "sizes": [16], "methods": ["eap", "eap-ig", "clean-corrupted"],
             "seed": 0, "edges": "stratified:300", "groups": 1, "bootstrap": 0, "ig_steps": 5, "threads": 1}
 
 

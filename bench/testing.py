@@ -4,7 +4,7 @@
     from bench.testing import assert_fidelity
 
     def test_my_method_is_faithful():
-        assert_fidelity("toy-ioi-4l", "mytasks:arith", "mymethods:fast_eap", min_spearman=0.5, min_recall_at_10=0.6)
+        assert_fidelity("toy-gpt2-4l", "mytasks:arith", "mymethods:fast_eap", min_spearman=0.5, min_recall_at_10=0.6)
 
 :func:`fidelity` runs the method and exact patching (``validation.patch_edges``) on the same
 edges and prompts and returns the agreement statistics of ``bench.agreement`` with 95%

@@ -18,7 +18,7 @@ Every estimate is bytes per prompt (or per stacked row) from the model's config:
 heads ``H``, MLP width ``d_mlp``, layers ``L``, vocabulary ``V``, sequence length ``p``, the
 element size of the model's dtype. The coefficients were calibrated with tensor accounting
 (the peak of live tensor bytes, ``torch.profiler`` with ``profile_memory=True``) on GPT-2-shaped
-models (``random:gpt2-small``, ``toy-ioi-4l``) and err on the high side by about 10-15 %; see
+models (``random:gpt2-small``, the 4-layer GPT-2 toy) and err on the high side by 5-35 %; see
 ``docs/memory.md`` for the measurements. A budget below what one prompt needs is not refused:
 the batch becomes one prompt (and one copy) and a ``BudgetWarning`` says so.
 """

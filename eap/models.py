@@ -1,11 +1,18 @@
 """Loading models ready for edge work (TransformerLens 4 ``TransformerBridge``).
 
 ``load_model`` accepts
-  (a) the name of an embedded model (``toy-ioi-2l``, ...; shipped in ``eap/embedded/``),
+<<<<<<< HEAD
+  (a) the name of an embedded model (``toy-gpt2-2l``, ...; shipped in ``eap/embedded/``),
   (b) ``random:<shape>`` or ``random:<shape>@<seed>``: a randomly initialised model of a named
       shape (``gpt2-small``, ``llama-3.2-1b``, ``qwen2.5-0.5b``, ``pythia-160m``, ``gemma-2-2b``,
       and a ``-tiny`` variant of each family; see ``RANDOM_SHAPES``), built offline, seedable,
       with the embedded word-level IOI tokenizer,
+=======
+  (a) the name of an embedded model (``toy-gpt2-2l``, ...; shipped in ``eap/embedded/``),
+  (b) ``random:<shape>`` or ``random:<shape>@<seed>``: a randomly initialised GPT-2 of a named
+      shape (``gpt2-small``, ``gpt2-medium``, ...), built offline, seedable, with the embedded
+      word-level IOI tokenizer,
+>>>>>>> tasks
   (c) a local directory with a transformers model + tokenizer saved with ``save_pretrained``,
   (d) any HuggingFace name TransformerLens supports (downloads when online).
 
@@ -29,7 +36,7 @@ from typing import Any
 import torch
 
 EMBEDDED_DIR = Path(__file__).resolve().parent / "embedded"
-DEFAULT_MODEL = "toy-ioi-4l"
+DEFAULT_MODEL = "toy-gpt2-4l"
 
 _LLAMA3_ROPE = dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
                     original_max_position_embeddings=8192)

@@ -10,7 +10,7 @@ so attribution and exact patching compute only what the metric reads.
 
 Use it from the command line (the module must be importable: ``PYTHONPATH=examples``)::
 
-    PYTHONPATH=examples python -m bench run --models toy-ioi-2l --task custom_task:object_recall \
+    PYTHONPATH=examples python -m bench run --models toy-gpt2-2l --task custom_task:object_recall \
         --methods eap,custom_method:eap_corrupted_grad --sizes 16 --out runs/objects
 
 or from Python: ``eap.attribute(model, graph, object_recall(model, 16))``.

@@ -229,11 +229,11 @@ def test_degradations_do_what_they_say():
 # ------------------------------------------------------------------------------ end to end
 @pytest.fixture(scope="module")
 def small_run(tmp_path_factory):
-    """A tiny real run: toy-ioi-2l, 8 IOI prompts, EAP, timed once, through the default worker subprocess."""
+    """A tiny real run: toy-gpt2-2l, 8 IOI prompts, EAP, timed once, through the default worker subprocess."""
     from bench.matrix import Config, run
 
     out = tmp_path_factory.mktemp("run")
-    cfg = Config(models=["toy-ioi-2l"], tasks=["ioi"], sizes=[8], methods=["eap"], groups=2, repeats=1,
+    cfg = Config(models=["toy-gpt2-2l"], tasks=["ioi"], sizes=[8], methods=["eap"], groups=2, repeats=1,
                  bootstrap=20, isolate="model", progress=False, threads=1)
     first = run(cfg, out)
     return cfg, out, first
@@ -252,10 +252,10 @@ def test_run_writes_everything(small_run):
         assert key in cell["stats"]
     assert len(cell["worst"]) > 0
     assert results["run_stats"]["exact_computed"] == 1
-    for stem in ("scatter_toy-ioi-2l_ioi_n8", "agreement_vs_n", "cost_vs_n", "cost_vs_edges"):
+    for stem in ("scatter_toy-gpt2-2l_ioi_n8", "agreement_vs_n", "cost_vs_n", "cost_vs_edges"):
         for ext in ("png", "pdf"):
             assert (out / "figures" / f"{stem}.{ext}").stat().st_size > 1000
-    assert "| toy-ioi-2l | ioi | 8 | eap |" in (out / "summary.md").read_text()
+    assert "| toy-gpt2-2l | ioi | 8 | eap |" in (out / "summary.md").read_text()
     header = (out / "results.csv").read_text().splitlines()[0]
     for col in ("spearman_lo", "floor_kind", "full_logits_floor_ratio", "exact_warm_compute_s", "exact_setup_io_s",
                 "exact_fwd_eq_per_edge", "speedup_warm"):

@@ -42,7 +42,7 @@ def test_custom_method_is_eap_with_the_corrupted_gradient(tiny3_model, examples_
 def test_custom_task_builds_a_valid_task(examples_path):
     from custom_task import object_recall
 
-    model = eap.load_model("toy-ioi-2l", device="cpu")
+    model = eap.load_model("toy-gpt2-2l", device="cpu")
     task = object_recall(model, 6, seed=3)
     assert task.has_readout and task.n_prompts == 6
     assert not torch.equal(task.clean, task.corrupted)
@@ -59,7 +59,7 @@ def test_example_end_to_end(tmp_path):
            "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     out = tmp_path / "fidelity"
     run = subprocess.run(
-        [sys.executable, "-m", "bench", "run", "--models", "toy-ioi-2l", "--task", "custom_task:object_recall",
+        [sys.executable, "-m", "bench", "run", "--models", "toy-gpt2-2l", "--task", "custom_task:object_recall",
          "--methods", "eap,custom_method:eap_corrupted_grad", "--sizes", "8", "--groups", "2",
          "--edges", "stratified:60", "--repeats", "0", "--bootstrap", "20", "--no-figures", "--threads", "1",
          "--quiet", "--out", str(out)], env=env, cwd=tmp_path, capture_output=True, text=True)

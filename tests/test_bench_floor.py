@@ -48,7 +48,7 @@ def test_readout_floor_reads_only_the_needed_logits():
     """With a read-out the floor never runs the unembedding module, and the final norm sees one
     position per prompt; with full logits the unembedding runs once (the clean run: the corrupted
     run stops at the final residual, as EAP's does)."""
-    model = eap.load_model("toy-ioi-2l", device="cpu")
+    model = eap.load_model("toy-gpt2-2l", device="cpu")
     task = eap.tasks.ioi(model, 4, seed=0)
     bare = bare_model(model)
     norm = bare.get_submodule(model.adapter.component_mapping["ln_final"].name)

@@ -119,21 +119,21 @@ def test_bad_task_results_have_clear_errors(plugdir, tiny_model):
 def test_cli_reports_bad_plugins_with_exit_status_2(plugdir, tmp_path, capsys):
     from bench.__main__ import main
 
-    rc = main(["run", "--models", "toy-ioi-2l", "--methods", "eap,nosuchmodule:f", "--out", str(tmp_path / "r")])
+    rc = main(["run", "--models", "toy-gpt2-2l", "--methods", "eap,nosuchmodule:f", "--out", str(tmp_path / "r")])
     assert rc == 2
     assert "cannot import module 'nosuchmodule'" in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")
 def plugin_runs(tmp_path_factory):
-    """Two runs on toy-ioi-2l with a custom task, sharing one exact cache: built-in eap only, and
+    """Two runs on toy-gpt2-2l with a custom task, sharing one exact cache: built-in eap only, and
     eap + the sign-flipped custom method. Plug-ins are imported by the isolated worker processes."""
     d = tmp_path_factory.mktemp("plugins")
     (d / "myplug.py").write_text(PLUGIN_SOURCE)
     mp = pytest.MonkeyPatch()
     mp.syspath_prepend(str(d))
     base = tmp_path_factory.mktemp("runs")
-    common = dict(models=["toy-ioi-2l"], tasks=["myplug:build"], task_kwargs={"offset": 1}, sizes=[8], groups=2,
+    common = dict(models=["toy-gpt2-2l"], tasks=["myplug:build"], task_kwargs={"offset": 1}, sizes=[8], groups=2,
                   edges="stratified:60", repeats=0, bootstrap=20, isolate="model", progress=False,
                   cache_dir=str(base / "cache"), threads=1)
     only_eap = run(Config(**{**common, "isolate": "none"}, methods=["eap"], figures=False), base / "eap")
@@ -152,8 +152,8 @@ def test_custom_task_and_method_go_through_run(plugin_runs):
     for stat in ("spearman", "kendall", "pearson"):
         assert cells["myplug:flipped"]["stats"][stat]["value"] == pytest.approx(-cells["eap"]["stats"][stat]["value"])
     summary = (base / "both" / "summary.md").read_text()
-    assert "| toy-ioi-2l | myplug:build | 8 | myplug:flipped |" in summary
-    fig = base / "both" / "figures" / "scatter_toy-ioi-2l_myplug_build_n8.png"
+    assert "| toy-gpt2-2l | myplug:build | 8 | myplug:flipped |" in summary
+    fig = base / "both" / "figures" / "scatter_toy-gpt2-2l_myplug_build_n8.png"
     assert fig.stat().st_size > 1000
 
 
@@ -170,7 +170,7 @@ def test_sign_flipped_method_fails_the_gate_and_eap_passes(plugin_runs, capsys):
 
 
 def test_a_method_failing_in_the_worker_names_itself(plugdir, tmp_path):
-    cfg = Config(models=["toy-ioi-2l"], tasks=["ioi"], sizes=[4], groups=1, edges="stratified:20", repeats=0,
+    cfg = Config(models=["toy-gpt2-2l"], tasks=["ioi"], sizes=[4], groups=1, edges="stratified:20", repeats=0,
                  bootstrap=0, methods=["myplug:raises"], isolate="model", progress=False, figures=False, threads=1)
     with pytest.raises(WorkerError, match=r"method 'myplug:raises' \(myplug:raises\) failed: RuntimeError: my method broke"):
         run(cfg, tmp_path / "r")
@@ -195,7 +195,7 @@ def test_entry_points_from_an_installed_distribution(tmp_path, monkeypatch):
     m = resolve_method("flipped")
     assert m.target == "epplug:flipped" and str(site.resolve()) in m.paths
     assert resolve_task("my-ioi").target == "epplug:build"
-    res = run(Config(models=["toy-ioi-2l"], tasks=["my-ioi"], sizes=[4], groups=1, edges="stratified:30",
+    res = run(Config(models=["toy-gpt2-2l"], tasks=["my-ioi"], sizes=[4], groups=1, edges="stratified:30",
                      repeats=0, bootstrap=0, methods=["eap", "flipped"], isolate="model", progress=False,
                      figures=False, threads=1), tmp_path / "r")  # the worker finds the entry point's module
     cells = {c["method"]: c for c in res["cells"]}
@@ -205,7 +205,7 @@ def test_entry_points_from_an_installed_distribution(tmp_path, monkeypatch):
 
 def test_task_axis_and_kwargs(plugdir, tmp_path):
     """Two tasks in one run: one cell per (task, method), kwargs per task, a task column in the summary."""
-    cfg = Config(models=["toy-ioi-2l"], tasks=["ioi", "myplug:build"],
+    cfg = Config(models=["toy-gpt2-2l"], tasks=["ioi", "myplug:build"],
                  task_kwargs={"ioi": {"prompt_type": "BABA"}, "myplug:build": {"offset": 2}}, sizes=[4], groups=1,
                  edges="stratified:30", repeats=0, bootstrap=0, methods=["eap"], isolate="none", progress=False,
                  figures=True, threads=1)
@@ -213,7 +213,7 @@ def test_task_axis_and_kwargs(plugdir, tmp_path):
     assert [(c["task"], c["task_kwargs"]) for c in res["cells"]] == [("ioi", {"prompt_type": "BABA"}),
                                                                       ("myplug:build", {"offset": 2})]
     summary = (tmp_path / "r" / "summary.md").read_text()
-    assert "| toy-ioi-2l | ioi | 4 | eap |" in summary and "| toy-ioi-2l | myplug:build | 4 | eap |" in summary
+    assert "| toy-gpt2-2l | ioi | 4 | eap |" in summary and "| toy-gpt2-2l | myplug:build | 4 | eap |" in summary
     assert (tmp_path / "r" / "figures" / "agreement_vs_n.png").exists()
     # the older single-task spelling is a one-element axis; bare kwargs belong to the single task
     assert Config(task="ioi", task_kwargs={"prompt_type": "BABA"}).tasks == ["ioi"]
@@ -226,7 +226,7 @@ def test_task_axis_and_kwargs(plugdir, tmp_path):
 
 def test_config_file_with_custom_task(plugdir, tmp_path):
     path = tmp_path / "bench.toml"
-    path.write_text('[bench]\nmodels = ["toy-ioi-2l"]\ntasks = ["myplug:build"]\nmethods = ["eap", "myplug:plain"]\n'
+    path.write_text('[bench]\nmodels = ["toy-gpt2-2l"]\ntasks = ["myplug:build"]\nmethods = ["eap", "myplug:plain"]\n'
                     '[bench.task_kwargs]\noffset = 3\n[bench.method_kwargs."myplug:plain"]\nscale = 2.0\n')
     cfg = Config.from_file(path)
     assert cfg.tasks == ["myplug:build"] and cfg.task_kwargs == {"myplug:build": {"offset": 3}}
@@ -246,7 +246,7 @@ def test_stale_exact_truth_is_recomputed(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(d))
     src = "import eap\n\ndef build(model, n, seed=0):\n    return eap.tasks.ioi(model, n, seed=seed + {OFFSET})\n"
     (d / "drifting.py").write_text(src.replace("{OFFSET}", "0"))
-    common = dict(models=["toy-ioi-2l"], tasks=["drifting:build"], sizes=[4], groups=1, edges="stratified:30",
+    common = dict(models=["toy-gpt2-2l"], tasks=["drifting:build"], sizes=[4], groups=1, edges="stratified:30",
                   repeats=0, bootstrap=0, methods=["eap"], isolate="none", progress=False, figures=False,
                   cache_dir=str(tmp_path / "cache"), threads=1)
     first = run(Config(**common), tmp_path / "a")
@@ -281,7 +281,7 @@ def test_stale_truth_after_a_metric_code_change(tmp_path, monkeypatch):
 
     import metricmod
 
-    model = eap.load_model("toy-ioi-2l", device="cpu")
+    model = eap.load_model("toy-gpt2-2l", device="cpu")
     graph = eap.Graph.from_model(model)
     edges = torch.arange(5)
     fp1 = validation.fingerprint(model, graph, metricmod.build(model, 4), edges)
@@ -290,7 +290,7 @@ def test_stale_truth_after_a_metric_code_change(tmp_path, monkeypatch):
     fp2 = validation.fingerprint(model, graph, metricmod.build(model, 4), edges)
     if fp1 == fp2:
         pytest.skip("validation.fingerprint does not cover the metric's code yet (engine's issue #8 item 6)")
-    common = dict(models=["toy-ioi-2l"], tasks=["metricmod:build"], sizes=[4], groups=1, edges="stratified:30",
+    common = dict(models=["toy-gpt2-2l"], tasks=["metricmod:build"], sizes=[4], groups=1, edges="stratified:30",
                   repeats=0, bootstrap=0, methods=["eap"], isolate="model", progress=False, figures=False,
                   cache_dir=str(tmp_path / "cache"), threads=1)
     (d / "metricmod.py").write_text(src.replace("{BODY}", "logits[r, end, io] - logits[r, end, s]"))

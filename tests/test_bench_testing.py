@@ -24,8 +24,8 @@ def _fresh():
 def test_fidelity_equals_an_independent_computation():
     """One prompt group: the statistics are those of eap.attribute vs validation.patch_edges on the
     selected edges, computed here directly."""
-    fid = testing.fidelity("toy-ioi-2l", "ioi", "eap", edges="stratified:40", n=6, groups=1, bootstrap=0)
-    model = eap.load_model("toy-ioi-2l", device="cpu")
+    fid = testing.fidelity("toy-gpt2-2l", "ioi", "eap", edges="stratified:40", n=6, groups=1, bootstrap=0)
+    model = eap.load_model("toy-gpt2-2l", device="cpu")
     graph = eap.Graph.from_model(model)
     task = eap.tasks.ioi(model, 6, seed=0)
     idx = graph.select_edges("stratified:40", seed=0)
@@ -38,7 +38,7 @@ def test_fidelity_equals_an_independent_computation():
 
 
 def test_exact_truth_is_cached_between_calls(monkeypatch, tmp_path):
-    first = testing.fidelity("toy-ioi-2l", "ioi", "eap", edges="stratified:30", n=4, groups=2, bootstrap=10,
+    first = testing.fidelity("toy-gpt2-2l", "ioi", "eap", edges="stratified:30", n=4, groups=2, bootstrap=10,
                              cache_dir=tmp_path)
     assert not first.exact_cached and len(list(tmp_path.glob("edges-*.pt"))) == 2  # one file per prompt group
 
@@ -46,17 +46,17 @@ def test_exact_truth_is_cached_between_calls(monkeypatch, tmp_path):
         raise AssertionError("exact patching ran again")
 
     monkeypatch.setattr(validation, "patch_edges", no_patching)
-    second = testing.fidelity("toy-ioi-2l", "ioi", "clean-corrupted", edges="stratified:30", n=4, groups=2,
+    second = testing.fidelity("toy-gpt2-2l", "ioi", "clean-corrupted", edges="stratified:30", n=4, groups=2,
                               bootstrap=10, cache_dir=tmp_path)
     assert second.exact_cached
     monkeypatch.undo()
     # a fresh process (here: a cleared in-process cache) finds the truth on disk
     testing.clear_cache()
-    third = testing.fidelity("toy-ioi-2l", "ioi", "eap", edges="stratified:30", n=4, groups=2, bootstrap=10,
+    third = testing.fidelity("toy-gpt2-2l", "ioi", "eap", edges="stratified:30", n=4, groups=2, bootstrap=10,
                              cache_dir=tmp_path)
     assert third.exact_cached and third["spearman"] == first["spearman"]
     # other prompts are another truth
-    other = testing.fidelity("toy-ioi-2l", "ioi", "eap", edges="stratified:30", seed=1, n=4, groups=2,
+    other = testing.fidelity("toy-gpt2-2l", "ioi", "eap", edges="stratified:30", seed=1, n=4, groups=2,
                              bootstrap=10, cache_dir=tmp_path)
     assert not other.exact_cached
 
@@ -65,11 +65,11 @@ def test_assert_fidelity_messages():
     def flipped(model, graph, task):
         return -eap.attribute(model, graph, task, progress=False)
 
-    ok = testing.assert_fidelity("toy-ioi-2l", "ioi", "eap", n=4, groups=2, edges="stratified:30", bootstrap=20,
+    ok = testing.assert_fidelity("toy-gpt2-2l", "ioi", "eap", n=4, groups=2, edges="stratified:30", bootstrap=20,
                                  min_spearman=0.0)
     assert ok["spearman"] > 0
     with pytest.raises(AssertionError) as err:
-        testing.assert_fidelity("toy-ioi-2l", "ioi", flipped, n=4, groups=2, edges="stratified:30", bootstrap=20,
+        testing.assert_fidelity("toy-gpt2-2l", "ioi", flipped, n=4, groups=2, edges="stratified:30", bootstrap=20,
                                 min_spearman=0.3, min_recall_at_10=0.0)
     msg = str(err.value)
     assert "method 'test_assert_fidelity_messages.<locals>.flipped' on task 'ioi'" in msg
@@ -77,10 +77,10 @@ def test_assert_fidelity_messages():
     assert "[" in msg.split("FAIL spearman")[1].splitlines()[0]  # the CI is shown
     assert "worst edges" in msg and "->" in msg
     with pytest.raises(AssertionError, match="not a statistic"):
-        testing.assert_fidelity("toy-ioi-2l", "ioi", n=4, groups=1, edges="stratified:20", bootstrap=0,
+        testing.assert_fidelity("toy-gpt2-2l", "ioi", n=4, groups=1, edges="stratified:20", bootstrap=0,
                                 min_bogus=0.1)
     with pytest.raises(TypeError, match="at least one minimum"):
-        testing.assert_fidelity("toy-ioi-2l", "ioi")
+        testing.assert_fidelity("toy-gpt2-2l", "ioi")
 
 
 def test_task_objects_and_builders_are_accepted(tiny_model, make_random_task):

@@ -28,8 +28,8 @@ pytestmark = [pytest.mark.benchmark, pytest.mark.usefixtures("one_thread")]  # o
 
 #: (model name, prompts, exact-patching edge sample, rounds)
 MODELS = [
-    ("toy-ioi-2l", 16, "all", 3),
-    ("toy-ioi-4l", 16, "sample:128", 3),
+    ("toy-gpt2-2l", 16, "all", 3),
+    ("toy-gpt2-4l", 16, "sample:128", 3),
     ("random:gpt2-small", 8, "sample:32", 2),
 ]
 METHODS = ("eap", "eap-ig", "clean-corrupted")

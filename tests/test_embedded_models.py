@@ -1,4 +1,6 @@
-"""The embedded toy IOI models load offline and reproduce the numbers on their cards."""
+"""The embedded toy models load offline and reproduce every number on their cards, and the
+cards meet the requirements: per task, held-out accuracy >= 95% and a mean clean metric inside
+the stated non-saturated range; under 5 MB per model."""
 
 from __future__ import annotations
 
@@ -11,42 +13,30 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest
 import torch
 
-from eap.tasks.ioi import ioi, logit_diff
+from eap.arch import arch_spec
+from eap.models import DEFAULT_MODEL, load_model
+from eap.tasks import TASKS
 
 EMBEDDED = Path(__file__).resolve().parents[1] / "eap" / "embedded"
-REQUIRED = ["toy-ioi-2l", "toy-ioi-4l"]
+REQUIRED = ["toy-gpt2-2l", "toy-gpt2-4l", "toy-llama-4l"]
 NAMES = sorted(p.parent.name for p in EMBEDDED.glob("*/card.json"))
-
-
-def load(name: str):
-    """Through eap.load_model when it exists, else the TransformerLens bridge directly."""
-    try:
-        from eap.models import load_model
-    except ImportError:
-        load_model = None
-    if load_model is not None:
-        return load_model(name, device="cpu")
-    from transformer_lens.model_bridge import TransformerBridge
-
-    m = TransformerBridge.boot_transformers(str(EMBEDDED / name), device="cpu")
-    m.enable_compatibility_mode(no_processing=True)
-    m.set_use_split_qkv_input(True)
-    m.set_use_attn_result(True)
-    m.set_use_hook_mlp_in(True)
-    return m
+# What each card must state, per task: (lowest, highest) mean clean metric.
+RANGES = {"ioi": (2.5, 6.0), "greater-than": (0.4, 0.9), "induction": (2.5, 6.0), "sva": (2.5, 6.0)}
 
 
 @pytest.fixture(scope="module", params=NAMES)
 def embedded(request):
     name = request.param
     card = json.loads((EMBEDDED / name / "card.json").read_text())
-    return name, card, load(name)
+    return name, card, load_model(name, device="cpu")
 
 
 def test_required_models_present():
-    assert set(REQUIRED) <= set(NAMES)
-    heads = {json.loads((EMBEDDED / n / "card.json").read_text())["config"]["n_heads"] for n in REQUIRED}
-    assert len(heads) == len(REQUIRED)  # different head counts
+    assert set(REQUIRED) <= set(NAMES) and DEFAULT_MODEL in NAMES
+    cards = {n: json.loads((EMBEDDED / n / "card.json").read_text()) for n in REQUIRED}
+    assert len({c["config"]["n_heads"] for c in cards.values()}) > 1  # different head counts
+    llama = cards["toy-llama-4l"]["config"]
+    assert llama["architecture"] == "LlamaForCausalLM" and llama["n_kv_heads"] < llama["n_heads"]
 
 
 def test_files_and_config(embedded):
@@ -58,27 +48,52 @@ def test_files_and_config(embedded):
     c = card["config"]
     assert c["d_mlp"] != c["d_model"]  # TL 4.3 mishandles square MLPs
     hf = json.loads((d / "config.json").read_text())
-    assert (hf["n_layer"], hf["n_embd"], hf["n_head"], hf["n_inner"]) == (
-        c["n_layer"], c["d_model"], c["n_heads"], c["d_mlp"]
+    assert hf["architectures"] == [c["architecture"]]
+    cfg = model.cfg
+    assert (cfg.n_layers, cfg.n_heads, cfg.d_model, cfg.d_mlp, cfg.d_vocab) == (
+        c["n_layers"], c["n_heads"], c["d_model"], c["d_mlp"], c["d_vocab"]
     )
-    assert model.cfg.n_layers == c["n_layer"] and model.cfg.n_heads == c["n_heads"]
-    # held-out pairs: validation and test pairs are disjoint
-    val = {frozenset(p) for p in card["training"]["val_pairs"]}
-    test = {frozenset(p) for p in card["eval"]["pairs"]}
-    assert val and test and not val & test
+    # GQA models are ungrouped on load (one k/v copy per query head); the adapter remembers the grouping
+    assert hf.get("num_key_value_heads", cfg.n_heads) == c["n_kv_heads"]
+    assert (arch_spec(model).grouped_kv_heads or cfg.n_heads) == c["n_kv_heads"]
+    assert card["training"]["threads"] == 1 and "train_embedded.py" in card["training"]["command"]
+
+
+def test_held_out_sets_are_disjoint(embedded):
+    _, card, _ = embedded
+    val, test = card["training"]["val"], card["eval"]["tasks"]
+    assert not {frozenset(p) for p in val["ioi"]["pairs"]} & {frozenset(p) for p in test["ioi"]["pairs"]}
+    assert not set(val["greater-than"]["nouns"]) & set(test["greater-than"]["nouns"])
+    assert not {tuple(c) for c in val["greater-than"]["combinations"]} & {tuple(c) for c in test["greater-than"]["combinations"]}
+    assert not {tuple(p) for p in val["sva"]["pairs"]} & {tuple(p) for p in test["sva"]["pairs"]}
+    assert val["induction"]["seed"] != test["induction"]["seed"]
 
 
 @torch.no_grad()
 def test_card_numbers_reproduce(embedded):
     name, card, model = embedded
-    r, e = card["results"], card["eval"]
-    task = ioi(model, e["n"], seed=e["seed"], prompt_type=e["prompt_type"], pairs=e["pairs"])
-    heldout = {tuple(p) for p in e["pairs"]}
-    assert all((a, b) in heldout for a, b in zip(task.info["io_names"], task.info["s_names"]))
-    ld = task.metric(model(task.clean))
-    ld_corrupt = logit_diff(model(task.corrupted), **task.per_prompt)
-    n_correct = int((ld > 0).sum())
-    assert abs(n_correct - r["n_correct"]) <= 1
-    assert ld.mean().item() == pytest.approx(r["mean_logit_diff_clean"], abs=1e-3)
-    assert ld_corrupt.mean().item() == pytest.approx(r["mean_logit_diff_corrupted"], abs=1e-3)
-    assert n_correct / e["n"] >= 0.95
+    e = card["eval"]
+    assert set(card["results"]) == set(TASKS) and e["card_ranges"] == {k: list(v) for k, v in RANGES.items()}
+    for task_name, kwargs in e["tasks"].items():
+        r = card["results"][task_name]
+        task = TASKS[task_name](model, e["n"], **kwargs)
+        logits = model(task.clean)
+        m = task.metric(logits)
+        if task_name == "induction":  # the answer is the top-1 token over the whole vocabulary
+            final = logits[torch.arange(task.n_prompts), task.per_prompt["end"]]
+            correct = final.argmax(-1) == task.per_prompt["answer"]
+        else:  # the metric's sign: IO over S, later years over earlier, the agreeing verb
+            correct = m > 0
+        m_corrupt = task.metric(model(task.corrupted))
+        where = f"{name} {task_name}"
+        assert abs(int(correct.sum()) - r["n_correct"]) <= 1, where
+        assert r["n"] == task.n_prompts == e["n"] and r["accuracy"] == pytest.approx(r["n_correct"] / r["n"])
+        assert m.mean().item() == pytest.approx(r["metric_clean"], abs=1e-3), where
+        assert m_corrupt.mean().item() == pytest.approx(r["metric_corrupted"], abs=1e-3), where
+        assert (m > 0).float().mean().item() == pytest.approx(r["frac_metric_positive"], abs=2.5 / e["n"]), where
+        # the card's requirements
+        assert correct.float().mean().item() >= 0.95, where
+        lo, hi = RANGES[task_name]
+        assert lo <= m.mean().item() <= hi, where
+        # the corruption removes the behaviour: the corrupted metric is far below the clean one
+        assert m_corrupt.mean().item() < 0.5 * m.mean().item(), where

@@ -32,6 +32,23 @@ class ToyLM(nn.Module):
         return x @ self.unemb
 
 
+def gathered(task: Task, logits: torch.Tensor) -> torch.Tensor:
+    """The logits a task's readout reads: ``readout_tokens`` at ``readout_pos``, [n, k]."""
+    rows = torch.arange(task.n_prompts)[:, None]
+    return logits[rows, task.per_prompt["readout_pos"][:, None], task.per_prompt["readout_tokens"]]
+
+
+def assert_normalized(task: Task, model: nn.Module) -> None:
+    """A normalised task averages to 1 on the model's clean logits and 0 on its corrupted ones,
+    and its readout (if any) agrees with its metric."""
+    with torch.no_grad():
+        clean, corrupt = model(task.clean), model(task.corrupted)
+    assert task.metric(clean).mean().item() == pytest.approx(1.0, abs=1e-4)
+    assert task.metric(corrupt).mean().item() == pytest.approx(0.0, abs=1e-4)
+    if task.has_readout:
+        torch.testing.assert_close(task.readout(gathered(task, clean)), task.metric(clean))
+
+
 @pytest.fixture(scope="module")
 def tok():
     return word_level_tokenizer()
@@ -122,23 +139,16 @@ def test_logit_diff_metric_and_readout(model):
         for i in range(30)
     ])
     torch.testing.assert_close(got, want, rtol=0, atol=0)
-    rows = torch.arange(30)[:, None]
-    sel = logits[rows, task.per_prompt["readout_pos"][:, None], task.per_prompt["readout_tokens"]]
-    torch.testing.assert_close(task.readout(sel), got, rtol=0, atol=0)
+    torch.testing.assert_close(task.readout(gathered(task, logits)), got, rtol=0, atol=0)
     torch.testing.assert_close(logit_diff(logits, **task.per_prompt), got)
 
 
 def test_normalized_metric(model):
     task = ioi(model, 40, seed=4, metric="normalized")
+    assert_normalized(task, model)
     with torch.no_grad():
-        clean, corrupt = model(task.clean), model(task.corrupted)
-    assert task.metric(clean).mean().item() == pytest.approx(1.0, abs=1e-5)
-    assert task.metric(corrupt).mean().item() == pytest.approx(0.0, abs=1e-5)
-    ld = logit_diff(clean, **task.per_prompt)
-    assert task.info["ld_clean"] == pytest.approx(ld.mean().item(), abs=1e-6)
-    rows = torch.arange(40)[:, None]
-    sel = clean[rows, task.per_prompt["readout_pos"][:, None], task.per_prompt["readout_tokens"]]
-    torch.testing.assert_close(task.readout(sel), task.metric(clean))
+        ld = logit_diff(model(task.clean), **task.per_prompt)
+    assert task.info["metric_clean"] == pytest.approx(ld.mean().item(), abs=1e-6)
 
 
 @pytest.mark.parametrize("metric", ["logit_diff", "normalized"])

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast
 
 from eap.tasks import ioi
 from eap.tasks.ioi import NAMES, single_token_names
+from eap.tasks.vocab import vocabulary
 
+from bpe_tokenizer import byte_level_bpe
 from test_ioi import ToyLM
 
 KNOWN = NAMES[::2]  # names the tokenizer learns as whole words; the others get split
@@ -18,18 +18,8 @@ KNOWN = NAMES[::2]  # names the tokenizer learns as whole words; the others get 
 
 @pytest.fixture(scope="module")
 def bpe():
-    from eap.tasks.ioi import vocabulary
-
     words = [w for w in vocabulary() if w not in NAMES and not w.startswith("<")]
-    corpus = [" ".join(words)] * 20 + [" " + " ".join(KNOWN)] * 50
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=600, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    tok.train_from_iterator(corpus, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
+    return byte_level_bpe([" ".join(words)] * 20 + [" " + " ".join(KNOWN)] * 50, vocab_size=600)
 
 
 def test_single_token_filter(bpe):

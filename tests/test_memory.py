@@ -22,8 +22,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def toy():
-    """The embedded 2-layer IOI model (float32) and its graph."""
-    model = eap.load_model("toy-ioi-2l", device="cpu")
+    """The embedded 2-layer GPT-2 toy model (float32) and its graph."""
+    model = eap.load_model("toy-gpt2-2l", device="cpu")
     return model, Graph.from_model(model)
 
 

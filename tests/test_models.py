@@ -14,11 +14,11 @@ SMALL = dict(n_layer=1, n_embd=8, n_head=2, n_positions=16, vocab_size=32)
 
 
 def test_embedded_names():
-    assert {"toy-ioi-2l", "toy-ioi-4l"} <= set(embedded_names())
+    assert {"toy-gpt2-2l", "toy-gpt2-4l"} <= set(embedded_names())
 
 
 def test_loaded_model_is_ready_for_edges():
-    m = load_model("toy-ioi-2l", device="cpu")
+    m = load_model("toy-gpt2-2l", device="cpu")
     assert m.cfg.use_split_qkv_input and m.cfg.use_attn_result and m.cfg.use_hook_mlp_in
     assert not any(p.requires_grad for p in m.parameters())
     assert not m.training
@@ -26,9 +26,9 @@ def test_loaded_model_is_ready_for_edges():
 
 
 def test_local_directory_and_dtype(tmp_path):
-    shutil.copytree(EMBEDDED_DIR / "toy-ioi-2l", tmp_path / "m")
+    shutil.copytree(EMBEDDED_DIR / "toy-gpt2-2l", tmp_path / "m")
     a = load_model(tmp_path / "m", device="cpu", dtype=torch.float64)
-    b = load_model("toy-ioi-2l", device="cpu")
+    b = load_model("toy-gpt2-2l", device="cpu")
     assert next(a.parameters()).dtype == torch.float64
     toks = torch.tensor([[5, 6, 7, 8]])
     with torch.no_grad():
@@ -36,7 +36,7 @@ def test_local_directory_and_dtype(tmp_path):
 
 
 def test_directory_without_tokenizer(tmp_path):
-    shutil.copytree(EMBEDDED_DIR / "toy-ioi-2l", tmp_path / "m")
+    shutil.copytree(EMBEDDED_DIR / "toy-gpt2-2l", tmp_path / "m")
     for f in ("tokenizer.json", "tokenizer_config.json"):
         (tmp_path / "m" / f).unlink()
     with pytest.raises(ModelLoadError, match="no tokenizer"):
@@ -51,7 +51,7 @@ def test_directory_without_model(tmp_path):
 
 def test_unknown_name_offline_fails_fast():
     start = time.perf_counter()
-    with pytest.raises(ModelLoadError, match="toy-ioi-2l") as info:
+    with pytest.raises(ModelLoadError, match="toy-gpt2-2l") as info:
         load_model("nobody/no-such-model-xyz", device="cpu")
     assert time.perf_counter() - start < 10
     assert "offline" in str(info.value)

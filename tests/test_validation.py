@@ -120,7 +120,7 @@ def test_all_edges_match_naive(tiny_model, make_random_task):
     assert set(graph.edge_kind) == {"q", "k", "v", "mlp", "logits"}
     assert got.shape == (graph.n_edges,) and got.dtype == torch.float64
     torch.testing.assert_close(got, want, atol=TOL, rtol=0)
-    assert want.abs().max() > 1e-3  # not trivially zero
+    assert want.abs().max() > 1e-4  # not trivially zero (the largest edge is ~9e-4 with the 375-token vocabulary)
 
 
 def test_readout_path_matches_full_logits_and_naive(tiny3_model):

@@ -1,6 +1,6 @@
 """CLI: exact edge patching with a progress bar, resumable results files, shards and merge.
 
-    python -m validation --model toy-ioi-4l --n 64 --seed 0 --edges all --out results/x.pt [--shard i/n]
+    python -m validation --model toy-gpt2-4l --n 64 --seed 0 --edges all --out results/x.pt [--shard i/n]
     python -m validation --model random:gpt2-small --n 1024 --edges stratified:100 --memory-budget 2GiB
     python -m validation merge results/x.0.pt results/x.1.pt --out results/x.pt
 
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(prog="python -m validation", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="toy-ioi-4l")
+    p.add_argument("--model", default="toy-gpt2-4l")
     p.add_argument("--n", type=int, default=64, help="number of IOI prompts")
     p.add_argument("--seed", type=int, default=0, help="seed of the prompts and of sampled edge selections")
     p.add_argument("--prompt-type", default="mixed")

@@ -12,19 +12,19 @@ none of which occurs in the clean prompt.
 Text format: ordinary English ("Then, John and Mary went to the store. John gave a ring to").
 GPT-2's BPE tokenizer reads it as is, with each name one token " Name" (names that are not a
 single token with the leading space are dropped). The word-level tokenizer of the embedded
-models (:func:`word_level_tokenizer`) splits on whitespace and isolates punctuation, so it
-reads the same text as "Then , John and Mary went to the store . John gave a ring to".
+models (:func:`eap.tasks.vocab.word_level_tokenizer`) splits on whitespace and isolates
+punctuation, so it reads the same text as "Then , John and Mary went to the store . John gave a
+ring to".
 
 Metric sign and units: ``logit_diff`` is logit(IO) - logit(S) at the last prompt token, in
 logits; positive means the model prefers the correct answer. ``normalized`` is
-(LD - LD_corrupt) / (LD_clean - LD_corrupt), dimensionless: 1 = clean behaviour, 0 = corrupted.
+(LD - LD_corrupt) / (LD_clean - LD_corrupt), dimensionless: 1 = clean behaviour, 0 = corrupted
+(see :mod:`eap.tasks.common`).
 """
 
 from __future__ import annotations
 
-import numbers
 import random
-from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
@@ -32,6 +32,9 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from eap.task import Task
+from eap.tasks import common
+from eap.tasks.vocab import PUNCTUATION
+from eap.tasks.vocab import vocabulary, word_level_tokenizer  # noqa: F401  (their old home; eap.models imports it)
 
 # --------------------------------------------------------------------------------- word lists
 # The 15 BABA templates of the IOI paper; [B] is the subject S, [A] the indirect object IO.
@@ -84,12 +87,9 @@ NAMES: tuple[str, ...] = (
     "Lindsay", "Shannon", "Vanessa", "Courtney", "Christine", "Alicia", "Cody", "Allison",
     "Bradley", "Samuel", "George",
 )
-PUNCTUATION: tuple[str, ...] = (",", ".")
 PROMPT_TYPES = ("BABA", "ABBA", "mixed")
 METRICS = ("logit_diff", "normalized")
 MIN_NAMES = 5  # IO, S and three fresh corrupted names must be distinct
-
-SPECIAL_TOKENS = ("<pad>", "<unk>", "<eos>")
 
 
 def templates_for(prompt_type: str) -> tuple[str, ...]:
@@ -113,91 +113,27 @@ def fill(template: str, io: str, s1: str, s2: str, place: str, obj: str) -> str:
     return text.replace("[B]", s1, 1).replace("[B]", s2, 1)
 
 
-# ------------------------------------------------------------------------ word-level tokenizer
-def vocabulary() -> list[str]:
-    """Every word the generator can emit (deterministic order), special tokens first."""
-    words: list[str] = []
-    seen: set[str] = set()
-
-    def add(w: str) -> None:
-        if w not in seen:
-            seen.add(w)
-            words.append(w)
-
-    for w in SPECIAL_TOKENS + PUNCTUATION:
-        add(w)
+# ------------------------------------------------------------------------------- vocabulary
+def words() -> list[str]:
+    """The words IOI prompts use (template words, places, objects, names), in a fixed order;
+    :func:`eap.tasks.vocab.vocabulary` puts them in the shared word-level vocabulary."""
+    out: list[str] = []
     for t in BABA_TEMPLATES + ABBA_TEMPLATES:
         for p in PUNCTUATION:
             t = t.replace(p, f" {p} ")
-        for w in t.split():
-            if not w.startswith("["):
-                add(w)
-    for w in PLACES + OBJECTS + NAMES:
-        add(w)
-    return words
-
-
-def word_level_tokenizer():
-    """A deterministic word-level tokenizer over the IOI vocabulary (a ``PreTrainedTokenizerFast``).
-
-    Pre-tokenization splits on whitespace (``WhitespaceSplit``) and then isolates punctuation, so
-    "store." and "store ." both give ["store", "."]. Special tokens: ``<pad>`` (pad), ``<unk>``
-    (unk), ``<eos>`` (eos and bos; never added automatically). Ids are stable: specials 0-2, then
-    punctuation, template words, places, objects and names in a fixed order.
-    """
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {w: i for i, w in enumerate(vocabulary())}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation(behavior="isolated")]
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        pad_token="<pad>",
-        unk_token="<unk>",
-        eos_token="<eos>",
-        bos_token="<eos>",
-        model_max_length=1024,
-    )
+        out.extend(w for w in t.split() if not w.startswith("["))
+    return out + list(PLACES + OBJECTS + NAMES)
 
 
 # ----------------------------------------------------------------------------- prompt generator
-def _encode(tokenizer, text: str) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
 def single_token_names(tokenizer, names: Sequence[str] | None = None) -> dict[str, int]:
     """Names that are exactly one (known) token with a leading space, mapped to that token id."""
-    unk = getattr(tokenizer, "unk_token_id", None)
     out: dict[str, int] = {}
     for name in NAMES if names is None else names:
-        ids = _encode(tokenizer, " " + name)
-        if len(ids) == 1 and ids[0] != unk:
-            out[name] = ids[0]
+        tid = common.single_token(tokenizer, " " + name)
+        if tid is not None:
+            out[name] = tid
     return out
-
-
-def pad_id(tokenizer) -> int:
-    pid = tokenizer.pad_token_id
-    if pid is None:
-        pid = tokenizer.eos_token_id
-    if pid is None:
-        raise ValueError("tokenizer has neither a pad nor an eos token to right-pad prompts with")
-    return int(pid)
-
-
-@dataclass
-class IOIPrompts:
-    """Token tensors and bookkeeping for n IOI prompt pairs (no model needed)."""
-
-    clean: Int[Tensor, "n seq"]
-    corrupted: Int[Tensor, "n seq"]
-    end: Int[Tensor, " n"]  # index of the last real token
-    io: Int[Tensor, " n"]  # IO token id (the answer)
-    s: Int[Tensor, " n"]  # S token id
-    info: dict[str, Any] = field(default_factory=dict)
 
 
 def generate(
@@ -208,16 +144,17 @@ def generate(
     names: Sequence[str] | None = None,
     pairs: Sequence[Sequence[str]] | None = None,
     exclude_pairs: Sequence[Sequence[str]] | None = None,
-) -> IOIPrompts:
+) -> common.Prompts:
     """Sample ``n`` clean IOI prompts and their ABC corruptions, reproducibly from ``seed``.
 
     ``names``: the name pool (default :data:`NAMES`), reduced to single-token names.
     ``pairs``: if given, the (IO, S) name pairs to draw from (uniformly); ``exclude_pairs``:
     unordered name pairs never used as {IO, S} (to hold pairs out of training). Corrupted names
     are drawn from the whole pool minus the clean prompt's names.
+
+    ``answers``: ``io`` (the IO token, the correct answer) and ``s`` (the S token), each [n].
     """
-    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
-        raise ValueError(f"n must be a positive integer number of prompts, got {n!r}")
+    n = common.check_n(n)
     templates = templates_for(prompt_type)
     pool = single_token_names(tokenizer, names)
     if len(pool) < MIN_NAMES:
@@ -235,7 +172,6 @@ def generate(
             raise ValueError("pairs must be a non-empty list of (IO, S) with IO != S")
     excluded = {frozenset(p) for p in exclude_pairs} if exclude_pairs else set()
 
-    n = int(n)
     rng = random.Random(seed)  # local generator: global random/torch state is never touched
     clean_texts, corrupt_texts, io_names, s_names, used_templates = [], [], [], [], []
     corrupt_names = []
@@ -257,24 +193,11 @@ def generate(
         used_templates.append(tmpl)
         corrupt_names.append((x, y, z))
 
-    clean_ids = [_encode(tokenizer, t) for t in clean_texts]
-    corrupt_ids = [_encode(tokenizer, t) for t in corrupt_texts]
-    for i, (a, b) in enumerate(zip(clean_ids, corrupt_ids)):
-        if len(a) != len(b):
-            raise ValueError(
-                f"clean and corrupted prompt {i} tokenize to different lengths ({len(a)} vs "
-                f"{len(b)}): {clean_texts[i]!r} / {corrupt_texts[i]!r}"
-            )
-    seq = max(len(a) for a in clean_ids)
-    pid = pad_id(tokenizer)
-    clean = torch.full((n, seq), pid, dtype=torch.long)
-    corrupted = torch.full((n, seq), pid, dtype=torch.long)
-    for i, (a, b) in enumerate(zip(clean_ids, corrupt_ids)):
-        clean[i, : len(a)] = torch.tensor(a)
-        corrupted[i, : len(b)] = torch.tensor(b)
-    end = torch.tensor([len(a) - 1 for a in clean_ids], dtype=torch.long)
-    io_t = torch.tensor([pool[w] for w in io_names], dtype=torch.long)
-    s_t = torch.tensor([pool[w] for w in s_names], dtype=torch.long)
+    clean, corrupted, end = common.right_pad(tokenizer, clean_texts, corrupt_texts)
+    answers = {
+        "io": torch.tensor([pool[w] for w in io_names], dtype=torch.long),
+        "s": torch.tensor([pool[w] for w in s_names], dtype=torch.long),
+    }
     info = dict(
         clean_texts=clean_texts,
         corrupted_texts=corrupt_texts,
@@ -284,8 +207,13 @@ def generate(
         templates=used_templates,
         seed=seed,
         prompt_type=prompt_type,
+        table_title="Sentences from IOI vs ABC distribution",
+        table_columns=[
+            ("IOI prompt", "clean_texts"), ("IOI subj", "s_names"), ("IOI indirect obj", "io_names"),
+            ("ABC prompt", "corrupted_texts"),
+        ],
     )
-    return IOIPrompts(clean, corrupted, end, io_t, s_t, info)
+    return common.Prompts(clean, corrupted, end, answers, info)
 
 
 # ------------------------------------------------------------------------------------ metrics
@@ -297,9 +225,9 @@ def logit_diff(
     **_: Any,
 ) -> Float[Tensor, " n"]:
     """logits[i, end_i, io_i] - logits[i, end_i, s_i], in logits (positive = IO preferred)."""
-    rows = torch.arange(logits.shape[0], device=logits.device)
-    end, io, s = end.to(logits.device), io.to(logits.device), s.to(logits.device)
-    return logits[rows, end, io] - logits[rows, end, s]
+    final = common.at_end(logits, end)
+    rows = common.rows(final)
+    return final[rows, io.to(final.device)] - final[rows, s.to(final.device)]
 
 
 def logit_diff_readout(selected: Float[Tensor, "n 2"], **_: Any) -> Float[Tensor, " n"]:
@@ -307,46 +235,15 @@ def logit_diff_readout(selected: Float[Tensor, "n 2"], **_: Any) -> Float[Tensor
     return selected[:, 0] - selected[:, 1]
 
 
-def normalized(
-    logits: Float[Tensor, "n seq vocab"],
-    end: Int[Tensor, " n"],
-    io: Int[Tensor, " n"],
-    s: Int[Tensor, " n"],
-    ld_clean: Float[Tensor, " n"],
-    ld_corrupt: Float[Tensor, " n"],
-    **_: Any,
-) -> Float[Tensor, " n"]:
-    """(LD - LD_corrupt) / (LD_clean - LD_corrupt), dimensionless (1 = clean, 0 = corrupted)."""
-    ld = logit_diff(logits, end, io, s)
-    lc, lx = ld_clean.to(ld.device), ld_corrupt.to(ld.device)
-    return (ld - lx) / (lc - lx)
+#: (LD - LD_corrupt) / (LD_clean - LD_corrupt), dimensionless (1 = clean, 0 = corrupted).
+normalized = common.Normalized(logit_diff)
 
 
-def normalized_readout(
-    selected: Float[Tensor, "n 2"],
-    ld_clean: Float[Tensor, " n"],
-    ld_corrupt: Float[Tensor, " n"],
-    **_: Any,
-) -> Float[Tensor, " n"]:
-    """Same as :func:`normalized` from the gathered logits [n, 2] = [logit(IO), logit(S)]."""
-    ld = logit_diff_readout(selected)
-    lc, lx = ld_clean.to(ld.device), ld_corrupt.to(ld.device)
-    return (ld - lx) / (lc - lx)
+
+
 
 
 # ------------------------------------------------------------------------------------- task
-def _device(model) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except (StopIteration, AttributeError):
-        return torch.device("cpu")
-
-
-def _logits(model, tokens: Tensor) -> Tensor:
-    out = model(tokens)
-    return out.logits if hasattr(out, "logits") else out
-
-
 def ioi(
     model,
     n: int,
@@ -362,64 +259,24 @@ def ioi(
     ``metric='logit_diff'``: logit(IO) - logit(S) at the last real token, in logits.
     ``metric='normalized'``: (LD - LD_corrupt) / (LD_clean - LD_corrupt), where LD_clean and
     LD_corrupt are the mean logit differences of the model on the clean and on the corrupted
-    prompts, computed once here. Both use the CLEAN prompt's IO/S tokens, so the metric averages
-    to exactly 1 on clean and 0 on corrupted logits. (The seed notebook measured the corrupted
-    baseline with the corrupted dataset's own names instead.) Stored in ``task.info``.
+    prompts, computed once here (``info['metric_clean']``, ``info['metric_corrupt']``). Both use
+    the CLEAN prompt's IO/S tokens, so the metric averages to exactly 1 on clean and 0 on
+    corrupted logits. (The seed notebook measured the corrupted baseline with the corrupted
+    dataset's own names instead.)
 
     ``names`` restricts the name pool; ``pairs`` (keyword-only) restricts the clean (IO, S)
     pairs, e.g. to name pairs held out of a toy model's training.
     """
     if metric not in METRICS:
         raise ValueError(f"unknown metric {metric!r}; expected one of {METRICS}")
-    tokenizer = getattr(model, "tokenizer", None)
-    if tokenizer is None:
-        raise ValueError("model has no .tokenizer; IOI needs it to tokenize the prompts")
+    tokenizer = common.tokenizer_of(model, "IOI")
     p = generate(tokenizer, n, seed=seed, prompt_type=prompt_type, names=names, pairs=pairs)
-    dev = _device(model)
+    io, s = p.answers["io"], p.answers["s"]
     per_prompt = {
-        "end": p.end.to(dev),
-        "io": p.io.to(dev),
-        "s": p.s.to(dev),
-        "readout_pos": p.end.to(dev),
-        "readout_tokens": torch.stack([p.io, p.s], dim=1).to(dev),
+        "end": p.end, "io": io, "s": s, "readout_pos": p.end, "readout_tokens": torch.stack([io, s], dim=1),
     }
-    info = dict(p.info, metric=metric)
-    clean, corrupted = p.clean.to(dev), p.corrupted.to(dev)
-    if metric == "logit_diff":
-        fn, readout = logit_diff, logit_diff_readout
-    else:
-        with torch.no_grad():
-            ld_clean = logit_diff(_logits(model, clean), **per_prompt).mean().item()
-            ld_corrupt = logit_diff(_logits(model, corrupted), **per_prompt).mean().item()
-        if abs(ld_clean - ld_corrupt) < 1e-6:
-            raise ValueError(
-                f"normalized metric undefined: clean and corrupted mean logit differences are "
-                f"equal ({ld_clean:.4g})"
-            )
-        per_prompt["ld_clean"] = torch.full((n,), ld_clean, device=dev)
-        per_prompt["ld_corrupt"] = torch.full((n,), ld_corrupt, device=dev)
-        info.update(ld_clean=ld_clean, ld_corrupt=ld_corrupt)
-        fn, readout = normalized, normalized_readout
-    return Task(
-        clean, corrupted, fn, per_prompt=per_prompt, readout=readout, name=f"ioi-{prompt_type}",
-        info=info,
+    return common.build(
+        model, p.clean, p.corrupted, per_prompt, raw=logit_diff, raw_readout=logit_diff_readout, metric=metric,
+        metrics=METRICS,
+        name=f"ioi-{prompt_type}", info=p.info,
     )
-
-
-def sample_table(task: Task, k: int = 5) -> str:
-    """A plain-text table of the first ``k`` prompts, like the seed's ``make_table``."""
-    info = task.info
-    k = min(k, len(info["clean_texts"]))
-    cols = ["IOI prompt", "IOI subj", "IOI indirect obj", "ABC prompt"]
-    rows = [
-        [info["clean_texts"][i], info["s_names"][i], info["io_names"][i], info["corrupted_texts"][i]]
-        for i in range(k)
-    ]
-    widths = [max(len(c), *(len(r[j]) for r in rows)) for j, c in enumerate(cols)]
-    line = "+-" + "-+-".join("-" * w for w in widths) + "-+"
-
-    def fmt(r: Sequence[str]) -> str:
-        return "| " + " | ".join(x.ljust(w) for x, w in zip(r, widths)) + " |"
-
-    title = "Sentences from IOI vs ABC distribution"
-    return "\n".join([title, line, fmt(cols), line, *map(fmt, rows), line])

@@ -38,16 +38,15 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from eap.arch import Readout
+from eap.budget import attribution_batch_size
 from eap.graph import Graph, HookGroup
-from eap.hooks import StopForward, as_nodes, check_edge_hooks, leaf_input_hook, stop_hook
+from eap.hooks import (
+    StopForward, check_edge_hooks, leaf_input_hook, run_until_stop, sender_difference_hooks, stop_hook,
+)
 from eap.models import model_device, model_dtype
 from eap.task import Task, TaskError
 
 METHODS = ("eap", "eap-ig", "clean-corrupted")
-
-#: Default memory budget for automatic batching, bytes (CPU); on CUDA half the free memory.
-DEFAULT_CPU_BUDGET = 4 * 2**30
-
 
 class AttributionError(ValueError):
     """Bad arguments to ``attribute``."""
@@ -67,25 +66,12 @@ def gradient_points(method: str, ig_steps: int = 5) -> list[tuple[float, float]]
     raise AttributionError(f"unknown attribution method {method!r}; choose one of {METHODS}")
 
 
-def auto_batch_size(model: Any, graph: Graph, task: Task, budget_bytes: int | None = None) -> int:
-    """Prompts per batch so that the activation-difference buffer plus the activations a
-    forward+backward keeps fit in ``budget_bytes``."""
-    cfg = model.cfg
-    device = model_device(model)
-    if budget_bytes is None:
-        if device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(device)
-            budget_bytes = free // 2
-        else:
-            budget_bytes = DEFAULT_CPU_BUDGET
-    elt = torch.finfo(model_dtype(model)).bits // 8
-    p, d = task.seq_len, cfg.d_model
-    per_prompt = elt * (
-        graph.n_senders * p * d  # the buffer
-        + cfg.n_layers * p * (24 * d + 4 * cfg.n_heads * p + 3 * (cfg.d_mlp or 0))  # saved activations
-        + 3 * p * cfg.d_vocab  # logits and their gradient
-    )
-    return max(1, min(task.n_prompts, int(budget_bytes // per_prompt)))
+def auto_batch_size(
+    model: Any, graph: Graph, task: Task, budget_bytes: int | float | str | None = None
+) -> int:
+    """Prompts per attribution batch within ``budget_bytes`` (default: a share of the free
+    device memory); ``eap.budget.attribution_batch_size`` decides."""
+    return attribution_batch_size(model, graph.n_senders, task.n_prompts, task.seq_len, task.has_readout, budget_bytes)
 
 
 @torch.no_grad()
@@ -97,12 +83,7 @@ def _check_inputs(model: Any, graph: Graph, task: Task, method: str, level: str)
     if not isinstance(task, Task):
         raise AttributionError(f"task must be an eap.Task, got {type(task).__name__}")
     spec = check_edge_hooks(model, graph)  # hooks, and the architecture adapter's checks (eap.arch)
-    vocab = spec.d_vocab
-    for name, toks in (("clean", task.clean), ("corrupted", task.corrupted)):
-        if toks.min() < 0 or toks.max() >= vocab:
-            raise TaskError(f"{name} prompts hold token ids outside the model's vocabulary [0, {vocab})")
-    if task.seq_len > model.cfg.n_ctx:
-        raise TaskError(f"prompts have {task.seq_len} tokens, more than the model's context {model.cfg.n_ctx}")
+    task.check_tokens(spec.d_vocab, model.cfg.n_ctx)
 
 
 def attribute(
@@ -114,7 +95,7 @@ def attribute(
     level: Literal["edge", "node"] = "edge",
     batch_size: int | None = None,
     ig_steps: int = 5,
-    memory_budget: int | None = None,
+    memory_budget: int | float | str | None = None,
     progress: bool = True,
     write_graph: bool = True,
 ) -> Float[Tensor, " n"]:
@@ -126,16 +107,32 @@ def attribute(
     replaced by its corrupted value (edge: at one receiver; node: everywhere). First order,
     gradient on the clean run for ``eap`` (see module docstring for the other methods).
 
-    Prompts are split into batches of ``batch_size`` (automatic from ``memory_budget`` bytes
-    when None); the result does not depend on the split. Scores come back on the CPU in the
-    model's dtype (float32 at least); with ``write_graph`` they are also written into ``graph.scores``.
+    Prompts are split into batches of ``batch_size`` (when None, as many as fit
+    ``memory_budget``: bytes or a size such as ``"2GiB"``, default a share of the free device
+    memory; see ``eap.budget``); the result does not depend on the split. Every method peaks at
+    the same memory per batch (the gradient points run one after another). A metric that closes
+    over tensors of all prompts cannot be split: then a ``TaskError`` asks for ``per_prompt``
+    data unless one batch holds every prompt. Scores come back on the CPU in the model's dtype
+    (float32 at least); with ``write_graph`` they are also written into ``graph.scores``.
     """
     _check_inputs(model, graph, task, method, level)
     points = gradient_points(method, ig_steps)
     device, dtype = model_device(model), model_dtype(model)
     task = task.to(device)
+    chosen = batch_size is not None
     if batch_size is None:
         batch_size = auto_batch_size(model, graph, task, memory_budget)
+    if batch_size < task.n_prompts:
+        problem = task.subset_problem(model.cfg.d_vocab)
+        if problem is not None:
+            why = (f"batch_size={batch_size}" if chosen else
+                   f"the memory budget holds {batch_size} prompts per batch (eap.budget)")
+            raise TaskError(
+                f"{problem}: the metric seems to close over data of all {task.n_prompts} prompts, but {why} "
+                f"splits them. Pass the per-prompt data (answer ids, positions, ...) through "
+                f"Task(per_prompt=...) so the metric is called as metric(logits, **batch_data), or use "
+                f"batch_size >= {task.n_prompts} (a larger memory_budget)."
+            )
     # accumulate in at least float32 (a half-precision model would otherwise sum in half)
     scores = torch.zeros(graph.n_senders, graph.n_receivers, device=device, dtype=torch.promote_types(dtype, torch.float32))
     batches = list(task.batches(batch_size))
@@ -165,26 +162,11 @@ def _accumulate(
     buf = torch.empty(graph.n_senders, b, p, d, device=scores.device, dtype=model_dtype(model))
 
     # 1. corrupted forward: buffer <- corrupted sender outputs; stop after the last sender.
-    def write(group: HookGroup):
-        def hook(act: Tensor, hook: Any = None) -> Tensor:
-            buf[group.start : group.start + group.size] = as_nodes(act, group)
-            return act
-
-        return hook
-
-    last = graph.sender_groups[-1].hook
     with torch.no_grad():
-        fwd = [(g.hook, write(g)) for g in graph.sender_groups] + [(last, stop_hook)]
-        _run_until_stop(model, task.corrupted, fwd)
+        fwd = sender_difference_hooks(graph, buf, subtract=False) + [(graph.sender_groups[-1].hook, stop_hook)]
+        run_until_stop(model, task.corrupted, fwd)
 
     # 2.+3. clean forward with grad (buffer -= clean outputs), backward into the score matrix.
-    def subtract(group: HookGroup):
-        def hook(act: Tensor, hook: Any = None) -> Tensor:
-            buf[group.start : group.start + group.size] -= as_nodes(act.detach(), group)
-            return act
-
-        return hook
-
     current_weight = [0.0]
 
     def contract(group: HookGroup):
@@ -217,20 +199,11 @@ def _accumulate(
         if i == 0:
             if alpha != 1.0:
                 raise AssertionError("the first gradient point must be the clean run")
-            fwd += [(g.hook, subtract(g)) for g in graph.sender_groups]
+            fwd += sender_difference_hooks(graph, buf, subtract=True)
         with model.hooks(fwd_hooks=fwd + receivers):
             metric = metric_values(model, task, task.clean)
         # backward outside the hook context: only tensor hooks are involved
         metric.sum().backward()
-
-
-def _run_until_stop(model: Any, tokens: Tensor, fwd: list) -> None:
-    """A forward with hooks that ends at a ``StopForward`` (or at the logits)."""
-    with model.hooks(fwd_hooks=fwd):
-        try:
-            model(tokens)
-        except StopForward:
-            pass
 
 
 def metric_values(model: Any, task: Task, tokens: Tensor) -> Float[Tensor, " batch"]:

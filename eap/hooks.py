@@ -69,6 +69,38 @@ def as_nodes(act: Tensor, group: HookGroup) -> Float[Tensor, "nodes batch pos d_
     return act.permute(2, 0, 1, 3)
 
 
+def sender_difference_hooks(
+    graph: Graph, buf: Float[Tensor, "n_senders batch pos d_model"], subtract: bool
+) -> list[tuple[str, Callable[[Tensor, Any], Tensor]]]:
+    """Forward hooks that write every sender's output into its slice of ``buf`` (``subtract``
+    False: ``buf = out``) or take it away (True: ``buf -= out``). A corrupted forward with the
+    first and a clean forward with the second leave ``buf = corrupted - clean`` for every sender;
+    attribution and exact patching both fill their difference buffer this way."""
+
+    def hook_for(group: HookGroup) -> Callable[[Tensor, Any], Tensor]:
+        rows = slice(group.start, group.start + group.size)
+
+        def hook(act: Tensor, hook: Any = None) -> Tensor:
+            if subtract:
+                buf[rows] -= as_nodes(act.detach(), group)
+            else:
+                buf[rows] = as_nodes(act.detach(), group)
+            return act
+
+        return hook
+
+    return [(g.hook, hook_for(g)) for g in graph.sender_groups]
+
+
+def run_until_stop(model: Any, tokens: Tensor, fwd_hooks: list) -> Any:
+    """A forward with ``fwd_hooks``: the model's output, or None where a hook raised ``StopForward``."""
+    with model.hooks(fwd_hooks=fwd_hooks):
+        try:
+            return model(tokens)
+        except StopForward:
+            return None
+
+
 def leaf_input_hook(
     shift: Float[Tensor, "batch pos d_model"] | None = None,
 ) -> Callable[[Tensor, Any], Tensor]:

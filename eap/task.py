@@ -15,6 +15,12 @@ Conventions
   a dict of tensors whose first dimension is ``n_prompts``. The metric function is called as
   ``metric_fn(logits, **per_prompt)``, which lets a task be split into batches
   (:meth:`Task.subset`) without the user writing any batching code.
+* A metric may instead close over tensors of all ``n_prompts`` (``metric(logits)`` indexing
+  fixed ``io``/``s`` answer ids, as the seed notebook and EAP-IG users write it). Such a metric
+  can only be called on all prompts at once: attribution then needs ``batch_size >= n_prompts``
+  and exact patching one prompt batch (it calls the metric once per patched copy on exactly
+  the task's prompts). :meth:`Task.subset_problem` detects it, and both raise a ``TaskError``
+  asking for ``per_prompt`` data where their memory budget cannot hold all prompts at once.
 * Optional fast read-out: a task whose metric depends only on a few logits at one position per
   prompt can say so with ``readout``. ``per_prompt`` must then hold ``readout_pos`` ``[n]``
   (the position) and ``readout_tokens`` ``[n, k]`` (the token ids), and
@@ -114,6 +120,50 @@ class Task:
     @property
     def has_readout(self) -> bool:
         return self.readout_fn is not None
+
+    def subset_problem(self, d_vocab: int) -> str | None:
+        """Why the metric (or readout) cannot be evaluated on a subset of the prompts, or None.
+
+        The probe calls ``metric_fn`` on zero logits ``[2, seq, d_vocab]`` of two of the prompts
+        (the first and the last) with their ``per_prompt`` data, and ``readout_fn`` likewise on
+        ``[2, k]``; an exception or an output that is not one value per prompt means the function
+        closes over data of all ``n_prompts`` prompts. Cheap (two prompts' logits). It cannot see a
+        metric that silently slices its closed-over tensors to the batch size."""
+        n = self.n_prompts
+        if n == 1:
+            return None
+        idx = torch.tensor([0, n - 1] if n > 2 else [0], device=self.clean.device)
+        sub = self.subset(idx)
+        k = len(idx)
+        probes = [("metric", self.metric_fn, torch.zeros(k, self.seq_len, int(d_vocab), device=self.clean.device))]
+        if self.readout_fn is not None:
+            width = self.per_prompt["readout_tokens"].shape[-1] if self.per_prompt["readout_tokens"].ndim > 1 else 1
+            probes.append(("readout", self.readout_fn, torch.zeros(k, width, device=self.clean.device)))
+        for what, fn, fake in probes:
+            try:
+                with torch.no_grad():
+                    out = fn(fake, **sub.per_prompt)
+            except Exception as exc:  # any failure on a subset is the finding
+                return (f"the {what} failed on {k} of the {n} prompts ({type(exc).__name__}: {exc})")
+            if not isinstance(out, Tensor) or tuple(out.shape) != (k,):
+                got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+                return f"the {what} returned shape {got} for {k} of the {n} prompts (expected [{k}])"
+        return None
+
+    def check_tokens(self, d_vocab: int, n_ctx: int | None = None) -> None:
+        """Raise ``TaskError`` if a prompt holds a token id outside ``[0, d_vocab)`` or the prompts
+        are longer than the model's context ``n_ctx`` (the one check attribution and exact
+        patching share)."""
+        for name, toks in (("clean", self.clean), ("corrupted", self.corrupted)):
+            bad = (toks < 0) | (toks >= d_vocab)
+            if bool(bad.any()):
+                i, j = (int(v) for v in bad.nonzero()[0])
+                raise TaskError(
+                    f"{name} prompts hold token ids outside the model's vocabulary [0, {d_vocab}) "
+                    f"(first: prompt {i}, position {j}, id {int(toks[i, j])}); were they made with another tokenizer?"
+                )
+        if n_ctx is not None and self.seq_len > n_ctx:
+            raise TaskError(f"prompts have {self.seq_len} tokens, more than the model's context {n_ctx}")
 
     def _check(self, out: Any, n: int, what: str) -> Tensor:
         if not isinstance(out, Tensor):

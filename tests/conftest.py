@@ -76,6 +76,23 @@ def random_task(model, n=4, seq=7, seed=0):
     return Task(clean, corrupted, _lp_diff, per_prompt={"end": end, "toks": toks}, name="random")
 
 
+def closure_task(model, n=5, seq=6, seed=0):
+    """``(closure, per_prompt)``: the same task twice. ``closure``'s metric closes over answer
+    tensors of all n prompts, the way the seed notebook and EAP-IG users write it
+    (``metric(logits)`` indexing fixed ``end``/``toks``); ``per_prompt`` is :func:`random_task`,
+    whose metric gets them through ``per_prompt``."""
+    from eap.task import Task
+
+    base = random_task(model, n=n, seq=seq, seed=seed)
+    end, toks = base.per_prompt["end"], base.per_prompt["toks"]
+
+    def metric(logits):
+        lp = logits[range(logits.size(0)), end].log_softmax(-1)
+        return lp[range(logits.size(0)), toks[:, 0]] - lp[range(logits.size(0)), toks[:, 1]]
+
+    return Task(base.clean, base.corrupted, metric, name="closure"), base
+
+
 def _lp_diff(logits, end, toks, **_):
     lp = logits[torch.arange(logits.shape[0]), end].log_softmax(-1)
     return lp.gather(1, toks[:, :1]).squeeze(1) - lp.gather(1, toks[:, 1:]).squeeze(1)

@@ -4,24 +4,28 @@ Sign and units (same as ``eap.attribute``): effect(u -> v) = mean over prompts o
 metric(patched) - metric(clean), in the metric's units, where "patched" adds
 ``scale * (corrupted_u - clean_u)`` to receiver v's input only.
 
-    patch_edges(model, graph, task, edges=None, scores=None, seed=0, *, scale=1.0, ...)
-    patch_nodes(model, graph, task, nodes=None, *, scale=1.0, ...)
+    patch_edges(model, graph, task, edges=None, scores=None, seed=0, *, scale=1.0,
+                memory_budget=None, batch_size=None, out=None, shard=None, stats=None, ...)
+    patch_nodes(model, graph, task, nodes=None, *, scale=1.0, memory_budget=None, ...)
     throughput(model, graph, task, n_edges=256) -> dict (edges_per_s, forward_equivalents_per_edge)
     fingerprint(model, graph, task, edges_idx, scale=1.0, kind='edges') -> str
     default_path(model, graph, task, edges_idx, scale=1.0, kind='edges', root=None) -> Path
     merge(paths, out=None) -> Tensor;  load_values(path) -> Tensor
-CLI: ``python -m validation --help``.
+Memory is bounded by ``memory_budget`` (bytes or '2GiB'; default a share of the free device
+memory), not by the number of prompts: prompts are streamed in batches, and the work is done in
+units (receiver, prompt batch) that are journalled as they finish (``validation.patch.Unit``,
+``compute_unit``; ``validation.store``). CLI: ``python -m validation --help``.
 """
 
 from validation.bench import forward_seconds, throughput
-from validation.patch import PatchError, auto_rows, patch_edges, patch_nodes
+from validation.patch import PatchError, patch_edges, patch_nodes
 from validation.runner import BlockRunner, UnsupportedModel
 from validation.store import (
     StoreError, StoreMismatch, default_path, fingerprint, load_file, load_values, merge,
 )
 
 __all__ = [
-    "BlockRunner", "PatchError", "StoreError", "StoreMismatch", "UnsupportedModel", "auto_rows",
+    "BlockRunner", "PatchError", "StoreError", "StoreMismatch", "UnsupportedModel",
     "default_path", "fingerprint", "forward_seconds", "load_file", "load_values", "merge",
     "patch_edges", "patch_nodes", "throughput",
 ]

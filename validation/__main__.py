@@ -1,7 +1,11 @@
 """CLI: exact edge patching with a progress bar, resumable results files, shards and merge.
 
     python -m validation --model toy-gpt2-4l --n 64 --seed 0 --edges all --out results/x.pt [--shard i/n]
+    python -m validation --model random:gpt2-small --n 1024 --edges stratified:100 --memory-budget 2GiB
     python -m validation merge results/x.0.pt results/x.1.pt --out results/x.pt
+
+Memory is bounded by --memory-budget (default: half of the free memory), whatever --n is:
+prompts are streamed in batches; each finished (receiver, prompt batch) unit is journalled.
 """
 
 from __future__ import annotations
@@ -67,7 +71,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scale", type=float, default=1.0)
     p.add_argument("--out", default=None, help="results file (resumed if it exists); default: the cache path")
     p.add_argument("--shard", default=None, help="i/n: only part i of n (whole receivers)")
-    p.add_argument("--batch-size", type=int, default=None, help="stacked rows (copies x prompts) per forward")
+    p.add_argument("--batch-size", type=int, default=None, help="prompts per batch (default: from the memory budget)")
+    p.add_argument("--memory-budget", default=None,
+                   help="bytes or a size such as 2GiB, 512MiB: cache + patched forward stay within it "
+                        "(default: half of the free device memory)")
     p.add_argument("--method", default="auto", choices=["auto", "fast", "hooks"])
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None)
@@ -88,7 +95,11 @@ def main(argv: list[str] | None = None) -> int:
         g = Graph.from_json(a.scores) if a.scores.endswith(".json") else Graph.load(a.scores)
         g.check_model(model)  # a graph file (ours or EAP-IG's/MIB's) of another model is refused
         scores = g.edge_scores()
-    kw = dict(scale=a.scale, batch_size=a.batch_size, method=a.method, shard=a.shard, progress=not a.no_progress)
+    from eap.budget import parse_size
+
+    budget = parse_size(a.memory_budget) if a.memory_budget is not None else None
+    kw = dict(scale=a.scale, batch_size=a.batch_size, memory_budget=budget, method=a.method, shard=a.shard,
+              progress=not a.no_progress)
     stats: dict = {}
     if a.nodes:
         items = graph.select_senders(None if a.edges == "all" else _edges_arg(a.edges))
@@ -112,9 +123,11 @@ def main(argv: list[str] | None = None) -> int:
         fwd = forward_seconds(model, task)
         per_item = stats["patch_s"] / stats["n_measured"]
         print(f"measured {stats['n_measured']} {kind} in {stats['patch_s']:.1f}s ({stats['items_per_s']:.1f}/s, "
-              f"setup {stats['setup_s']:.1f}s, path {stats['path']}, {stats['rows_per_forward']} rows/forward); "
-              f"{per_item / fwd:.3f} forward-equivalents per {kind[:-1]} (one plain forward of the "
-              f"{task.n_prompts} prompts: {fwd:.3f}s)")
+              f"path {stats['path']}, {stats['n_batches']} prompt batches of {stats['prompts_per_batch']}, "
+              f"{stats['rows_per_forward']} rows/forward, budget {stats['memory_budget'] / 2**30:.2f} GiB); "
+              f"{per_item / fwd:.3f} forward-equivalents per {kind[:-1]}; setup {stats['setup_s']:.1f}s = "
+              f"{stats['setup_s'] / fwd:.2f} plain forwards; fingerprint {stats['fingerprint_s']:.1f}s, "
+              f"results file {stats['io_s']:.1f}s (one plain forward of the {task.n_prompts} prompts: {fwd:.3f}s)")
     print(_summary(values, names))
     return 0
 
@@ -125,12 +138,14 @@ def _cli() -> int:
     from eap.models import ModelLoadError
     from eap.task import TaskError
     from validation.patch import PatchError
+    from eap.budget import BudgetError
     from validation.runner import UnsupportedModel
     from validation.store import StoreError
 
     try:
         return main()
-    except (GraphError, HookError, ModelLoadError, TaskError, PatchError, StoreError, UnsupportedModel) as exc:
+    except (BudgetError, GraphError, HookError, ModelLoadError, TaskError, PatchError, StoreError,
+            UnsupportedModel) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

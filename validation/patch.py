@@ -1,4 +1,4 @@
-"""Exact activation patching of edges and nodes, batched across edges.
+"""Exact activation patching of edges and nodes: batched across edges, streamed over prompts.
 
 Sign and units (same as ``eap.attribute``): the effect of edge u -> v is
 
@@ -10,19 +10,41 @@ input, one MLP input, or the logits' residual) is replaced by
 propagating downstream. ``scale=1`` is ordinary noising. Node patching replaces sender u's output
 by ``clean_u + scale * (corrupted_u - clean_u)`` in the residual stream (all its receivers).
 
-How it is fast
---------------
-* The clean and corrupted runs are made once (through the model's hooks) and the sender
-  differences ``corr_u - clean_u`` cached.
-* Edges are grouped by receiver; for one receiver a chunk of ``m`` incoming edges becomes one
-  forward over ``m x n_prompts`` stacked rows (copy i = the prompts with sender i's difference
-  added to the receiver's input).
+Memory: a budget, not the number of prompts
+-------------------------------------------
+Prompts are streamed in batches (``eap.budget.plan_patching`` picks the batch size and the
+copies per forward from ``memory_budget``). For each prompt batch:
+
+1. setup: one corrupted forward (sender outputs into a difference buffer, stopped after the
+   last sender) and one clean forward (buffer -= clean sender outputs, clean residuals kept,
+   stopped before the unembedding), through the model's hooks; only this batch is cached;
+2. every unit of the batch (:class:`Unit`: the requested edges into one receiver, or the
+   requested senders of one node group) is computed by :func:`compute_unit`, a plain function
+   of the job, the batch's evaluator and the unit (an executor in another process can call it),
+   and recorded in the results store at once (``validation.store``: resumable per unit).
+
+The per-item sums over each batch's prompts are float64; an item's value is their sum over the
+batches divided by the number of prompts, so the result equals the unbatched one to float64
+rounding whatever the batch size.
+
+How a unit is fast
+------------------
+* For one receiver a chunk of ``m`` incoming edges becomes one forward over ``m x n_batch``
+  stacked rows (copy i = the batch's prompts with sender i's difference added to the receiver's
+  input); the metric is called once per copy, on exactly the batch's prompts.
 * That forward starts at the receiver's layer from the cached clean residual and runs only the
   remaining blocks in plain torch (``validation.runner.BlockRunner``); at the receiver layer
   only the patched head (or MLP) is recomputed. With ``task.has_readout`` only the read-out
   position of the last block and only the read-out logits are computed.
 * Architectures the runner does not implement use the hook-based path through the bridge
   (``method='hooks'``): same stacking, full forwards.
+
+Metrics that close over the prompts
+-----------------------------------
+A metric that indexes tensors of all ``n`` prompts it closed over (``metric(logits)`` with fixed
+``io``/``s`` answer ids) cannot see a subset of the prompts (``Task.subset_problem``). Exact
+patching then caches all prompts as one batch and calls the metric once per patched copy on all
+of them; if the budget cannot hold that, a ``TaskError`` says so and asks for ``per_prompt`` data.
 """
 
 from __future__ import annotations
@@ -31,105 +53,103 @@ import math
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from eap.budget import BudgetError, PatchPlan, plan_patching, resolve_budget
 from eap.graph import Graph, GraphError
-from eap.hooks import as_nodes, check_edge_hooks
+from eap.hooks import check_edge_hooks, run_until_stop, sender_difference_hooks, stop_hook
+from eap.measure import sync
 from eap.task import Task, TaskError
 from validation.runner import BlockRunner, UnsupportedModel
-from validation.store import ResultStore, describe_request, fingerprint, fingerprint_parts
-
-#: rows (copies x prompts) per forward on CPU; measured fastest range 80-320 for a small model.
-CPU_MAX_ROWS = 256
-CPU_MEMORY_BUDGET = 512 * 2**20
+from validation.store import ResultStore, describe_request, fingerprint_of, fingerprint_parts
 
 
 class PatchError(ValueError):
     """Bad arguments to exact patching."""
 
 
-# ------------------------------------------------------------------------------ clean cache
+# ------------------------------------------------------------------------------ batch cache
 @dataclass
 class _Cache:
-    """Clean residuals and sender differences for all prompts (model device/dtype)."""
+    """Clean residuals and sender differences of one prompt batch (model device/dtype)."""
 
-    pre: list[Tensor]  # resid_pre[L] [n,p,d]
-    mlp_in: list[Tensor]  # hook_mlp_in[L] [n,p,d] (empty for attn-only)
-    post: list[Tensor]  # resid_post[L] [n,p,d]
-    delta: Tensor  # [n_senders, n, p, d] corrupted - clean sender outputs
+    pre: list[Tensor]  # resid_pre[L] [nb,p,d] (empty on the hook path)
+    mlp_in: list[Tensor]  # hook_mlp_in[L] [nb,p,d] (empty for attn-only and on the hook path)
+    post: list[Tensor]  # resid_post[L] [nb,p,d] (empty on the hook path)
+    delta: Tensor  # [n_senders, nb, p, d] corrupted - clean sender outputs
 
 
-def _collect(model: Any, graph: Graph, task: Task, rows: int) -> _Cache:
-    """Clean + corrupted forwards through the bridge's hooks (in prompt batches of ``rows``)."""
+def _collect(model: Any, graph: Graph, task: Task, residuals: bool) -> _Cache:
+    """One corrupted and one clean forward of ``task``'s prompts through the model's hooks.
+
+    The corrupted forward writes the sender outputs into the difference buffer and stops after
+    the last sender; the clean forward subtracts the clean outputs, keeps the clean residuals
+    (with ``residuals``) and stops after the last block (no unembedding)."""
     L = graph.spec.n_layers
-    names = [f"blocks.{i}.hook_resid_pre" for i in range(L)] + [f"blocks.{L - 1}.hook_resid_post"]
-    if not graph.spec.attn_only:
-        names += [f"blocks.{i}.hook_mlp_in" for i in range(L)]
-    names += [g.hook for g in graph.sender_groups]
-    names = list(dict.fromkeys(names))
+    nb, p = task.clean.shape
+    param = next(model.parameters())
+    delta = torch.empty(graph.n_senders, nb, p, model.cfg.d_model, device=param.device, dtype=param.dtype)
+    last_sender = graph.sender_groups[-1].hook
+    run_until_stop(model, task.corrupted, sender_difference_hooks(graph, delta, subtract=False) + [(last_sender, stop_hook)])
 
-    def run(tokens: Tensor) -> dict[str, Tensor]:
-        store: dict[str, list[Tensor]] = {k: [] for k in names}
-        for start in range(0, tokens.shape[0], rows):
-            got: dict[str, Tensor] = {}
+    names = []
+    if residuals:
+        names = [f"blocks.{i}.hook_resid_pre" for i in range(L)] + [f"blocks.{L - 1}.hook_resid_post"]
+        if not graph.spec.attn_only:
+            names += [f"blocks.{i}.hook_mlp_in" for i in range(L)]
+    got: dict[str, Tensor] = {}
 
-            def save(key):
-                def hook(x, hook=None):
-                    got[key] = x.detach().clone()
-                    return x
+    def save(key: str):
+        def hook(x: Tensor, hook: Any = None) -> Tensor:
+            got[key] = x.detach().clone()
+            return x
 
-                return hook
+        return hook
 
-            with torch.no_grad():
-                model.run_with_hooks(tokens[start : start + rows], fwd_hooks=[(k, save(k)) for k in names])
-            for k in names:
-                store[k].append(got[k])
-        return {k: torch.cat(v) for k, v in store.items()}
-
-    clean, corr = run(task.clean), run(task.corrupted)
-    delta = torch.cat(
-        [as_nodes(corr[g.hook], g) - as_nodes(clean[g.hook], g) for g in graph.sender_groups]
-    )
-    pre = [clean[f"blocks.{i}.hook_resid_pre"] for i in range(L)]
-    post = pre[1:] + [clean[f"blocks.{L - 1}.hook_resid_post"]]
-    mlp_in = [] if graph.spec.attn_only else [clean[f"blocks.{i}.hook_mlp_in"] for i in range(L)]
+    stop_at = f"blocks.{L - 1}.hook_resid_post" if residuals else last_sender
+    hooks = sender_difference_hooks(graph, delta, subtract=True) + [(k, save(k)) for k in names] + [(stop_at, stop_hook)]
+    run_until_stop(model, task.clean, hooks)
+    if not residuals:
+        return _Cache([], [], [], delta)
+    pre = [got[f"blocks.{i}.hook_resid_pre"] for i in range(L)]
+    post = pre[1:] + [got[f"blocks.{L - 1}.hook_resid_post"]]
+    mlp_in = [] if graph.spec.attn_only else [got[f"blocks.{i}.hook_mlp_in"] for i in range(L)]
     return _Cache(pre, mlp_in, post, delta)
 
 
 # ------------------------------------------------------------------------------ evaluators
 class _Evaluator:
-    """Metric differences of stacked patched copies for one prompt batch."""
+    """Metric differences of stacked patched copies for one prompt batch.
+
+    ``task`` holds exactly the batch's prompts and ``cache`` their clean run; ``P`` arguments
+    are slices into the batch (the whole batch: ``slice(0, n_batch)``)."""
 
     def __init__(self, model: Any, graph: Graph, task: Task, cache: _Cache, use_readout: bool, runner: BlockRunner | None):
         self.model, self.graph, self.task, self.cache = model, graph, task, cache
         self.use_readout = use_readout
         self.rn = runner
-        self._tasks: dict[tuple, Task] = {}
         self._base: dict[tuple, Tensor] = {}
-        self._head: dict[tuple, tuple] = {}
 
     # -------------------------------------------------------------- metric
-    def _rep_task(self, P: slice, m: int) -> Task:
-        key = (P.start, P.stop, m)
-        if key not in self._tasks:
-            idx = torch.arange(P.start, P.stop).repeat(m)
-            self._tasks[key] = self.task.subset(idx)
-        return self._tasks[key]
+    def _per_copy(self, out: Tensor, m: int, P: slice, readout: bool) -> Float[Tensor, "m nb"]:
+        """The metric (or readout) called once per patched copy on that copy's rows."""
+        t = self.task if (P.start, P.stop) == (0, self.task.n_prompts) else self.task.subset(P)
+        nb = t.n_prompts
+        fn = t.readout if readout else t.metric
+        return torch.stack([fn(out[i * nb : (i + 1) * nb]) for i in range(m)])
 
     def _metric_from_resid(self, x: Tensor, point: tuple[str, int], P: slice, m: int) -> Float[Tensor, "m nb"]:
-        t = self._rep_task(P, m)
         rn = self.rn
         if self.use_readout:
-            pos = t.per_prompt["readout_pos"].to(x.device).long()
+            pos = self.task.per_prompt["readout_pos"][P].to(x.device).long().repeat(m)
+            toks = self.task.per_prompt["readout_tokens"][P].to(x.device).long().repeat(m, 1)
             final = rn.run(x, point, pos)
-            vals = t.readout(rn.selected_logits(final, t.per_prompt["readout_tokens"].to(x.device).long()))
-        else:
-            vals = t.metric(rn.logits(rn.run(x, point)))
-        return vals.view(m, -1)
+            return self._per_copy(rn.selected_logits(final, toks), m, P, readout=True)
+        return self._per_copy(rn.logits(rn.run(x, point)), m, P, readout=False)
 
     def baseline(self, point: tuple[str, int], P: slice) -> Float[Tensor, " nb"]:
         """Clean metric computed through the same path as the patched copies."""
@@ -166,6 +186,10 @@ class _Evaluator:
                 return self.rn.sender_point(g.kind, g.layer)
         raise GraphError(f"sender index {s} out of range")
 
+    def node(self, group: int, D: Float[Tensor, "m nb p d"], P: slice) -> Float[Tensor, "m nb"]:
+        """Every sender of hook group ``group``: its output += D (where it enters the residual)."""
+        return self.inject(self.sender_point(self.graph.sender_groups[group].start), D, P)
+
     # -------------------------------------------------------------- hooks
     def hooked(self, hook: str, head: int | None, D: Float[Tensor, "m nb p d"], P: slice) -> Float[Tensor, "m nb"]:
         """General path: full stacked forward through the bridge, D added at ``hook`` (head slice)."""
@@ -180,42 +204,125 @@ class _Evaluator:
                 x[:, :, head] += flat
             return x
 
-        t = self._rep_task(P, m)
         with torch.no_grad():
             logits = self.model.run_with_hooks(self.task.clean[P].repeat(m, 1), fwd_hooks=[(hook, add)])
         key = ("hooks", P.start)
         if key not in self._base:
             with torch.no_grad():
-                self._base[key] = self._rep_task(P, 1).metric(self.model(self.task.clean[P]))
-        return t.metric(logits).view(m, -1) - self._base[key]
+                self._base[key] = self._per_copy(self.model(self.task.clean[P]), 1, P, readout=False)[0]
+        return self._per_copy(logits, m, P, readout=False) - self._base[key]
+
+    def hooked_receiver(self, r: int, D: Float[Tensor, "m nb p d"], P: slice) -> Float[Tensor, "m nb"]:
+        """Receiver ``r``'s input += D at its hook (hook path)."""
+        g = self.graph.receiver_group_of(r)
+        return self.hooked(g.hook, (r - g.start) if g.n_heads else None, D, P)
+
+    def hooked_node(self, s: int, D: Float[Tensor, "m nb p d"], P: slice) -> Float[Tensor, "m nb"]:
+        """Sender ``s``'s output += D at its hook (hook path)."""
+        for g in self.graph.sender_groups:
+            if g.start <= s < g.start + g.size:
+                return self.hooked(g.hook, (s - g.start) if g.n_heads else None, D, P)
+        raise GraphError(f"sender index {s} out of range")
+
+    def measure(self, kind: str, key: int, D: Float[Tensor, "m nb p d"]) -> Float[Tensor, "m nb"]:
+        """metric(patched) - metric(clean) of ``m`` copies of the batch: ``kind`` 'edges' (``key``
+        a receiver) or 'nodes' (``key`` a sender group on the fast path, a sender on the hook path)."""
+        P = slice(0, self.task.n_prompts)
+        fast = self.rn is not None
+        if kind == "edges":
+            return self.receiver(key, D, P) if fast else self.hooked_receiver(key, D, P)
+        return self.node(key, D, P) if fast else self.hooked_node(key, D, P)
+
+
+# ------------------------------------------------------------------------------ units
+@dataclass(frozen=True)
+class Unit:
+    """One piece of exact-patching work: the requested ``items`` (edge or sender indices) that
+    share ``key`` (a receiver for edges; a sender group on the fast node path, a sender on the
+    hook node path), on prompt batch ``batch``. Its result: per item, the float64 sum over the
+    batch's prompts of metric(patched) - metric(clean)."""
+
+    key: int
+    batch: int
+    items: tuple[int, ...]
+
+
+@dataclass
+class PatchJob:
+    """What computing units needs: the model, graph and task (on the model's device), the kind
+    ('edges' or 'nodes'), the runner (None: hook path), the readout flag, the scale, which
+    sender each item patches, and the plan (prompt batches, copies per forward)."""
+
+    model: Any
+    graph: Graph
+    task: Task
+    kind: str
+    runner: BlockRunner | None
+    readout: bool
+    scale: float
+    item_sender: Int[Tensor, " n_items"]
+    plan: PatchPlan
+
+    @property
+    def batches(self) -> list[slice]:
+        return self.plan.batches(self.task.n_prompts)
+
+    def unit_key(self, items: Int[Tensor, " k"]) -> Int[Tensor, " k"]:
+        """The unit key of each item (see :class:`Unit`)."""
+        return unit_keys(self.graph, self.kind, self.runner is not None, items)
+
+    def units(self, items: Int[Tensor, " k"]) -> list[Unit]:
+        """All units of ``items``: for each prompt batch, one per key (keys in increasing order)."""
+        items = items.cpu().long().sort().values
+        keys = self.unit_key(items)
+        groups = [(int(k), tuple(items[keys == k].tolist())) for k in keys.unique().tolist()]
+        return [Unit(k, b, its) for b in range(len(self.batches)) for k, its in groups]
+
+
+def unit_keys(graph: Graph, kind: str, fast: bool, items: Int[Tensor, " k"]) -> Int[Tensor, " k"]:
+    """The unit key of each item: its receiver (edges), its sender group (nodes, fast path: the
+    senders of one hook group enter the residual stream at one point) or itself (nodes, hooks)."""
+    if kind == "edges":
+        return graph.edge_receiver[items]
+    if not fast:
+        return items
+    group_of = torch.cat([torch.full((g.size,), gi) for gi, g in enumerate(graph.sender_groups)])
+    return group_of[items]
+
+
+def prepare_batch(job: PatchJob, batch: int) -> _Evaluator:
+    """The evaluator of prompt batch ``batch``: its clean and corrupted forwards (the setup)."""
+    P = job.batches[batch]
+    t = job.task if (P.start, P.stop) == (0, job.task.n_prompts) else job.task.subset(P)
+    with torch.no_grad():
+        cache = _collect(job.model, job.graph, t, residuals=job.runner is not None)
+    return _Evaluator(job.model, job.graph, t, cache, job.readout, job.runner)
+
+
+def compute_unit(job: PatchJob, ev: _Evaluator, unit: Unit) -> Float[Tensor, " k"]:
+    """Per item of ``unit``, the float64 sum over the batch's prompts of metric(patched) -
+    metric(clean): ``ceil(k / copies_per_forward)`` stacked forwards. ``ev`` must be
+    ``prepare_batch(job, unit.batch)``. A plain function: an executor can run it anywhere."""
+    items = torch.tensor(unit.items, dtype=torch.long)
+    out = torch.empty(len(items), dtype=torch.float64)
+    m = job.plan.copies_per_forward
+    device = ev.cache.delta.device
+    with torch.no_grad():
+        for c0 in range(0, len(items), m):
+            senders = job.item_sender[items[c0 : c0 + m]].to(device)
+            D = ev.cache.delta[senders]
+            if job.scale != 1.0:
+                D = D * job.scale
+            out[c0 : c0 + m] = ev.measure(job.kind, unit.key, D).double().sum(1).cpu()
+    return out
+
+
+def forwards_of(job: PatchJob, unit: Unit) -> int:
+    """Stacked forwards :func:`compute_unit` runs for ``unit``."""
+    return -(-len(unit.items) // job.plan.copies_per_forward)
 
 
 # ------------------------------------------------------------------------------ planning
-def _row_bytes(model: Any, task: Task, use_readout: bool) -> int:
-    cfg = model.cfg
-    p, d = task.seq_len, cfg.d_model
-    item = next(model.parameters()).element_size()
-    per = p * (12 * d + 3 * (getattr(cfg, "d_mlp", None) or 4 * d) + 3 * cfg.n_heads * p)
-    if not use_readout:
-        per += 2 * p * cfg.d_vocab
-    return per * item
-
-
-def auto_rows(model: Any, task: Task, use_readout: bool, memory_budget: int | None = None) -> int:
-    """Stacked rows (copies x prompts) per forward from a memory budget (bytes).
-
-    CPU: budget 512 MiB, at most 256 rows (fastest measured range 80-320). CUDA: a quarter of
-    the free memory unless ``memory_budget`` is given."""
-    dev = next(model.parameters()).device
-    if dev.type == "cuda":
-        budget = memory_budget or int(torch.cuda.mem_get_info(dev)[0] * 0.25)
-        cap = 16384
-    else:
-        budget = memory_budget or CPU_MEMORY_BUDGET
-        cap = CPU_MAX_ROWS
-    return int(max(1, min(cap, budget // _row_bytes(model, task, use_readout))))
-
-
 def shard_groups(keys: Int[Tensor, " k"], weights: Float[Tensor, " k"], i: int, n: int) -> Tensor:
     """Boolean mask of the items in shard ``i`` of ``n``: whole groups (same key) are assigned,
     heaviest first, each to the least-loaded shard (deterministic)."""
@@ -246,7 +353,6 @@ def _parse_shard(shard: Any) -> tuple[int, int] | None:
     return (i, n)
 
 
-# ------------------------------------------------------------------------------ engine
 def _check_inputs(model: Any, graph: Graph, task: Task, scale: float) -> None:
     if not isinstance(graph, Graph):
         raise PatchError(f"graph must be an eap.Graph, got {type(graph).__name__}")
@@ -254,19 +360,74 @@ def _check_inputs(model: Any, graph: Graph, task: Task, scale: float) -> None:
         raise PatchError(f"task must be an eap.Task, got {type(task).__name__}")
     graph.check_model(model)
     check_edge_hooks(model, graph)
+    task.check_tokens(model.cfg.d_vocab, getattr(model.cfg, "n_ctx", None))
     if not math.isfinite(float(scale)):
         raise PatchError(f"scale must be finite, got {scale}")
 
 
+def held_bytes(obj: Any, model: Any) -> int:
+    """Bytes of the tensors ``obj`` holds (in its attributes, their lists, tuples, dicts and plain
+    objects, a few levels deep; modules are not entered) that do not share storage with the
+    model's parameters: e.g. the block runner's fused weight copies."""
+    shared = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages: dict[int, int] = {}
+    visited: set[int] = set()
+
+    def visit(v: Any, depth: int) -> None:
+        if isinstance(v, Tensor):
+            st = v.untyped_storage()
+            if st.data_ptr() not in shared:
+                storages[st.data_ptr()] = st.nbytes()
+            return
+        if depth > 4 or id(v) in visited or isinstance(v, torch.nn.Module):
+            return
+        visited.add(id(v))
+        if isinstance(v, (list, tuple)):
+            children = list(v)
+        elif isinstance(v, dict):
+            children = list(v.values())
+        elif hasattr(v, "__dict__") and not isinstance(v, type):
+            children = list(vars(v).values())
+        else:
+            return
+        for x in children:
+            visit(x, depth + 1)
+
+    visit(obj, 0)
+    return sum(storages.values())
+
+
+def _plan(model: Any, graph: Graph, task: Task, *, runner: BlockRunner | None, use_readout: bool,
+          max_copies: int, batch_size: int | None, budget: int) -> PatchPlan:
+    """The prompt batches and copies per forward (``eap.budget.plan_patching``), with the
+    metric's needs: one batch of all prompts for a metric that cannot take a subset."""
+    n = task.n_prompts
+    problem = task.subset_problem(model.cfg.d_vocab) if n > 1 else None
+    if problem is not None and batch_size is not None and batch_size < n:
+        raise TaskError(
+            f"{problem}: the metric seems to close over data of all {n} prompts, but batch_size={batch_size} "
+            "splits them. Pass the per-prompt data through Task(per_prompt=...) or leave batch_size unset."
+        )
+    kw = dict(readout=use_readout, residuals=runner is not None, hooks=runner is None, max_copies=max_copies,
+              budget=budget, fixed_bytes=held_bytes(runner, model) if runner is not None else 0)
+    try:
+        return plan_patching(model, graph.n_senders, n, task.seq_len, whole_task=problem is not None,
+                             prompts_per_batch=batch_size, **kw)
+    except BudgetError as exc:  # the whole task does not fit the budget
+        raise TaskError(f"{problem}. {exc}") from exc
+
+
+# ------------------------------------------------------------------------------ engine
 def _run(
-    model: Any, graph: Graph, task: Task, kind: str, items: Tensor, n_items: int,
-    item_sender: Tensor, item_key: Tensor, key_layer: Callable[[int], int],
-    *, scale: float, batch_size: int | None, memory_budget: int | None, readout: bool | None,
+    model: Any, graph: Graph, task: Task, kind: str, items: Tensor, n_items: int, item_sender: Tensor,
+    *, scale: float, batch_size: int | None, memory_budget: Any, readout: bool | None,
     method: str, out: Any, shard: Any, progress: bool, stats: dict | None,
 ) -> Float[Tensor, " n"]:
     _check_inputs(model, graph, task, scale)
     if method not in ("auto", "fast", "hooks"):
         raise PatchError(f"method must be 'auto', 'fast' or 'hooks', got {method!r}")
+    if batch_size is not None and int(batch_size) < 1:
+        raise PatchError(f"batch_size (prompts per batch) must be >= 1, got {batch_size}")
     shard = _parse_shard(shard)
     device = next(model.parameters()).device
     if task.clean.device != device:
@@ -274,6 +435,7 @@ def _run(
     use_readout = task.has_readout if readout is None else bool(readout)
     if use_readout and not task.has_readout:
         raise TaskError(f"task {task.name!r} has no readout; pass readout=None or False")
+    budget = resolve_budget(memory_budget, device)
 
     runner = None
     if method in ("auto", "fast"):
@@ -285,71 +447,83 @@ def _run(
             warnings.warn(f"{exc}; using the (slower) hook-based patching path")
     if runner is None:
         use_readout = False
-    evaluate_name = {("edges", True): "receiver", ("edges", False): "_hooked_receiver",
-                     ("nodes", True): "_node", ("nodes", False): "_hooked_node"}[(kind, runner is not None)]
 
-    fp = fingerprint(model, graph, task, items, scale, kind)
+    t0 = time.perf_counter()
+    parts = fingerprint_parts(model, graph, task, items, scale, kind)
+    fp = fingerprint_of(parts)
+    fingerprint_s = time.perf_counter() - t0
+
     assigned = items
     if shard is not None:
-        keys = item_key[items]
-        layers = torch.tensor([key_layer(int(k)) for k in keys.tolist()], dtype=torch.float64)
+        keys = unit_keys(graph, kind, runner is not None, items)
+        if kind == "edges":
+            rec_layer = torch.tensor([g.layer for g in graph.receiver_groups for _ in range(g.size)])
+            layers = rec_layer[keys].double()
+        else:
+            send_layer = torch.tensor([g.layer for g in graph.sender_groups for _ in range(g.size)])
+            layers = send_layer[items].double()
         weights = graph.spec.n_layers - layers + 1.0
         assigned = items[shard_groups(keys, weights, *shard)]
-    meta = describe_request(model, graph, task, items, scale, kind)
-    meta["parts"] = fingerprint_parts(model, graph, task, items, scale, kind)
-    store = ResultStore.open(out, fp, n_items, items, assigned, shard, meta, kind)
-    todo = store.todo()
+    keys = unit_keys(graph, kind, runner is not None, assigned)
+    max_copies = int(keys.unique(return_counts=True)[1].max()) if len(assigned) else 1
+    plan = _plan(model, graph, task, runner=runner, use_readout=use_readout, max_copies=max_copies,
+                 batch_size=batch_size, budget=budget)
+    job = PatchJob(model, graph, task, kind, runner, use_readout, float(scale), item_sender.cpu().long(), plan)
 
-    rows = int(batch_size) if batch_size else auto_rows(model, task, use_readout, memory_budget)
-    n = task.n_prompts
-    nb = min(n, rows)
-    per_chunk = max(1, rows // nb)
-    batches = [slice(s, min(s + nb, n)) for s in range(0, n, nb)]
     t0 = time.perf_counter()
+    meta = describe_request(model, graph, task, items, scale, kind)
+    meta["parts"] = parts
+    store = ResultStore.open(out, fp, n_items, items, assigned, shard, meta, kind, task.n_prompts,
+                             job.plan.prompts_per_batch)
+    io_s = time.perf_counter() - t0
+    if store.prompts_per_batch != job.plan.prompts_per_batch:
+        job.plan = _adopt_batches(store, job, max_copies, budget, batch_size)
+    done_before = store.done.clone()
+    todo = store.todo()
+    units = [u for u in job.units(todo) if not store.unit_done(u.batch, torch.tensor(u.items))]
+    n_resumed = len(job.units(todo)) - len(units)
+
+    setup_s = patch_s = 0.0
     n_forwards = 0
-    if len(todo):
-        with torch.no_grad():
-            cache = _collect(model, graph, task, nb)
-            ev = _Evaluator(model, graph, task, cache, use_readout, runner)
-            setup_s = time.perf_counter() - t0
-            t1 = time.perf_counter()
-            eval_key = item_key
-            if kind == "nodes" and runner is not None:
-                # senders of one hook group inject at the same residual point: stack them together
-                eval_key = torch.cat([torch.full((g.size,), gi) for gi, g in enumerate(graph.sender_groups)])
-            keys = eval_key[todo]
-            order = torch.argsort(keys * (n_items + 1) + todo, stable=True)
-            todo, keys = todo[order], keys[order]
-            groups = torch.unique_consecutive(keys, return_counts=True)
-            bar = _progress(len(todo), kind, progress)
-            start = 0
-            try:
-                for key, count in zip(groups[0].tolist(), groups[1].tolist()):
-                    ids_all = todo[start : start + count]
-                    start += count
-                    for c0 in range(0, count, per_chunk):
-                        ids = ids_all[c0 : c0 + per_chunk]
-                        senders = item_sender[ids].to(device)
-                        total = torch.zeros(len(ids), dtype=torch.float64, device=device)
-                        for P in batches:
-                            D = cache.delta[senders, P]
-                            if scale != 1.0:
-                                D = D * scale
-                            total += getattr(ev, evaluate_name)(key, D, P).double().sum(1)
-                            n_forwards += 1
-                        store.record(ids, total / n)
-                        store.save()
-                        bar.update(len(ids))
-            finally:
-                bar.close()
-            patch_s = time.perf_counter() - t1
-    else:
-        setup_s = patch_s = 0.0
+    bar = _progress(sum(len(u.items) for u in units), kind, progress, len(job.batches))
+    try:
+        for b in range(len(job.batches)):
+            mine = [u for u in units if u.batch == b]
+            if not mine:
+                continue
+            ev = None  # free the previous batch's cache before caching this one
+            sync(device)
+            t0 = time.perf_counter()
+            ev = prepare_batch(job, b)
+            sync(device)
+            setup_s += time.perf_counter() - t0
+            for unit in mine:
+                t0 = time.perf_counter()
+                sums = compute_unit(job, ev, unit)
+                patch_s += time.perf_counter() - t0
+                n_forwards += forwards_of(job, unit)
+                t0 = time.perf_counter()
+                store.record_unit(unit.batch, unit.items, sums)
+                io_s += time.perf_counter() - t0
+                bar.update(len(unit.items))
+            t0 = time.perf_counter()
+            store.save()
+            io_s += time.perf_counter() - t0
+    finally:
+        bar.close()
+        t0 = time.perf_counter()
+        store.close()
+        io_s += time.perf_counter() - t0
+    n_measured = int((store.done & ~done_before)[assigned].sum())
     if stats is not None:
+        plan = job.plan
         stats.update(
-            kind=kind, n_measured=int(len(todo)), n_requested=int(len(items)), n_assigned=int(len(assigned)),
-            setup_s=setup_s, patch_s=patch_s, items_per_s=(len(todo) / patch_s if patch_s > 0 else float("nan")),
-            n_forwards=n_forwards, rows_per_forward=rows, copies_per_forward=per_chunk, prompts_per_forward=nb,
+            kind=kind, n_measured=n_measured, n_requested=int(len(items)), n_assigned=int(len(assigned)),
+            setup_s=setup_s, patch_s=patch_s, fingerprint_s=fingerprint_s, io_s=io_s,
+            items_per_s=(n_measured / patch_s if patch_s > 0 else float("nan")),
+            n_forwards=n_forwards, n_units=len(units), n_units_resumed=n_resumed, n_batches=len(job.batches),
+            rows_per_forward=plan.rows_per_forward, copies_per_forward=plan.copies_per_forward,
+            prompts_per_batch=plan.prompts_per_batch, memory_budget=plan.budget, planned_peak_bytes=plan.peak_bytes,
             path="fast" if runner is not None else "hooks", readout=use_readout, fingerprint=fp,
         )
     result = torch.full((n_items,), float("nan"), dtype=torch.float64)
@@ -357,7 +531,24 @@ def _run(
     return result
 
 
-def _progress(total: int, kind: str, enabled: bool):
+def _adopt_batches(store: ResultStore, job: PatchJob, max_copies: int, budget: int, batch_size: int | None) -> PatchPlan:
+    """A resumed file was measured with other prompt batches: keep them if they fit the budget
+    (its partial sums stay valid), else start the unfinished items' batches afresh."""
+    plan = job.plan
+    if batch_size is None and store.has_partial:
+        kept = _plan(job.model, job.graph, job.task, runner=job.runner, use_readout=job.readout,
+                     max_copies=max_copies, batch_size=store.prompts_per_batch, budget=budget)
+        if kept.peak_bytes <= budget:
+            return kept
+    dropped = store.set_batches(plan.prompts_per_batch)
+    if dropped:
+        warnings.warn(f"{store.path}: recomputing {dropped} (item, prompt batch) sums measured with other "
+                      f"prompt batches ({plan.prompts_per_batch} prompts per batch now)")
+    store.save()
+    return plan
+
+
+def _progress(total: int, kind: str, enabled: bool, n_batches: int):
     try:
         from tqdm.auto import tqdm
     except ImportError:  # pragma: no cover
@@ -367,7 +558,9 @@ def _progress(total: int, kind: str, enabled: bool):
             def update(self, k): pass
             def close(self): pass
         return _Null()
-    return tqdm(total=total, unit=kind[:-1], desc=f"exact {kind}", dynamic_ncols=True, smoothing=0.05)
+    unit = f"{kind[:-1]}" + ("×batch" if n_batches > 1 else "")
+    return tqdm(total=total, unit=unit, desc=f"exact {kind} ({n_batches} prompt batches)", dynamic_ncols=True,
+                smoothing=0.05)
 
 
 # ------------------------------------------------------------------------------ public API
@@ -381,7 +574,7 @@ def patch_edges(
     *,
     scale: float = 1.0,
     batch_size: int | None = None,
-    memory_budget: int | None = None,
+    memory_budget: int | float | str | None = None,
     readout: bool | None = None,
     method: str = "auto",
     out: Any = None,
@@ -398,12 +591,20 @@ def patch_edges(
 
     edges: None/'all', list/tensor of indices or names, 'topk:K' (by ``scores``), 'sample:K',
         'stratified:K' (seeded by ``seed``); see ``Graph.select_edges``.
-    batch_size: stacked rows (copies x prompts) per forward; default from ``memory_budget``.
+    memory_budget: bytes (or '2GiB', ...) the cache of one prompt batch and one patched forward
+        may use together; default a share of the free device memory (``eap.budget``).
+    batch_size: prompts per batch (default: from ``memory_budget``); copies per forward always
+        come from the budget. The result does not depend on either (float64 sums).
     readout: use ``task.readout`` (only the needed logits); default when the task has one.
     method: 'auto' (fast runner, hook path for unsupported architectures), 'fast', 'hooks'.
-    out: results file: saved after every chunk, resumed if it exists (refused if it was written
-        for other arguments). shard: (i, n) or 'i/n': only part i of n (whole receivers).
-    stats: dict filled with timing facts (setup_s, patch_s, items_per_s, rows_per_forward, path).
+    out: results file: every finished (receiver, prompt batch) unit is journalled at once,
+        resumed if it exists (refused if it was written for other arguments; see
+        ``validation.store``). shard: (i, n) or 'i/n': only part i of n (whole receivers).
+    stats: dict filled with ``setup_s`` (caching forwards), ``patch_s`` (patched forwards only),
+        ``fingerprint_s``, ``io_s`` (results file), ``n_measured``, ``items_per_s``
+        (= n_measured / patch_s), ``n_forwards``, ``rows_per_forward``, ``prompts_per_batch``,
+        ``copies_per_forward``, ``n_batches``, ``n_units``, ``n_units_resumed``,
+        ``memory_budget``, ``planned_peak_bytes`` (bytes), ``path``, ``readout``, ``fingerprint``.
     """
     try:
         items = graph.select_edges(edges, scores, seed)
@@ -411,10 +612,9 @@ def patch_edges(
         raise
     except Exception as exc:
         raise GraphError(f"cannot interpret edge spec {edges!r}: {exc}") from exc
-    rec_layer = [g.layer for g in graph.receiver_groups for _ in range(g.size)]
     return _run(
-        model, graph, task, "edges", items, graph.n_edges, graph.edge_sender, graph.edge_receiver,
-        lambda r: rec_layer[r], scale=scale, batch_size=batch_size, memory_budget=memory_budget,
+        model, graph, task, "edges", items, graph.n_edges, graph.edge_sender,
+        scale=scale, batch_size=batch_size, memory_budget=memory_budget,
         readout=readout, method=method, out=out, shard=shard, progress=progress, stats=stats,
     )
 
@@ -427,7 +627,7 @@ def patch_nodes(
     *,
     scale: float = 1.0,
     batch_size: int | None = None,
-    memory_budget: int | None = None,
+    memory_budget: int | float | str | None = None,
     readout: bool | None = None,
     method: str = "auto",
     out: Any = None,
@@ -440,35 +640,11 @@ def patch_nodes(
 
     ``result[u] = mean_prompts[metric(clean with out_u -> clean_u + scale*(corr_u - clean_u)) -
     metric(clean)]``, metric units; the truth for node-level attribution. ``nodes``: None/'all'
-    or a list of sender names/indices; NaN for senders not requested."""
+    or a list of sender names/indices; NaN for senders not requested. Other arguments and
+    ``stats`` as for :func:`patch_edges`."""
     items = graph.select_senders(nodes)
-    ids = torch.arange(graph.n_senders)
-    sender_layer = []
-    for g in graph.sender_groups:
-        sender_layer += [g.layer] * g.size
     return _run(
-        model, graph, task, "nodes", items, graph.n_senders, ids, ids,
-        lambda s: sender_layer[s], scale=scale, batch_size=batch_size, memory_budget=memory_budget,
+        model, graph, task, "nodes", items, graph.n_senders, torch.arange(graph.n_senders),
+        scale=scale, batch_size=batch_size, memory_budget=memory_budget,
         readout=readout, method=method, out=out, shard=shard, progress=progress, stats=stats,
     )
-
-
-def _node(self: _Evaluator, group: int, D: Tensor, P: slice) -> Tensor:
-    return self.inject(self.sender_point(self.graph.sender_groups[group].start), D, P)
-
-
-def _hooked_receiver(self: _Evaluator, r: int, D: Tensor, P: slice) -> Tensor:
-    g = self.graph.receiver_group_of(r)
-    return self.hooked(g.hook, (r - g.start) if g.n_heads else None, D, P)
-
-
-def _hooked_node(self: _Evaluator, s: int, D: Tensor, P: slice) -> Tensor:
-    for g in self.graph.sender_groups:
-        if g.start <= s < g.start + g.size:
-            return self.hooked(g.hook, (s - g.start) if g.n_heads else None, D, P)
-    raise GraphError(f"sender index {s} out of range")
-
-
-_Evaluator._node = _node
-_Evaluator._hooked_receiver = _hooked_receiver
-_Evaluator._hooked_node = _hooked_node

@@ -507,8 +507,7 @@ def test_resume_after_sigkill(tiny_model, make_random_task, tmp_path):
     graph = Graph.from_model(tiny_model)
     out = tmp_path / "k.pt"
     script = textwrap.dedent(f"""
-        import sys, time, torch
-        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        import time, torch
         torch.set_num_threads(1)
         from conftest import TINY_SHAPE, random_task
         from eap.models import random_model
@@ -523,7 +522,8 @@ def test_resume_after_sigkill(tiny_model, make_random_task, tmp_path):
         t = random_task(m, n=3, seq=6)
         validation.patch_edges(m, Graph.from_model(m), t, progress=False, batch_size=2, out={str(out)!r})
     """)
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    here = Path(__file__).resolve().parent  # conftest (tests/) and the package root, like pytest's rootdir
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(here), str(here.parent)]))
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, env=env)
     units = 0
     while units < 5:

@@ -33,6 +33,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from eap.attribute import select_logits
 from eap.hooks import StopForward
 from eap.measure import PeakMemory, median, sync, time_call, time_interleaved
 from eap.task import Task
@@ -142,15 +143,10 @@ def floor_pass(model: Any, task: Task) -> float:
     with torch.enable_grad():
         emb = bare.get_input_embeddings()(task.clean).detach().requires_grad_(True)
         if task.has_readout:
+            # the final residual of the bare model, read out by the same code as EAP's run
+            # (eap.arch.Readout: final norm at the read-out position + the read-out columns only)
             resid = _final_residual(bare, norm, inputs_embeds=emb)
-            pos = task.per_prompt["readout_pos"].long()
-            toks = task.per_prompt["readout_tokens"].long()
-            x = norm(resid[torch.arange(resid.shape[0], device=device), pos])  # [b, d]
-            unembed = bare.get_output_embeddings()
-            selected = torch.einsum("bd,bkd->bk", x, unembed.weight[toks])
-            if getattr(unembed, "bias", None) is not None:
-                selected = selected + unembed.bias[toks]
-            metric = task.readout(selected).sum()
+            metric = task.readout(select_logits(model, resid, task)).sum()
         else:
             metric = task.metric(bare(inputs_embeds=emb).logits).sum()
         (grad,) = torch.autograd.grad(metric, emb)

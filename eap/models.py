@@ -291,11 +291,7 @@ def random_model(
     with torch.random.fork_rng(devices=[]), _quiet():
         torch.manual_seed(seed)
         hf_model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    hf_model = _ready_hf_model(hf_model, device, dtype)
-    with tempfile.TemporaryDirectory() as tmp:
-        hf_model.config.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        bridge = _boot(tmp, device, dtype, hf_model=hf_model, tokenizer=_saved_generic_tokenizer(tmp))
+    bridge = wrap_hf_model(hf_model, tokenizer, device, dtype)
     if attn_only:
         with torch.no_grad():
             for block in bridge.blocks:  # the bridge's W_out / b_out are views of the HF weights
@@ -415,6 +411,56 @@ def load_model(
         ) from exc
     _ORIGINS[model] = ModelOrigin(name=name)
     return model
+
+
+def wrap_hf_model(hf_model: Any, tokenizer: Any, device: torch.device | str, dtype: torch.dtype) -> Any:
+    """A model ready for edge work around a transformers model in memory and its tokenizer (the
+    weights are used as they are; grouped-query attention is ungrouped)."""
+    device = torch.device(device)
+    hf_model = _ready_hf_model(hf_model, device, dtype)
+    with tempfile.TemporaryDirectory() as tmp:
+        hf_model.config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        return _boot(tmp, device, dtype, hf_model=hf_model, tokenizer=_saved_generic_tokenizer(tmp))
+
+
+def portable(model: Any) -> dict[str, Any]:
+    """What another process needs to make the same model with :func:`from_portable`: the
+    transformers config, the transformers weights (CPU copies) and the tokenizer. Plain picklable
+    objects, unlike the bridge itself (a bridge that has run carries TransformerLens state whose
+    unpickled copy computes other last bits)."""
+    hf_model, tokenizer = getattr(model, "original_model", None), getattr(model, "tokenizer", None)
+    if hf_model is None or tokenizer is None:
+        raise ModelLoadError(f"cannot send a {type(model).__name__} to another process: it needs a transformers "
+                             "model (original_model) and a tokenizer, like the models of eap.load_model")
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"), _quiet():  # the names of the transformers model's own weights
+        names = set(AutoModelForCausalLM.from_config(hf_model.config).state_dict())
+    state = {}
+    for key, value in hf_model.state_dict().items():
+        # the bridge wraps transformers modules: their weights appear under '._original_component'
+        plain = key.replace("._original_component", "")
+        if plain in names and plain not in state:
+            state[plain] = value.detach().cpu()
+    missing = sorted(names - set(state))
+    if missing:
+        raise ModelLoadError(f"cannot find the transformers weights {missing[:5]} in the model")
+    return {"config": hf_model.config, "state": state, "tokenizer": tokenizer}
+
+
+def from_portable(data: dict[str, Any], device: torch.device | str | None = None,
+                  dtype: torch.dtype | None = None) -> Any:
+    """The model :func:`portable` described, on ``device`` in ``dtype`` (default: the weights')."""
+    from transformers import AutoModelForCausalLM
+
+    state = data["state"]
+    dtype = dtype or next(iter(state.values())).dtype
+    device = torch.device(device) if device is not None else default_device()
+    with _quiet():
+        hf_model = AutoModelForCausalLM.from_config(data["config"], dtype=dtype)
+    hf_model.load_state_dict(state, strict=True)
+    return wrap_hf_model(hf_model, data["tokenizer"], device, dtype).to(device)
 
 
 def describe(model: Any) -> dict[str, Any]:

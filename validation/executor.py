@@ -214,15 +214,20 @@ class FromOrigin:
 
 @dataclass(frozen=True)
 class Shipped:
-    """A worker takes the driver's model from Ray's object store (``box``: ``[ObjectRef]``, in a
-    list so that Ray passes the reference instead of the model to the worker's constructor)."""
+    """A worker takes the driver's model from Ray's object store: ``box`` is ``[ObjectRef]`` of
+    ``eap.models.portable(model)`` (transformers config, weights, tokenizer), from which the
+    worker makes the bridge (``eap.models.from_portable``); in a list so that Ray passes the
+    reference, not the weights, to the worker's constructor."""
 
     box: list
+    dtype: torch.dtype
 
     def make(self, device: str) -> Any:
         import ray
 
-        return ray.get(self.box[0]).to(device)
+        from eap.models import from_portable
+
+        return from_portable(ray.get(self.box[0]), device, self.dtype)
 
     def __str__(self) -> str:
         return "shipped through the object store"
@@ -279,7 +284,16 @@ class PatchWorker:
         from validation.runner import BlockRunner
         from validation.store import fingerprint_parts
 
-        spec: JobSpec = ray.get(box[0])
+        try:
+            spec: JobSpec = ray.get(box[0])
+        except Exception as exc:  # typically a metric whose module this worker cannot import
+            raise ExecutorError(
+                f"Ray worker {socket.gethostname()}:{os.getpid()} cannot load the job (graph, prompts, metric): "
+                f"{str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__}. Functions travel "
+                "by reference to their module: make the metric's module importable on every worker (install it, or "
+                "ray.init(runtime_env={'py_modules': [...]})), or send it by value with "
+                "ray.cloudpickle.register_pickle_by_value(module)"
+            ) from None
         model = self._model()
         self.job = self.ev = None
         self.batch = None
@@ -322,6 +336,15 @@ class PatchWorker:
         sums = compute_unit(job, self.ev, unit)
         return {"sums": sums, "setup_s": setup_s, "patch_s": time.perf_counter() - t0,
                 "n_forwards": forwards_of(job, unit)}
+
+
+def _cause(exc: Exception) -> BaseException:
+    """The exception a worker raised (its remote traceback chained), rather than Ray's wrapper."""
+    cause = getattr(exc, "cause", None)
+    if isinstance(cause, Exception):
+        cause.__cause__ = exc
+        return cause
+    return exc
 
 
 @dataclass
@@ -392,6 +415,7 @@ class RayExecutor(Executor):
         self._slots: list[_Slot] = []
         self._pool_key: tuple | None = None
         self._shipped: Any = None
+        self.source = ""  #: how the current workers got the model (e.g. 'made from random:gpt2-small@0')
 
     # ------------------------------------------------------------------ cluster
     def connect(self) -> Any:
@@ -466,8 +490,11 @@ class RayExecutor(Executor):
         if origin is not None:
             source: Any = FromOrigin(origin, param.dtype)
         else:
-            self._shipped = ray.put(model)
-            source = Shipped([self._shipped])
+            from eap.models import portable
+
+            self._shipped = ray.put(portable(model))
+            source = Shipped([self._shipped], param.dtype)
+        self.source = str(source)
         device = "cuda" if gpus > 0 else "cpu"
         threads = max(1, int(self.cpus_per_worker))
         actor_cls = ray.remote(PatchWorker).options(num_cpus=self.cpus_per_worker, num_gpus=gpus,
@@ -560,8 +587,8 @@ class RayExecutor(Executor):
                             s.info = ray.get(ref)
                             s.state, s.batch = "ready", None
                             times.n_workers = max(times.n_workers, sum(o.state == "ready" for o in slots))
-                        except RayTaskError:
-                            raise  # making the model failed: the same everywhere
+                        except RayTaskError as exc:
+                            raise _cause(exc)  # making the model failed: it would fail everywhere
                         except RayError as exc:
                             s.state, last_error = "dead", exc
                             times.workers_lost += 1
@@ -569,8 +596,8 @@ class RayExecutor(Executor):
                     s.in_flight -= 1
                     try:
                         res = ray.get(ref)
-                    except RayTaskError:
-                        raise  # the computation failed (bad metric, NaN, mismatch): not a worker's fault
+                    except RayTaskError as exc:
+                        raise _cause(exc)  # the computation failed (bad metric, NaN, mismatch): not the worker's fault
                     except (RayActorError, RayError) as exc:
                         lose(s, unit, exc)
                         continue

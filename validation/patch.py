@@ -505,8 +505,7 @@ def _execute(
         if store.prompts_per_batch != job.plan.prompts_per_batch:
             job.plan = _adopt_batches(store, job, max_copies, budget, batch_size)
         done_before = store.done.clone()
-        todo = store.todo()
-        all_units = job.units(todo)
+        all_units = job.units(assigned)  # units recorded before (by any executor, in any order) are skipped
         units = [u for u in all_units if not store.unit_done(u.batch, torch.tensor(u.items))]
         n_resumed = len(all_units) - len(units)
         bar = _progress(sum(len(u.items) for u in units), kind, progress, len(job.batches))

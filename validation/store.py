@@ -528,7 +528,7 @@ class ResultStore:
         self.values: Float[Tensor, " n"] = torch.full((n_items,), float("nan"), dtype=torch.float64)
         self.done: Bool[Tensor, " n"] = torch.zeros(n_items, dtype=torch.bool)
         self._journal = None
-        self._lock: WriterLock | None = None
+        self.lock: WriterLock | None = None  #: the writer lock while open (stores with a path)
         self.set_batches(prompts_per_batch or self.n_prompts)
 
     # ------------------------------------------------------------------ batches
@@ -564,7 +564,7 @@ class ResultStore:
         store = cls(path, fp, n_items, requested, assigned, shard, meta, kind, n_prompts, prompts_per_batch)
         if store.path is None:
             return store
-        store._lock = WriterLock(store.path).acquire()
+        store.lock = WriterLock(store.path).acquire()
         try:
             for tmp in _temp_files(store.path):  # only the lock holder writes temp files: these are orphans
                 tmp.unlink(missing_ok=True)
@@ -720,9 +720,9 @@ class ResultStore:
         if self._journal is not None:
             self._journal.close()
             self._journal = None
-        if self._lock is not None:
-            self._lock.release()
-            self._lock = None
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
 
 def _replay(data: dict, path: Path) -> dict:

@@ -58,7 +58,8 @@ from jaxtyping import Int
 from torch import Tensor
 
 from eap.measure import sync
-from validation.patch import PatchError, PatchJob, Unit, compute_unit, forwards_of, item_weights, prepare_batch
+from validation import patch as vp
+from validation.patch import PatchError, PatchJob, Unit
 
 #: What to tell a user whose environment has no Ray.
 RAY_INSTALL_HINT = "pip install 'eap-bench[ray]'"
@@ -126,14 +127,14 @@ class LocalExecutor(Executor):
             ev = None  # free the previous batch's cache before caching this one
             sync(device)
             t0 = time.perf_counter()
-            ev = prepare_batch(job, b)
+            ev = vp.prepare_batch(job, b)
             sync(device)
             times.setup_s += time.perf_counter() - t0
             for unit in mine:
                 t0 = time.perf_counter()
-                sums = compute_unit(job, ev, unit)
+                sums = vp.compute_unit(job, ev, unit)
                 times.patch_s += time.perf_counter() - t0
-                times.n_forwards += forwards_of(job, unit)
+                times.n_forwards += vp.forwards_of(job, unit)
                 t0 = time.perf_counter()
                 store.record_unit(unit.batch, unit.items, sums)
                 times.io_s += time.perf_counter() - t0
@@ -328,14 +329,14 @@ class PatchWorker:
             self.ev = None
             sync(device)
             t0 = time.perf_counter()
-            self.ev = prepare_batch(job, unit.batch)
+            self.ev = vp.prepare_batch(job, unit.batch)
             sync(device)
             setup_s = time.perf_counter() - t0
             self.batch = unit.batch
         t0 = time.perf_counter()
-        sums = compute_unit(job, self.ev, unit)
+        sums = vp.compute_unit(job, self.ev, unit)
         return {"sums": sums, "setup_s": setup_s, "patch_s": time.perf_counter() - t0,
-                "n_forwards": forwards_of(job, unit)}
+                "n_forwards": vp.forwards_of(job, unit)}
 
 
 def _cause(exc: Exception) -> BaseException:
@@ -520,7 +521,7 @@ class RayExecutor(Executor):
         for u in units:
             queues.setdefault(u.batch, []).append(u)
         for b, us in queues.items():
-            w = [float(item_weights(job.graph, job.kind, torch.tensor(u.items)).sum()) for u in us]
+            w = [float(vp.item_weights(job.graph, job.kind, torch.tensor(u.items)).sum()) for u in us]
             queues[b] = deque(u for _, u in sorted(zip(w, us), key=lambda wu: (-wu[0], wu[1].key)))
         left = {b: len(q) for b, q in queues.items()}  # units of each batch not yet recorded
         failures: dict[Unit, int] = {}

@@ -21,7 +21,9 @@ copies per forward from ``memory_budget``). For each prompt batch:
 2. every unit of the batch (:class:`Unit`: the requested edges into one receiver, or the
    requested senders of one node group) is computed by :func:`compute_unit`, a plain function
    of the job, the batch's evaluator and the unit (an executor in another process can call it),
-   and recorded in the results store at once (``validation.store``: resumable per unit).
+   and recorded in the results store at once (``validation.store``: resumable per unit). Who
+   computes the units is the executor's choice (``validation.executor``: this process, or Ray
+   workers that pull them); the numbers and the file are the same.
 
 The per-item sums over each batch's prompts are float64; an item's value is their sum over the
 batches divided by the number of prompts, so the result equals the unbatched one to float64

@@ -9,10 +9,11 @@ TORCH  ?= torch==2.13.0
 
 .PHONY: install test bench bench-gate bench-pytest thresholds sample clean
 
+# The tests use the [ray] extra (the Ray executor; pip install 'eap-bench[ray]' elsewhere).
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e .
+	$(PY) -m pip install -q -e ".[ray]"
 	touch $@
 
 install: $(VENV)/.installed

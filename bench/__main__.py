@@ -71,6 +71,13 @@ def _add_matrix_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--isolate", choices=["model", "job", "none"],
                    help="fresh process per model (default), per measurement, or none")
     p.add_argument("--cache-dir", help="where exact truth is cached (default <run>/cache)")
+    p.add_argument("--executor", choices=["local", "ray"],
+                   help="where exact truth is computed: this process (default) or Ray workers "
+                        "(pip install 'eap-bench[ray]'); the numbers are the same")
+    p.add_argument("--address", dest="ray_address", help="Ray cluster for --executor ray: auto, host:port or "
+                   "ray://host:port (default: a local cluster)")
+    p.add_argument("--workers", dest="ray_workers", type=int, help="Ray workers (default: as many as the cluster holds)")
+    p.add_argument("--gpus-per-worker", type=float, help="GPUs per Ray worker (default 1 on CUDA, else 0)")
     p.add_argument("--no-figures", action="store_true")
     p.add_argument("--quiet", action="store_true")
 
@@ -83,7 +90,8 @@ def _config(args: argparse.Namespace, base: dict | None = None) -> Config:
         tasks=[args.task] if args.task else _list(args.tasks), task_kwargs=args.task_kwargs,
         method_kwargs=args.method_kwargs, edges=args.edges, seed=args.seed, groups=args.groups, repeats=args.repeats, bootstrap=args.bootstrap,
         ig_steps=args.ig_steps, batch_size=args.batch_size, device=args.device, dtype=args.dtype, threads=args.threads,
-        isolate=args.isolate, cache_dir=args.cache_dir,
+        isolate=args.isolate, cache_dir=args.cache_dir, executor=args.executor, ray_address=args.ray_address,
+        ray_workers=args.ray_workers, gpus_per_worker=args.gpus_per_worker,
     )
     if args.no_figures:
         over["figures"] = False

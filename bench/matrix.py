@@ -73,7 +73,11 @@ class Config:
     task builder, ``{task: {...}}`` (with a single task also just ``{...}``). ``method_kwargs``:
     ``{method: {...}}`` for plug-in methods (built-ins take ``batch_size`` and ``ig_steps``).
     ``threads``: torch CPU threads in the workers (default: torch's; 1 gives steadier timings on a
-    busy machine).
+    busy machine). ``executor``: where the exact truth's units are computed, 'local' or 'ray'
+    (``validation.executor.RayExecutor`` with ``ray_address``, ``ray_workers``,
+    ``gpus_per_worker``; one set of Ray workers per model). The truth is the same bit for bit
+    either way, so a cached truth is reused across executors; the warm timing (``repeats`` > 0)
+    stays an in-process measurement.
     """
 
     models: list[str] = field(default_factory=lambda: list(DEFAULT_MODELS))
@@ -98,6 +102,10 @@ class Config:
     figures: bool = True
     worst: int = 10
     progress: bool = True
+    executor: str = "local"
+    ray_address: str | None = None
+    ray_workers: int | None = None
+    gpus_per_worker: float | None = None
 
     def __post_init__(self) -> None:
         if self.task is not None:
@@ -135,6 +143,16 @@ class Config:
         plug-in fails here, before any model is loaded). Returns ({task: Plugin}, {method: Plugin})."""
         if self.isolate not in ("model", "job", "none"):
             raise ConfigError("isolate must be 'model', 'job' or 'none'")
+        if self.executor not in ("local", "ray"):
+            raise ConfigError(f"executor must be 'local' or 'ray', got {self.executor!r}")
+        if self.executor == "ray":
+            from validation.executor import ExecutorError, import_ray, parse_address
+
+            try:  # says how to install Ray, or what is wrong with the address, before any model is loaded
+                import_ray()
+                parse_address(self.ray_address)
+            except ExecutorError as exc:
+                raise ConfigError(str(exc)) from exc
         if any(int(n) < 1 for n in self.sizes):
             raise ConfigError("sizes must be positive numbers of prompts")
         if not self.tasks or not self.methods or not self.models:
@@ -329,7 +347,9 @@ def run(cfg: Config, run_dir: str | Path) -> dict[str, Any]:
             continue
         (run_dir / "attr").mkdir(exist_ok=True)
         base = dict(model=model, device=cfg.device, dtype=cfg.dtype, threads=cfg.threads, progress=cfg.progress,
-                    describe_out=str(run_dir / "models" / f"{slug(model)}.json"))
+                    describe_out=str(run_dir / "models" / f"{slug(model)}.json"),
+                    executor=dict(kind=cfg.executor, address=cfg.ray_address, workers=cfg.ray_workers,
+                                  gpus_per_worker=cfg.gpus_per_worker))
         if cfg.isolate == "job":
             for job in jobs:
                 _spawn({**base, "jobs": [job]}, run_dir / "work", cfg, paths)

@@ -8,7 +8,9 @@ parent to report.
 
 ``{"kind": "exact", "dir": D, ...}``
     the exact truth of the selected edges on each prompt group, through
-    ``validation.patch_edges(out=D/group{g}.pt)`` (resumable). Writes ``D/exact.pt``
+    ``validation.patch_edges(out=D/group{g}.pt)`` (resumable), on the executor the spec names
+    (``spec['executor']``: ``{"kind": "local"}`` or ``{"kind": "ray", "address", "workers",
+    "gpus_per_worker"}``; one executor for all the model's jobs). Writes ``D/exact.pt``
     (``[G, n_edges]``, NaN on edges not selected), ``D/edges.json`` and then ``D/meta.json``,
     which marks a finished truth and stores the ``validation.fingerprint`` of every group: a
     truth whose fingerprints differ from the current ones (other weights, prompts, per-prompt
@@ -99,9 +101,21 @@ def _what_differs(old: dict, model: Any, graph: Any, sub: Any, edges: torch.Tens
     return sorted(k for k in set(now) | set(before) if now.get(k) != before.get(k))
 
 
-def run_exact(model: Any, job: dict, progress: bool = True) -> dict:
+def make_executor(spec: dict | None) -> Any:
+    """The exact-patching executor a job spec names: 'local' or a ``RayExecutor``."""
+    spec = spec or {}
+    if spec.get("kind", "local") == "local":
+        return "local"
+    from validation.executor import RayExecutor
+
+    return RayExecutor(address=spec.get("address"), workers=spec.get("workers"),
+                       gpus_per_worker=spec.get("gpus_per_worker"))
+
+
+def run_exact(model: Any, job: dict, progress: bool = True, executor: Any = "local") -> dict:
     import eap
     import validation
+    from validation.store import StoreLocked
 
     out = Path(job["dir"])
     out.mkdir(parents=True, exist_ok=True)
@@ -141,11 +155,13 @@ def run_exact(model: Any, job: dict, progress: bool = True) -> dict:
                 t0 = time.perf_counter()
                 try:
                     res = validation.patch_edges(model, graph, sub, edges=edges, seed=job["seed"], out=str(path),
-                                                 progress=progress, stats=st)
-                except validation.StoreError:  # a partial file from other inputs (an interrupted stale run)
+                                                 progress=progress, stats=st, executor=executor)
+                except validation.StoreError as exc:  # a partial file from other inputs (an interrupted stale run)
+                    if isinstance(exc, StoreLocked):  # another process writes it: never delete
+                        raise
                     path.unlink()
                     res = validation.patch_edges(model, graph, sub, edges=edges, seed=job["seed"], out=str(path),
-                                                 progress=progress, stats=st)
+                                                 progress=progress, stats=st, executor=executor)
                 cold["wall_s"] += time.perf_counter() - t0
             for key in ("setup_s", "patch_s", "fingerprint_s", "io_s"):  # contract 1; None where not reported
                 v = _stat(st, key)
@@ -257,6 +273,7 @@ def run_jobs(spec: dict, progress: bool = True) -> None:
     threads = torch.get_num_threads()
     if spec.get("threads"):
         torch.set_num_threads(int(spec["threads"]))
+    executor = make_executor(spec.get("executor"))
     try:
         model = load(spec["model"], spec.get("device"), spec.get("dtype"))
         torch.manual_seed(0)
@@ -268,12 +285,14 @@ def run_jobs(spec: dict, progress: bool = True) -> None:
         for job in spec["jobs"]:
             job = {**job, "model": spec["model"]}
             if job["kind"] == "exact":
-                run_exact(model, job, progress)
+                run_exact(model, job, progress, executor)
             elif job["kind"] == "attr":
                 run_attr(model, job, progress)
             else:
                 raise ValueError(f"unknown job kind {job['kind']!r}")
     finally:
+        if executor != "local":
+            executor.close()
         torch.set_num_threads(threads)
 
 

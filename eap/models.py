@@ -1,18 +1,11 @@
 """Loading models ready for edge work (TransformerLens 4 ``TransformerBridge``).
 
 ``load_model`` accepts
-<<<<<<< HEAD
   (a) the name of an embedded model (``toy-gpt2-2l``, ...; shipped in ``eap/embedded/``),
   (b) ``random:<shape>`` or ``random:<shape>@<seed>``: a randomly initialised model of a named
       shape (``gpt2-small``, ``llama-3.2-1b``, ``qwen2.5-0.5b``, ``pythia-160m``, ``gemma-2-2b``,
       and a ``-tiny`` variant of each family; see ``RANDOM_SHAPES``), built offline, seedable,
       with the embedded word-level IOI tokenizer,
-=======
-  (a) the name of an embedded model (``toy-gpt2-2l``, ...; shipped in ``eap/embedded/``),
-  (b) ``random:<shape>`` or ``random:<shape>@<seed>``: a randomly initialised GPT-2 of a named
-      shape (``gpt2-small``, ``gpt2-medium``, ...), built offline, seedable, with the embedded
-      word-level IOI tokenizer,
->>>>>>> tasks
   (c) a local directory with a transformers model + tokenizer saved with ``save_pretrained``,
   (d) any HuggingFace name TransformerLens supports (downloads when online).
 
@@ -22,6 +15,10 @@ per-head results and ``hook_mlp_in`` switched on, parameters frozen, in eval mod
 Grouped-query models (Llama, Qwen2, Mistral, Gemma-2) come back *ungrouped*: every query head
 has its own copy of its group's key/value projection (``eap.arch.ungroup_kv_heads``; the same
 function), so q, k and v inputs exist per query head as in MIB and EAP-IG.
+
+``origin_of(model)`` says how a model of ``load_model`` or ``random_model`` was made (a
+:class:`ModelOrigin`), so that another process (a Ray worker of ``validation.executor``) can make
+the same model itself instead of receiving its weights.
 """
 
 from __future__ import annotations
@@ -30,6 +27,8 @@ import contextlib
 import os
 import socket
 import tempfile
+import weakref
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -101,6 +100,37 @@ _GPT2_STYLE = ("n_layer", "n_embd", "n_head", "n_inner", "n_positions")
 
 class ModelLoadError(RuntimeError):
     """A model could not be loaded (unknown name offline, incomplete directory, ...)."""
+
+
+@dataclass(frozen=True)
+class ModelOrigin:
+    """How a model was made: ``load_model(name)`` (an embedded name, ``random:<shape>@<seed>``, an
+    absolute directory path or a HuggingFace name), or ``random_model(shape, seed, arch=arch)``.
+    :meth:`make` makes the same model again (same weights) on another device or in another process."""
+
+    name: str | None = None
+    shape: Any = None
+    seed: int = 0
+    arch: str | None = None
+
+    def make(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Any:
+        if self.name is not None:
+            return load_model(self.name, device, dtype)
+        return random_model(self.shape, self.seed, device, dtype, self.arch)
+
+    def __str__(self) -> str:
+        return self.name if self.name is not None else f"random_model({self.shape!r}, seed={self.seed}, arch={self.arch!r})"
+
+
+_ORIGINS: "weakref.WeakKeyDictionary[Any, ModelOrigin]" = weakref.WeakKeyDictionary()
+
+
+def origin_of(model: Any) -> ModelOrigin | None:
+    """How ``model`` was made by :func:`load_model` / :func:`random_model`; None for other models."""
+    try:
+        return _ORIGINS.get(model)
+    except TypeError:  # not weak-referenceable
+        return None
 
 
 def embedded_names() -> list[str]:
@@ -261,18 +291,16 @@ def random_model(
     with torch.random.fork_rng(devices=[]), _quiet():
         torch.manual_seed(seed)
         hf_model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    hf_model = _ready_hf_model(hf_model, device, dtype)
-    with tempfile.TemporaryDirectory() as tmp:
-        hf_model.config.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        bridge = _boot(tmp, device, dtype, hf_model=hf_model, tokenizer=_saved_generic_tokenizer(tmp))
+    bridge = wrap_hf_model(hf_model, tokenizer, device, dtype)
     if attn_only:
         with torch.no_grad():
             for block in bridge.blocks:  # the bridge's W_out / b_out are views of the HF weights
                 block.mlp.W_out.zero_()
                 if getattr(block.mlp, "b_out", None) is not None:
                     block.mlp.b_out.zero_()
-    return bridge.to(device)
+    bridge = bridge.to(device)
+    _ORIGINS[bridge] = ModelOrigin(shape=shape if isinstance(shape, str) else dict(shape), seed=int(seed), arch=arch)
+    return bridge
 
 
 def _ready_hf_model(hf_model: Any, device: torch.device, dtype: torch.dtype) -> Any:
@@ -351,15 +379,21 @@ def load_model(
     name = str(name_or_path)
     if name.startswith("random:"):
         shape, _, seed = name[len("random:") :].partition("@")
-        return random_model(shape, int(seed or 0), device, dtype)
+        model = random_model(shape, int(seed or 0), device, dtype)
+        _ORIGINS[model] = ModelOrigin(name=name)
+        return model
     if name in embedded_names():
         path = EMBEDDED_DIR / name
         _check_local_dir(path)
-        return _boot_pretrained(str(path), device, dtype)
+        model = _boot_pretrained(str(path), device, dtype)
+        _ORIGINS[model] = ModelOrigin(name=name)
+        return model
     path = Path(name).expanduser()
     if path.is_dir():
         _check_local_dir(path)
-        return _boot_pretrained(str(path.resolve()), device, dtype)
+        model = _boot_pretrained(str(path.resolve()), device, dtype)
+        _ORIGINS[model] = ModelOrigin(name=str(path.resolve()))
+        return model
     if path.exists() or name.startswith((".", "/", "~")):
         raise ModelLoadError(f"{name} is not a model directory")
     if not _is_cached(name) and not _hub_reachable():
@@ -370,11 +404,63 @@ def load_model(
             f"{', '.join('random:' + s for s in RANDOM_SHAPES)}"
         )
     try:
-        return _boot_pretrained(name, device, dtype)
+        model = _boot_pretrained(name, device, dtype)
     except OSError as exc:  # a miss in the cache while offline, a typo online, ...
         raise ModelLoadError(
             f"could not load {name!r} from HuggingFace: {exc}. Embedded models: {', '.join(embedded_names())}"
         ) from exc
+    _ORIGINS[model] = ModelOrigin(name=name)
+    return model
+
+
+def wrap_hf_model(hf_model: Any, tokenizer: Any, device: torch.device | str, dtype: torch.dtype) -> Any:
+    """A model ready for edge work around a transformers model in memory and its tokenizer (the
+    weights are used as they are; grouped-query attention is ungrouped)."""
+    device = torch.device(device)
+    hf_model = _ready_hf_model(hf_model, device, dtype)
+    with tempfile.TemporaryDirectory() as tmp:
+        hf_model.config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        return _boot(tmp, device, dtype, hf_model=hf_model, tokenizer=_saved_generic_tokenizer(tmp))
+
+
+def portable(model: Any) -> dict[str, Any]:
+    """What another process needs to make the same model with :func:`from_portable`: the
+    transformers config, the transformers weights (CPU copies) and the tokenizer. Plain picklable
+    objects, unlike the bridge itself (a bridge that has run carries TransformerLens state whose
+    unpickled copy computes other last bits)."""
+    hf_model, tokenizer = getattr(model, "original_model", None), getattr(model, "tokenizer", None)
+    if hf_model is None or tokenizer is None:
+        raise ModelLoadError(f"cannot send a {type(model).__name__} to another process: it needs a transformers "
+                             "model (original_model) and a tokenizer, like the models of eap.load_model")
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"), _quiet():  # the names of the transformers model's own weights
+        names = set(AutoModelForCausalLM.from_config(hf_model.config).state_dict())
+    state = {}
+    for key, value in hf_model.state_dict().items():
+        # the bridge wraps transformers modules: their weights appear under '._original_component'
+        plain = key.replace("._original_component", "")
+        if plain in names and plain not in state:
+            state[plain] = value.detach().cpu()
+    missing = sorted(names - set(state))
+    if missing:
+        raise ModelLoadError(f"cannot find the transformers weights {missing[:5]} in the model")
+    return {"config": hf_model.config, "state": state, "tokenizer": tokenizer}
+
+
+def from_portable(data: dict[str, Any], device: torch.device | str | None = None,
+                  dtype: torch.dtype | None = None) -> Any:
+    """The model :func:`portable` described, on ``device`` in ``dtype`` (default: the weights')."""
+    from transformers import AutoModelForCausalLM
+
+    state = data["state"]
+    dtype = dtype or next(iter(state.values())).dtype
+    device = torch.device(device) if device is not None else default_device()
+    with _quiet():
+        hf_model = AutoModelForCausalLM.from_config(data["config"], dtype=dtype)
+    hf_model.load_state_dict(state, strict=True)
+    return wrap_hf_model(hf_model, data["tokenizer"], device, dtype).to(device)
 
 
 def describe(model: Any) -> dict[str, Any]:

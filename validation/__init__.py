@@ -11,6 +11,9 @@ metric(patched) - metric(clean), in the metric's units, where "patched" adds
     fingerprint(model, graph, task, edges_idx, scale=1.0, kind='edges') -> str
     default_path(model, graph, task, edges_idx, scale=1.0, kind='edges', root=None) -> Path
     merge(paths, out=None) -> Tensor;  load_values(path) -> Tensor
+    executor='local' | 'ray' | LocalExecutor() | RayExecutor(address=None, workers=None,
+        gpus_per_worker=None, ...): where the units are computed (same numbers, same file;
+        ``validation.executor``, docs/scaling.md); the results file has one writer (``out.lock``).
 Memory is bounded by ``memory_budget`` (bytes or '2GiB'; default a share of the free device
 memory), not by the number of prompts: prompts are streamed in batches, and the work is done in
 units (receiver, prompt batch) that are journalled as they finish (``validation.patch.Unit``,
@@ -18,14 +21,16 @@ units (receiver, prompt batch) that are journalled as they finish (``validation.
 """
 
 from validation.bench import forward_seconds, throughput
+from validation.executor import ExecutorError, LocalExecutor, RayExecutor
 from validation.patch import PatchError, patch_edges, patch_nodes
 from validation.runner import BlockRunner, UnsupportedModel
 from validation.store import (
-    StoreError, StoreMismatch, default_path, fingerprint, load_file, load_values, merge,
+    StoreError, StoreLocked, StoreMismatch, default_path, fingerprint, load_file, load_values, merge,
 )
 
 __all__ = [
-    "BlockRunner", "PatchError", "StoreError", "StoreMismatch", "UnsupportedModel",
+    "BlockRunner", "ExecutorError", "LocalExecutor", "PatchError", "RayExecutor", "StoreError", "StoreLocked",
+    "StoreMismatch", "UnsupportedModel",
     "default_path", "fingerprint", "forward_seconds", "load_file", "load_values", "merge",
     "patch_edges", "patch_nodes", "throughput",
 ]

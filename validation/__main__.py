@@ -3,9 +3,13 @@
     python -m validation --model toy-gpt2-4l --n 64 --seed 0 --edges all --out results/x.pt [--shard i/n]
     python -m validation --model random:gpt2-small --n 1024 --edges stratified:100 --memory-budget 2GiB
     python -m validation merge results/x.0.pt results/x.1.pt --out results/x.pt
+    python -m validation --model random:gpt2-small --edges all --executor ray [--address auto|ray://host:port]
+        [--workers K] [--gpus-per-worker F]     # Ray workers (pip install 'eap-bench[ray]')
 
 Memory is bounded by --memory-budget (default: half of the free memory), whatever --n is:
 prompts are streamed in batches; each finished (receiver, prompt batch) unit is journalled.
+With --executor ray the units are computed by Ray actors (each makes the model once) and
+recorded here; the numbers and the results file are the same as with the local executor.
 """
 
 from __future__ import annotations
@@ -80,9 +84,40 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default=None)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--no-progress", action="store_true")
+    g = p.add_argument_group("executor", "where the units are computed (same numbers, same file either way)")
+    g.add_argument("--executor", default="local", choices=["local", "ray"],
+                   help="local: this process; ray: Ray actors (pip install 'eap-bench[ray]')")
+    g.add_argument("--address", default=None, help="Ray cluster: 'auto' (the one `ray start` runs here), host:port "
+                   "or ray://host:port; default: start a local cluster")
+    g.add_argument("--workers", type=int, default=None, help="Ray workers (default: as many as the cluster holds)")
+    g.add_argument("--gpus-per-worker", type=float, default=None,
+                   help="GPUs per Ray worker (fractions share one); default 1 when --device is CUDA, else 0")
+    g.add_argument("--cpus-per-worker", type=float, default=1, help="CPUs (torch threads) per Ray worker")
     a = p.parse_args(argv)
+    if a.executor != "ray":
+        given = [f for f, v in (("--address", a.address), ("--workers", a.workers),
+                                ("--gpus-per-worker", a.gpus_per_worker)) if v is not None]
+        if given:
+            p.error(f"{', '.join(given)} only apply to --executor ray")
     if a.threads:
         torch.set_num_threads(a.threads)
+    executor = "local"
+    if a.executor == "ray":
+        from validation.executor import RayExecutor
+
+        # before loading the model: a missing Ray or a bad address fails at once
+        executor = RayExecutor(address=a.address, workers=a.workers, gpus_per_worker=a.gpus_per_worker,
+                               cpus_per_worker=a.cpus_per_worker)
+        executor.connect()
+    try:
+        return _run(a, executor)
+    finally:
+        if a.executor == "ray":
+            executor.close()
+
+
+def _run(a: argparse.Namespace, executor) -> int:
+    import validation
 
     import eap
     from eap.graph import Graph
@@ -99,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
 
     budget = parse_size(a.memory_budget) if a.memory_budget is not None else None
     kw = dict(scale=a.scale, batch_size=a.batch_size, memory_budget=budget, method=a.method, shard=a.shard,
-              progress=not a.no_progress)
+              progress=not a.no_progress, executor=executor)
     stats: dict = {}
     if a.nodes:
         items = graph.select_senders(None if a.edges == "all" else _edges_arg(a.edges))
@@ -122,6 +157,10 @@ def main(argv: list[str] | None = None) -> int:
 
         fwd = forward_seconds(model, task)
         per_item = stats["patch_s"] / stats["n_measured"]
+        if stats["executor"] != "local":
+            print(f"{stats['executor']} executor: {stats['n_workers']} workers, {stats['n_units']} units in "
+                  f"{stats['wall_s']:.1f}s wall ({stats['n_measured'] / max(stats['wall_s'], 1e-9):.1f} {kind}/s), "
+                  f"{stats['n_units_retried']} units retried, {stats['workers_lost']} workers lost; worker-seconds below")
         print(f"measured {stats['n_measured']} {kind} in {stats['patch_s']:.1f}s ({stats['items_per_s']:.1f}/s, "
               f"path {stats['path']}, {stats['n_batches']} prompt batches of {stats['prompts_per_batch']}, "
               f"{stats['rows_per_forward']} rows/forward, budget {stats['memory_budget'] / 2**30:.2f} GiB); "

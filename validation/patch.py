@@ -21,7 +21,9 @@ copies per forward from ``memory_budget``). For each prompt batch:
 2. every unit of the batch (:class:`Unit`: the requested edges into one receiver, or the
    requested senders of one node group) is computed by :func:`compute_unit`, a plain function
    of the job, the batch's evaluator and the unit (an executor in another process can call it),
-   and recorded in the results store at once (``validation.store``: resumable per unit).
+   and recorded in the results store at once (``validation.store``: resumable per unit). Who
+   computes the units is the executor's choice (``validation.executor``: this process, or Ray
+   workers that pull them); the numbers and the file are the same.
 
 The per-item sums over each batch's prompts are float64; an item's value is their sum over the
 batches divided by the number of prompts, so the result equals the unbatched one to float64
@@ -290,6 +292,19 @@ def unit_keys(graph: Graph, kind: str, fast: bool, items: Int[Tensor, " k"]) -> 
     return group_of[items]
 
 
+def item_weights(graph: Graph, kind: str, items: Int[Tensor, " k"]) -> Float[Tensor, " k"]:
+    """Relative cost of each item: the blocks a patched forward runs from its receiver's layer
+    (edges) or its sender's layer (nodes), ``n_layers - layer + 1``. Used to balance shards and
+    to hand out the expensive units first."""
+    if kind == "edges":
+        layer = torch.tensor([g.layer for g in graph.receiver_groups for _ in range(g.size)])
+        layers = layer[graph.edge_receiver[items]].double()
+    else:
+        layer = torch.tensor([g.layer for g in graph.sender_groups for _ in range(g.size)])
+        layers = layer[items].double()
+    return graph.spec.n_layers - layers + 1.0
+
+
 def prepare_batch(job: PatchJob, batch: int) -> _Evaluator:
     """The evaluator of prompt batch ``batch``: its clean and corrupted forwards (the setup)."""
     P = job.batches[batch]
@@ -421,8 +436,27 @@ def _plan(model: Any, graph: Graph, task: Task, *, runner: BlockRunner | None, u
 def _run(
     model: Any, graph: Graph, task: Task, kind: str, items: Tensor, n_items: int, item_sender: Tensor,
     *, scale: float, batch_size: int | None, memory_budget: Any, readout: bool | None,
+    method: str, out: Any, shard: Any, progress: bool, stats: dict | None, executor: Any,
+) -> Float[Tensor, " n"]:
+    # validation.executor builds on this module (prepare_batch, compute_unit), so it is imported here
+    from validation.executor import resolve_executor
+
+    ex, owned = resolve_executor(executor)  # before any work: a missing Ray fails at once
+    try:
+        return _execute(model, graph, task, kind, items, n_items, item_sender, ex, scale=scale,
+                        batch_size=batch_size, memory_budget=memory_budget, readout=readout, method=method,
+                        out=out, shard=shard, progress=progress, stats=stats)
+    finally:
+        if owned:
+            ex.close()
+
+
+def _execute(
+    model: Any, graph: Graph, task: Task, kind: str, items: Tensor, n_items: int, item_sender: Tensor, ex: Any,
+    *, scale: float, batch_size: int | None, memory_budget: Any, readout: bool | None,
     method: str, out: Any, shard: Any, progress: bool, stats: dict | None,
 ) -> Float[Tensor, " n"]:
+    """Plan the job, open the store, hand the units still to do to executor ``ex``, and report."""
     _check_inputs(model, graph, task, scale)
     if method not in ("auto", "fast", "hooks"):
         raise PatchError(f"method must be 'auto', 'fast' or 'hooks', got {method!r}")
@@ -456,14 +490,7 @@ def _run(
     assigned = items
     if shard is not None:
         keys = unit_keys(graph, kind, runner is not None, items)
-        if kind == "edges":
-            rec_layer = torch.tensor([g.layer for g in graph.receiver_groups for _ in range(g.size)])
-            layers = rec_layer[keys].double()
-        else:
-            send_layer = torch.tensor([g.layer for g in graph.sender_groups for _ in range(g.size)])
-            layers = send_layer[items].double()
-        weights = graph.spec.n_layers - layers + 1.0
-        assigned = items[shard_groups(keys, weights, *shard)]
+        assigned = items[shard_groups(keys, item_weights(graph, kind, items), *shard)]
     keys = unit_keys(graph, kind, runner is not None, assigned)
     max_copies = int(keys.unique(return_counts=True)[1].max()) if len(assigned) else 1
     plan = _plan(model, graph, task, runner=runner, use_readout=use_readout, max_copies=max_copies,
@@ -476,55 +503,36 @@ def _run(
     store = ResultStore.open(out, fp, n_items, items, assigned, shard, meta, kind, task.n_prompts,
                              job.plan.prompts_per_batch)
     io_s = time.perf_counter() - t0
-    if store.prompts_per_batch != job.plan.prompts_per_batch:
-        job.plan = _adopt_batches(store, job, max_copies, budget, batch_size)
-    done_before = store.done.clone()
-    todo = store.todo()
-    units = [u for u in job.units(todo) if not store.unit_done(u.batch, torch.tensor(u.items))]
-    n_resumed = len(job.units(todo)) - len(units)
-
-    setup_s = patch_s = 0.0
-    n_forwards = 0
-    bar = _progress(sum(len(u.items) for u in units), kind, progress, len(job.batches))
     try:
-        for b in range(len(job.batches)):
-            mine = [u for u in units if u.batch == b]
-            if not mine:
-                continue
-            ev = None  # free the previous batch's cache before caching this one
-            sync(device)
-            t0 = time.perf_counter()
-            ev = prepare_batch(job, b)
-            sync(device)
-            setup_s += time.perf_counter() - t0
-            for unit in mine:
-                t0 = time.perf_counter()
-                sums = compute_unit(job, ev, unit)
-                patch_s += time.perf_counter() - t0
-                n_forwards += forwards_of(job, unit)
-                t0 = time.perf_counter()
-                store.record_unit(unit.batch, unit.items, sums)
-                io_s += time.perf_counter() - t0
-                bar.update(len(unit.items))
-            t0 = time.perf_counter()
-            store.save()
-            io_s += time.perf_counter() - t0
+        if store.prompts_per_batch != job.plan.prompts_per_batch:
+            job.plan = _adopt_batches(store, job, max_copies, budget, batch_size)
+        done_before = store.done.clone()
+        all_units = job.units(assigned)  # units recorded before (by any executor, in any order) are skipped
+        units = [u for u in all_units if not store.unit_done(u.batch, torch.tensor(u.items))]
+        n_resumed = len(all_units) - len(units)
+        bar = _progress(sum(len(u.items) for u in units), kind, progress, len(job.batches))
+        try:
+            times = ex.run(job, units, store, bar, parts)
+        finally:
+            bar.close()
     finally:
-        bar.close()
         t0 = time.perf_counter()
         store.close()
         io_s += time.perf_counter() - t0
+    io_s += times.io_s
     n_measured = int((store.done & ~done_before)[assigned].sum())
     if stats is not None:
         plan = job.plan
         stats.update(
             kind=kind, n_measured=n_measured, n_requested=int(len(items)), n_assigned=int(len(assigned)),
-            setup_s=setup_s, patch_s=patch_s, fingerprint_s=fingerprint_s, io_s=io_s,
-            items_per_s=(n_measured / patch_s if patch_s > 0 else float("nan")),
-            n_forwards=n_forwards, n_units=len(units), n_units_resumed=n_resumed, n_batches=len(job.batches),
+            setup_s=times.setup_s, patch_s=times.patch_s, fingerprint_s=fingerprint_s, io_s=io_s,
+            items_per_s=(n_measured / times.patch_s if times.patch_s > 0 else float("nan")),
+            n_forwards=times.n_forwards, n_units=len(units), n_units_resumed=n_resumed, n_batches=len(job.batches),
             rows_per_forward=plan.rows_per_forward, copies_per_forward=plan.copies_per_forward,
             prompts_per_batch=plan.prompts_per_batch, memory_budget=plan.budget, planned_peak_bytes=plan.peak_bytes,
             path="fast" if runner is not None else "hooks", readout=use_readout, fingerprint=fp,
+            executor=times.executor, n_workers=times.n_workers, wall_s=times.wall_s,
+            n_units_retried=times.n_retried, workers_lost=times.workers_lost,
         )
     result = torch.full((n_items,), float("nan"), dtype=torch.float64)
     result[assigned] = store.values[assigned]
@@ -556,6 +564,7 @@ def _progress(total: int, kind: str, enabled: bool, n_batches: int):
     if not enabled:
         class _Null:
             def update(self, k): pass
+            def set_postfix_str(self, s, refresh=True): pass
             def close(self): pass
         return _Null()
     unit = f"{kind[:-1]}" + ("×batch" if n_batches > 1 else "")
@@ -581,6 +590,7 @@ def patch_edges(
     shard: Any = None,
     progress: bool = True,
     stats: dict | None = None,
+    executor: Any = "local",
 ) -> Float[Tensor, " n_edges"]:
     """Exact effect of patching each requested edge, in graph edge order (float64, CPU).
 
@@ -604,7 +614,15 @@ def patch_edges(
         ``fingerprint_s``, ``io_s`` (results file), ``n_measured``, ``items_per_s``
         (= n_measured / patch_s), ``n_forwards``, ``rows_per_forward``, ``prompts_per_batch``,
         ``copies_per_forward``, ``n_batches``, ``n_units``, ``n_units_resumed``,
-        ``memory_budget``, ``planned_peak_bytes`` (bytes), ``path``, ``readout``, ``fingerprint``.
+        ``memory_budget``, ``planned_peak_bytes`` (bytes), ``path``, ``readout``, ``fingerprint``;
+        and ``executor``, ``n_workers``, ``wall_s`` (computing the units), ``n_units_retried``
+        (units given to another worker after one died), ``workers_lost``. With several workers
+        ``setup_s``/``patch_s`` are summed over them (worker-seconds).
+    executor: where the units are computed: 'local' (this process, the default), 'ray' (a
+        ``validation.executor.RayExecutor()`` for this call: a local Ray cluster, or the one
+        ``ray.init`` connected to), or an executor object (``LocalExecutor()``,
+        ``RayExecutor(address=..., workers=...)``; reusable across calls). Every executor gives
+        the same numbers bit for bit and the same results file (see ``validation.executor``).
     """
     try:
         items = graph.select_edges(edges, scores, seed)
@@ -616,6 +634,7 @@ def patch_edges(
         model, graph, task, "edges", items, graph.n_edges, graph.edge_sender,
         scale=scale, batch_size=batch_size, memory_budget=memory_budget,
         readout=readout, method=method, out=out, shard=shard, progress=progress, stats=stats,
+        executor=executor,
     )
 
 
@@ -634,9 +653,11 @@ def patch_nodes(
     shard: Any = None,
     progress: bool = True,
     stats: dict | None = None,
+    executor: Any = "local",
 ) -> Float[Tensor, " n_senders"]:
     """Exact effect of patching each sender node's output in the residual stream (all its
-    receivers at once, everything downstream recomputed), in ``graph.senders`` order.
+    receivers at once, everything downstream recomputed), in ``graph.senders`` order (``executor``
+    as for :func:`patch_edges`).
 
     ``result[u] = mean_prompts[metric(clean with out_u -> clean_u + scale*(corr_u - clean_u)) -
     metric(clean)]``, metric units; the truth for node-level attribution. ``nodes``: None/'all'
@@ -647,4 +668,5 @@ def patch_nodes(
         model, graph, task, "nodes", items, graph.n_senders, torch.arange(graph.n_senders),
         scale=scale, batch_size=batch_size, memory_budget=memory_budget,
         readout=readout, method=method, out=out, shard=shard, progress=progress, stats=stats,
+        executor=executor,
     )

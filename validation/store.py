@@ -18,6 +18,11 @@ unit, appended and fsync'd as the unit finishes, folded into ``out`` at the next
 arguments measures nothing twice. Units can be recorded in any order, from any worker
 (:meth:`ResultStore.record_unit`); the result does not depend on the order.
 
+One writer at a time: an open store holds ``out.lock`` (:class:`WriterLock`); a second process
+opening the same file is refused (``StoreLocked``) with the first one's host and pid. The lock
+dies with its process however it ends (``kill -9`` too), so a lock file left behind is taken
+over by the next run, which also deletes the temp files a killed writer left.
+
 A file written for other arguments is refused (``StoreMismatch``), never mixed. The key is
 :func:`fingerprint`: model config, weights, dtype, graph, prompts, per-prompt data, the
 metric's and readout's *code* (:func:`code_hash`: bytecode, constants, closed-over values,
@@ -34,8 +39,12 @@ import hashlib
 import importlib
 import importlib.metadata
 import importlib.util
+import errno
+import fcntl
 import json
 import os
+import socket
+import time
 import types
 import warnings
 from pathlib import Path
@@ -60,6 +69,10 @@ class StoreError(ValueError):
 
 class StoreMismatch(StoreError):
     """A results file was written for different arguments."""
+
+
+class StoreLocked(StoreError):
+    """Another process is writing the results file."""
 
 
 # ----------------------------------------------------------------------------- fingerprint
@@ -338,6 +351,152 @@ def journal_path(path: str | os.PathLike) -> Path:
     return path.with_name(path.name + ".units")
 
 
+def lock_path(path: str | os.PathLike) -> Path:
+    """The writer lock that belongs to results file ``path``."""
+    path = Path(path)
+    return path.with_name(path.name + ".lock")
+
+
+def _temp_files(path: Path) -> list[Path]:
+    """Temp files of :meth:`ResultStore.save` for ``path`` (any writer's pid)."""
+    return sorted(path.parent.glob(f".{path.name}.*.tmp"))
+
+
+def _process_start(pid: int) -> str | None:
+    """The start time of process ``pid`` (clock ticks since boot; Linux), None if unknown or gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def _running(pid: int, start: str | None) -> bool:
+    """Whether process ``pid`` of this host runs and is the one that started at ``start``."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, another user's
+        pass
+    now = _process_start(pid)
+    return start is None or now is None or now == start
+
+
+class WriterLock:
+    """The exclusive right to write one results file: ``<out>.lock``.
+
+    The file is locked with ``flock`` while the store is open and holds the writer's host, pid,
+    process start time and the time it took the lock (for the message another writer gets). The
+    kernel drops an ``flock`` when its process ends, however it ends, so a lock file left by a
+    ``kill -9`` is stale by construction and the next writer takes it over. On a filesystem
+    without locks (some network filesystems) the record decides instead: a lock of a process of
+    this host that no longer runs (pid gone, or reused by a process that started later) is stale;
+    a live one, or one from another host, is refused."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.data_path = Path(path)
+        self.path = lock_path(path)
+        self._fd: int | None = None
+        self.took_over: dict | None = None  #: the record of a dead writer's lock this one replaced
+
+    @staticmethod
+    def _record() -> dict:
+        pid = os.getpid()
+        return {"host": socket.gethostname(), "pid": pid, "start": _process_start(pid),
+                "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+    @staticmethod
+    def _parse(text: str) -> dict:
+        try:
+            rec = json.loads(text)
+        except json.JSONDecodeError:
+            return {}
+        return rec if isinstance(rec, dict) else {}
+
+    def _refuse(self, rec: dict) -> StoreLocked:
+        who = (f"process {rec.get('pid', '?')} on host {rec.get('host', '?')} (since {rec.get('since', '?')})"
+               if rec else "another process")
+        return StoreLocked(
+            f"{self.data_path} is being written by {who}: two writers would corrupt it. Wait for that run "
+            f"to finish (re-running it resumes), or pass another output path. If no such process exists "
+            f"(e.g. it ran on a machine that was lost), delete {self.path}."
+        )
+
+    def acquire(self) -> "WriterLock":
+        """Take the lock or raise ``StoreLocked``; returns self."""
+        if self._fd is not None:
+            return self
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(20):
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                rec = self._parse(os.pread(fd, 4096, 0).decode(errors="replace"))
+                os.close(fd)
+                raise self._refuse(rec) from None
+            except OSError as exc:
+                if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                    os.close(fd)
+                    raise
+                self._by_record(fd)  # no locks on this filesystem
+                return self
+            # the holder before us may have released (deleted) the file after we opened it
+            try:
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                self._own(fd)
+                return self
+            os.close(fd)
+        raise StoreLocked(f"could not take {self.path}: it keeps being replaced by other writers")
+
+    def _own(self, fd: int) -> None:
+        old = self._parse(os.pread(fd, 4096, 0).decode(errors="replace"))
+        self.took_over = old or None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(self._record()).encode(), 0)
+        os.fsync(fd)
+        self._fd = fd
+
+    def _by_record(self, fd: int) -> None:
+        rec = self._parse(os.pread(fd, 4096, 0).decode(errors="replace"))
+        if rec and (rec.get("host") != socket.gethostname() or rec.get("pid") == os.getpid()
+                    or _running(int(rec.get("pid", -1)), rec.get("start"))):
+            os.close(fd)
+            raise self._refuse(rec)
+        self._own(fd)
+
+    def release(self) -> None:
+        """Delete the lock file and drop the lock (no-op if not held)."""
+        if self._fd is None:
+            return
+        try:
+            self.path.unlink()
+        except FileNotFoundError:
+            pass
+        os.close(self._fd)
+        self._fd = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def __enter__(self) -> "WriterLock":
+        return self.acquire()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+    def __del__(self) -> None:  # a store dropped without close()
+        try:
+            self.release()
+        except Exception:
+            pass
+
+
 class ResultStore:
     """Results of one request (or one shard of it): finished values and per-batch partial sums.
 
@@ -369,6 +528,7 @@ class ResultStore:
         self.values: Float[Tensor, " n"] = torch.full((n_items,), float("nan"), dtype=torch.float64)
         self.done: Bool[Tensor, " n"] = torch.zeros(n_items, dtype=torch.bool)
         self._journal = None
+        self.lock: WriterLock | None = None  #: the writer lock while open (stores with a path)
         self.set_batches(prompts_per_batch or self.n_prompts)
 
     # ------------------------------------------------------------------ batches
@@ -396,21 +556,32 @@ class ResultStore:
              prompts_per_batch=None) -> "ResultStore":
         """A fresh store (written at once when ``path`` is given), or the one at ``path`` (with
         its journal) if it was written for the same request (``StoreMismatch`` otherwise). A
-        resumed store keeps the file's prompt batches; see :meth:`set_batches` to change them."""
+        resumed store keeps the file's prompt batches; see :meth:`set_batches` to change them.
+
+        With a path, the store holds the file's :class:`WriterLock` until :meth:`close`
+        (``StoreLocked`` if another process writes it) and deletes temp files a killed writer
+        left."""
         store = cls(path, fp, n_items, requested, assigned, shard, meta, kind, n_prompts, prompts_per_batch)
         if store.path is None:
             return store
-        if store.path.exists():
-            data = load_file(store.path)
-            store._check_same(data)
-            store.values = data["values"].double()
-            store.done = data["done"].bool()
-            store.prompts_per_batch = int(data["prompts_per_batch"])
-            store.sums = data["sums"].double().clone()
-            store.measured = data["measured"].bool().clone()
-        elif journal_path(store.path).exists():
-            journal_path(store.path).unlink()  # a journal without its file: nothing was finished
-        store.save()
+        store.lock = WriterLock(store.path).acquire()
+        try:
+            for tmp in _temp_files(store.path):  # only the lock holder writes temp files: these are orphans
+                tmp.unlink(missing_ok=True)
+            if store.path.exists():
+                data = load_file(store.path)
+                store._check_same(data)
+                store.values = data["values"].double()
+                store.done = data["done"].bool()
+                store.prompts_per_batch = int(data["prompts_per_batch"])
+                store.sums = data["sums"].double().clone()
+                store.measured = data["measured"].bool().clone()
+            elif journal_path(store.path).exists():
+                journal_path(store.path).unlink()  # a journal without its file: nothing was finished
+            store.save()
+        except BaseException:
+            store.release()
+            raise
         return store
 
     def _check_same(self, data: dict) -> None:
@@ -458,6 +629,8 @@ class ResultStore:
             self._append({"batch": int(batch), "items": idx.tolist(), "sums": vals.tolist()})
 
     def _apply(self, batch: int, idx: Tensor, vals: Tensor) -> None:
+        keep = ~self.done[idx]  # a unit recorded again after its items finished changes nothing
+        idx, vals = idx[keep], vals[keep]
         self.sums[batch, idx] = vals
         self.measured[batch, idx] = True
         fin = idx[self.measured[:, idx].all(0) & ~self.done[idx]]
@@ -536,8 +709,20 @@ class ResultStore:
             jp.unlink()
 
     def close(self) -> None:
-        """Save (folding the journal into the file) and release the journal."""
-        self.save()
+        """Save (folding the journal into the file), release the journal and the writer lock."""
+        try:
+            self.save()
+        finally:
+            self.release()
+
+    def release(self) -> None:
+        """Release the writer lock without saving (no-op if not held)."""
+        if self._journal is not None:
+            self._journal.close()
+            self._journal = None
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
 
 def _replay(data: dict, path: Path) -> dict:
@@ -649,5 +834,8 @@ def merge(paths: Sequence[str | os.PathLike], out: str | os.PathLike | None = No
         store = ResultStore(out, d0["fingerprint"], n_items, d0["requested"], d0["requested"], None, d0["meta"],
                             d0["kind"], d0["n_prompts"], d0["n_prompts"])
         store.values, store.done = values.clone(), covered.clone()
-        store.save()
+        with WriterLock(out):
+            for tmp in _temp_files(Path(out)):
+                tmp.unlink(missing_ok=True)
+            store.save()
     return values

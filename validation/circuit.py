@@ -50,7 +50,6 @@ hooks), with a warning.
 from __future__ import annotations
 
 import time
-import warnings
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -65,9 +64,8 @@ from eap.hooks import as_nodes
 from eap.measure import sync
 from eap.task import Task, TaskError
 from validation.patch import (
-    PatchError, _check_inputs, _collect, _progress, held_bytes, metric_of_final, per_copy, plan_for_task,
+    PatchError, _check_inputs, _collect, _progress, held_bytes, metric_of_final, per_copy, plan_for_task, prepare_call,
 )
-from validation.runner import BlockRunner, UnsupportedModel
 
 __all__ = ["CircuitError", "CircuitEval", "circuit_masks", "evaluate_circuit"]
 
@@ -261,30 +259,12 @@ def evaluate_circuit(
     """
     _check_inputs(model, graph, task, 1.0)
     keep, single = circuit_masks(graph, circuit)
-    if method not in ("auto", "fast", "hooks"):
-        raise PatchError(f"method must be 'auto', 'fast' or 'hooks', got {method!r}")
-    if batch_size is not None and int(batch_size) < 1:
-        raise PatchError(f"batch_size (prompts per batch) must be >= 1, got {batch_size}")
+    task, runner, use_readout = prepare_call(model, task, method, batch_size, readout, "circuit evaluation")
     n_user = keep.shape[0]
     if baselines:
         keep = torch.cat([keep, torch.ones(1, graph.n_edges, dtype=torch.bool), torch.zeros(1, graph.n_edges, dtype=torch.bool)])
     param = next(model.parameters())
     device = param.device
-    if task.clean.device != device:
-        task = task.to(device)
-    use_readout = task.has_readout if readout is None else bool(readout)
-    if use_readout and not task.has_readout:
-        raise TaskError(f"task {task.name!r} has no readout; pass readout=None or False")
-    runner = None
-    if method in ("auto", "fast"):
-        try:
-            runner = BlockRunner(model)
-        except UnsupportedModel as exc:
-            if method == "fast":
-                raise
-            warnings.warn(f"{exc}; using the (slower) hook-based circuit evaluation path")
-    if runner is None:
-        use_readout = False
     budget = resolve_budget(memory_budget, device)
     plan: PatchPlan = plan_for_task(task, model.cfg.d_vocab, batch_size, lambda whole, nb: plan_circuits(
         model, graph.n_senders, task.n_prompts, task.seq_len, readout=use_readout, hooks=runner is None,

@@ -406,6 +406,33 @@ def _check_inputs(model: Any, graph: Graph, task: Task, scale: float) -> None:
         raise PatchError(f"scale must be finite, got {scale}")
 
 
+def prepare_call(model: Any, task: Task, method: str, batch_size: int | None, readout: bool | None,
+                 what: str) -> tuple[Task, BlockRunner | None, bool]:
+    """Checks and choices shared by exact patching and circuit evaluation: ``method`` ('auto',
+    'fast', 'hooks') and ``batch_size``, the task on the model's device, whether to read out
+    only the needed logits, and the block runner (None: the hook path through the bridge; 'auto'
+    falls back to it with a warning naming what the runner lacks)."""
+    if method not in ("auto", "fast", "hooks"):
+        raise PatchError(f"method must be 'auto', 'fast' or 'hooks', got {method!r}")
+    if batch_size is not None and int(batch_size) < 1:
+        raise PatchError(f"batch_size (prompts per batch) must be >= 1, got {batch_size}")
+    device = next(model.parameters()).device
+    if task.clean.device != device:
+        task = task.to(device)
+    use_readout = task.has_readout if readout is None else bool(readout)
+    if use_readout and not task.has_readout:
+        raise TaskError(f"task {task.name!r} has no readout; pass readout=None or False")
+    runner = None
+    if method in ("auto", "fast"):
+        try:
+            runner = BlockRunner(model)
+        except UnsupportedModel as exc:
+            if method == "fast":
+                raise
+            warnings.warn(f"{exc}; using the (slower) hook-based {what} path")
+    return task, runner, use_readout and runner is not None
+
+
 def held_bytes(obj: Any, model: Any) -> int:
     """Bytes of the tensors ``obj`` holds (in its attributes, their lists, tuples, dicts and plain
     objects, a few levels deep; modules are not entered) that do not share storage with the
@@ -474,29 +501,10 @@ def _run(
     method: str, out: Any, shard: Any, progress: bool, stats: dict | None,
 ) -> Float[Tensor, " n"]:
     _check_inputs(model, graph, task, scale)
-    if method not in ("auto", "fast", "hooks"):
-        raise PatchError(f"method must be 'auto', 'fast' or 'hooks', got {method!r}")
-    if batch_size is not None and int(batch_size) < 1:
-        raise PatchError(f"batch_size (prompts per batch) must be >= 1, got {batch_size}")
+    task, runner, use_readout = prepare_call(model, task, method, batch_size, readout, "patching")
     shard = _parse_shard(shard)
     device = next(model.parameters()).device
-    if task.clean.device != device:
-        task = task.to(device)
-    use_readout = task.has_readout if readout is None else bool(readout)
-    if use_readout and not task.has_readout:
-        raise TaskError(f"task {task.name!r} has no readout; pass readout=None or False")
     budget = resolve_budget(memory_budget, device)
-
-    runner = None
-    if method in ("auto", "fast"):
-        try:
-            runner = BlockRunner(model)
-        except UnsupportedModel as exc:
-            if method == "fast":
-                raise
-            warnings.warn(f"{exc}; using the (slower) hook-based patching path")
-    if runner is None:
-        use_readout = False
 
     t0 = time.perf_counter()
     parts = fingerprint_parts(model, graph, task, items, scale, kind)

@@ -1,8 +1,9 @@
 """Memory budgets: the one place a budget in bytes becomes batch sizes.
 
-Attribution (``eap.attribute``) and exact patching (``validation.patch_edges`` /
-``patch_nodes``) both ask this module how many prompts (and, for exact patching, how many
-patched copies) to process at once. Nothing else in eap-bench turns memory into a batch size.
+Attribution (``eap.attribute``), exact patching (``validation.patch_edges`` / ``patch_nodes``)
+and circuit evaluation (``validation.evaluate_circuit``) ask this module how many prompts (and,
+for the last two, how many patched copies or circuits) to process at once. Nothing else in
+eap-bench turns memory into a batch size.
 
 Budget
 ------

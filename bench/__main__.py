@@ -140,9 +140,14 @@ def _gate_run_spec(thresholds: dict | None) -> dict:
     return {**gate_mod.GATE_RUN, "tasks": default_tasks()}
 
 
-def _run_gate_cells(spec: dict, run_dir: Path, quiet: bool, bootstrap: int | None = None) -> dict:
+def _run_gate_cells(spec: dict, run_dir: Path, quiet: bool, bootstrap: int | None = None,
+                    rules: list[dict] | None = None) -> dict:
+    """Compute the gate's cells; circuit faithfulness curves only when a rule gates them."""
+    from bench.faithfulness import gated
+
     spec = dict(spec)
     spec.update(repeats=0, figures=False, isolate="none", progress=not quiet)
+    spec.setdefault("faithfulness", gated(rules or []))
     if bootstrap is not None:
         spec["bootstrap"] = bootstrap
     return run(Config(**spec), run_dir)
@@ -167,7 +172,8 @@ def cmd_gate(args: argparse.Namespace) -> int:
         if thresholds is None or not thresholds.get("run"):
             print("gate --run needs a thresholds file with a 'run' section", file=sys.stderr)
             return 2
-        cells = _run_gate_cells(thresholds["run"], Path(args.run_dir or "runs/gate"), args.quiet, args.bootstrap)["cells"]
+        cells = _run_gate_cells(thresholds["run"], Path(args.run_dir or "runs/gate"), args.quiet, args.bootstrap,
+                                rules)["cells"]
     rows = gate_mod.check(cells, rules)
     print(gate_mod.table(rows))
     return 0 if all(r["ok"] for r in rows) else 1

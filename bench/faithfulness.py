@@ -62,6 +62,14 @@ LOG_POINTS_PER_DECADE = 4
 CURVE_VERSION = 1
 ORACLE = "exact"
 STATS = ("cpr", "cmd", "cpr_abs", "cpr_gap", "cmd_gap", "cpr_abs_gap", "curve_gap")
+ORACLE_STATS = ("oracle_cpr", "oracle_cmd", "oracle_cpr_abs")
+
+
+def gated(rules: list[dict]) -> bool:
+    """Whether gate rules (``bench.gate``) bound any faithfulness statistic (then the curves
+    must be computed)."""
+    names = set(STATS) | set(ORACLE_STATS)
+    return any(stat in names for rule in rules for key in ("min", "max") for stat in rule.get(key, {}))
 
 
 # ------------------------------------------------------------------------------ sizes

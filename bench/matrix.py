@@ -411,7 +411,7 @@ def cell_faithfulness(run_dir: Path, cid: str, method: str, edir: Path, attr_fil
     entry = curves["rankings"][method]
     if curves.get("version") != fa.CURVE_VERSION or entry["sha"] != fa.ranking_sha(fa.mean_scores(attr_file)):
         return {"stale": True, "stats": {k: {"value": float("nan"), "lo": float("nan"), "hi": float("nan")}
-                                         for k in fa.STATS}}
+                                         for k in fa.STATS + fa.ORACLE_STATS}}
     oracle = edir / "faith.json"
     if oracle.exists():
         o = json.loads(oracle.read_text())

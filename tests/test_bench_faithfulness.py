@@ -219,3 +219,9 @@ def test_sampled_exact_truth_has_no_oracle(tmp_path):
     f, s = cell["faithfulness"], cell["stats"]
     assert f["oracle_curve"] is None and math.isfinite(s["cpr"]["value"]) and math.isfinite(s["cmd"]["value"])
     assert math.isnan(s["cpr_gap"]["value"]) and math.isnan(s["oracle_cpr"]["value"])
+
+
+def test_gate_run_computes_curves_only_when_a_rule_needs_them():
+    assert not fa.gated([{"min": {"spearman": 0.3}}, {"min": {}, "max": {"kendall": 1.0}}])
+    assert fa.gated([{"min": {"spearman": 0.3}}, {"min": {}, "max": {"cmd": 0.3}}])
+    assert fa.gated([{"min": {"cpr_gap": -0.2}}]) and fa.gated([{"min": {"oracle_cpr": 0.1}}])

@@ -5,6 +5,7 @@
     python -m bench gate runs/mine                      # against bench/thresholds.json
     python -m bench gate --run                          # compute the cells the thresholds need
     python -m bench gate runs/mine --min spearman=0.5 --min recall@10=0.6
+    python -m bench gate runs/mine --min cpr_gap=-0.2 --max cmd=0.3   # circuit faithfulness
     python -m bench thresholds --run                    # = make thresholds (clean tree; see bench/gate.py)
     python -m bench sensitivity runs/gate               # smallest degradation the gate catches
     python -m bench floor --model random:gpt2-small     # EAP against the floors, interleaved
@@ -79,6 +80,8 @@ def _add_matrix_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", dest="ray_workers", type=int, help="Ray workers (default: as many as the cluster holds)")
     p.add_argument("--gpus-per-worker", type=float, help="GPUs per Ray worker (default 1 on CUDA, else 0)")
     p.add_argument("--no-figures", action="store_true")
+    p.add_argument("--no-faithfulness", action="store_true",
+                   help="skip the circuit faithfulness curves (CPR/CMD; see docs/faithfulness.md)")
     p.add_argument("--quiet", action="store_true")
 
 
@@ -95,6 +98,8 @@ def _config(args: argparse.Namespace, base: dict | None = None) -> Config:
     )
     if args.no_figures:
         over["figures"] = False
+    if args.no_faithfulness:
+        over["faithfulness"] = False
     if args.quiet:
         over["progress"] = False
     over = {k: v for k, v in over.items() if v is not None}
@@ -143,9 +148,14 @@ def _gate_run_spec(thresholds: dict | None) -> dict:
     return {**gate_mod.GATE_RUN, "tasks": default_tasks()}
 
 
-def _run_gate_cells(spec: dict, run_dir: Path, quiet: bool, bootstrap: int | None = None) -> dict:
+def _run_gate_cells(spec: dict, run_dir: Path, quiet: bool, bootstrap: int | None = None,
+                    rules: list[dict] | None = None) -> dict:
+    """Compute the gate's cells; circuit faithfulness curves only when a rule gates them."""
+    from bench.faithfulness import gated
+
     spec = dict(spec)
     spec.update(repeats=0, figures=False, isolate="none", progress=not quiet)
+    spec.setdefault("faithfulness", gated(rules or []))
     if bootstrap is not None:
         spec["bootstrap"] = bootstrap
     return run(Config(**spec), run_dir)
@@ -154,11 +164,12 @@ def _run_gate_cells(spec: dict, run_dir: Path, quiet: bool, bootstrap: int | Non
 def cmd_gate(args: argparse.Namespace) -> int:
     rules: list[dict] = []
     thresholds = None
-    if not args.min or args.thresholds:
+    adhoc = bool(args.min or args.max)
+    if not adhoc or args.thresholds:
         thresholds = gate_mod.load_thresholds(args.thresholds)
         rules += thresholds["rules"]
-    if args.min:
-        rules.append({"min": _parse_pairs(args.min, "--min")})
+    if adhoc:
+        rules.append({"min": _parse_pairs(args.min, "--min"), "max": _parse_pairs(args.max, "--max")})
     if args.run_dir and not args.run:
         run_dir = Path(args.run_dir)
         if not (run_dir / "results.json").exists():
@@ -169,7 +180,8 @@ def cmd_gate(args: argparse.Namespace) -> int:
         if thresholds is None or not thresholds.get("run"):
             print("gate --run needs a thresholds file with a 'run' section", file=sys.stderr)
             return 2
-        cells = _run_gate_cells(thresholds["run"], Path(args.run_dir or "runs/gate"), args.quiet, args.bootstrap)["cells"]
+        cells = _run_gate_cells(thresholds["run"], Path(args.run_dir or "runs/gate"), args.quiet, args.bootstrap,
+                                rules)["cells"]
     rows = gate_mod.check(cells, rules)
     print(gate_mod.table(rows))
     return 0 if all(r["ok"] for r in rows) else 1
@@ -275,7 +287,10 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("gate", help="check agreement against thresholds; exit 1 on any failure")
     p.add_argument("run_dir", nargs="?", help="a run directory with results.json")
     p.add_argument("--thresholds", help=f"thresholds file (default {gate_mod.DEFAULT_THRESHOLDS})")
-    p.add_argument("--min", action="append", metavar="STAT=VALUE", help="a minimum for every cell (repeatable)")
+    p.add_argument("--min", action="append", metavar="STAT=VALUE", help="a minimum for every cell (repeatable), "
+                   "e.g. spearman=0.5 or cpr_gap=-0.2 (circuit faithfulness gaps: higher is better, 0 = exact ranking)")
+    p.add_argument("--max", action="append", metavar="STAT=VALUE", help="a maximum for every cell (repeatable), "
+                   "e.g. cmd=0.3")
     p.add_argument("--run", action="store_true", help="compute the cells the thresholds file names (into run_dir)")
     p.add_argument("--bootstrap", type=int, help="bootstrap replicates with --run")
     p.add_argument("--quiet", action="store_true")

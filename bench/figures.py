@@ -7,6 +7,9 @@
   bootstrap CI bands, one row of panels per task, one line per model/method.
 * ``cost_vs_n`` / ``cost_vs_edges``: wall time and peak memory (log-log), attribution (warm
   median) and exact (warm patched forwards) side by side, one line per model/task/method.
+* ``faithfulness``: circuit faithfulness (1 = full model, 0 = corrupted run) vs circuit size
+  (edges, log x) of each method's top-|score| circuits, the exact ranking's dashed; one panel
+  per model/task at its largest n; CPR and CMD (MIB) in the legend.
 """
 
 from __future__ import annotations
@@ -190,6 +193,54 @@ def cost(cells: list[dict], out: Path, x_key: str) -> list[Path]:
     return _save(fig, out, f"cost_vs_{'n' if x_key == 'n' else 'edges'}")
 
 
+def faithfulness(cells: list[dict], out: Path) -> list[Path]:
+    """One panel per (model, task) at its largest n: faithfulness vs edges in the circuit."""
+    best: dict[tuple, int] = {}
+    for c in cells:
+        key = (c["model"], c["task"])
+        best[key] = max(best.get(key, 0), c["n"])
+    panels = list(best)
+    cols = min(3, len(panels))
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.8 * cols, 3.2 * rows), squeeze=False)
+    methods = list(dict.fromkeys(c["method"] for c in cells))
+    cmap = plt.get_cmap("tab10")
+    for ax, (model, task) in zip(axes.flat, panels):
+        cs = [c for c in cells if (c["model"], c["task"], c["n"]) == (model, task, best[(model, task)])]
+        oracle = None
+        for c in cs:
+            f, st = c["faithfulness"], c["stats"]
+            k, y = np.asarray(f["curve"]["k"], float), np.asarray(f["curve"]["faithfulness"], float)
+            ok = k >= 1
+            ax.plot(k[ok], y[ok], "-", marker="o", ms=2.5, lw=1.2, color=cmap(methods.index(c["method"]) % 10),
+                    label=f"{c['method']} (CPR {st['cpr']['value']:.2f}, CMD {st['cmd']['value']:.2f})")
+            if f.get("oracle_curve") and oracle is None:
+                oracle = (f["oracle_curve"], st["oracle_cpr"]["value"], st["oracle_cmd"]["value"])
+        if oracle is not None:
+            curve, cpr, cmd = oracle
+            k, y = np.asarray(curve["k"], float), np.asarray(curve["faithfulness"], float)
+            ok = k >= 1
+            ax.plot(k[ok], y[ok], "--", color="black", lw=1.4, label=f"exact ranking (CPR {cpr:.2f}, CMD {cmd:.2f})")
+        else:
+            ax.text(0.02, 0.02, "no exact ranking (sampled exact truth)", transform=ax.transAxes, fontsize=7)
+        ax.axhline(1, color="0.6", lw=0.7, ls=":")
+        ax.axhline(0, color="0.6", lw=0.7, ls=":")
+        ax.set_xscale("log")
+        from matplotlib.ticker import ScalarFormatter
+
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.set_xlabel(f"edges in circuit (top-k by |score|, of {cs[0]['n_edges']:,})")
+        ax.set_ylabel("faithfulness (1 = model, 0 = corrupted)")
+        ax.set_title(f"{model}, {task}, n={best[(model, task)]}")
+        ax.legend(fontsize=6, loc="upper left")
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.suptitle("circuit faithfulness vs circuit size (circuits evaluated exactly; curves: top-|score| circuits, "
+                 "as CMD; CPR: MIB's signed ranking)", y=1.01, fontsize=8)
+    fig.tight_layout()
+    return _save(fig, out, "faithfulness")
+
+
 def all_figures(results: dict, run_dir: str | Path, out: str | Path) -> list[Path]:
     cells, out = results["cells"], Path(out)
     paths = scatter(cells, Path(run_dir), out)
@@ -198,4 +249,7 @@ def all_figures(results: dict, run_dir: str | Path, out: str | Path) -> list[Pat
     if timed:
         paths += cost(timed, out, "n")
         paths += cost(timed, out, "n_edges")
+    faith = [c for c in cells if c.get("faithfulness") and not c["faithfulness"].get("stale")]
+    if faith:
+        paths += faithfulness(faith, out)
     return paths

@@ -23,8 +23,13 @@ statistic by its band only and lists it under the rule's ``below_floor``).
 
 Matching: a rule field left out (``model``, ``method``, ``n``, ``task``, ``edges_spec``)
 matches every cell; every rule must match at least one cell, otherwise it fails ("missing").
-A statistic passes when its point estimate is >= the minimum (NaN fails). Flags
-``--min stat=value`` add a rule that applies to every cell.
+A statistic passes when its point estimate is >= the minimum (a rule's ``max``: <= the
+maximum; NaN fails). Flags ``--min stat=value`` and ``--max stat=value`` add a rule that applies
+to every cell. Circuit faithfulness statistics (``bench.faithfulness``: ``cpr``, ``cmd``,
+``cpr_gap``, ``cmd_gap``, ``curve_gap``, ...) are gated like any other: every gap is "higher is
+better, 0 = as good as the exact ranking", so ``--min cpr_gap=-0.2`` allows a method to lose at
+most 0.2 CPR to the exact ranking; ``--max cmd=0.3`` bounds CMD. A gap is NaN (fails) for cells
+without an exact ranking (sampled exact truth) or whose curves are stale.
 
 **Negative controls** (:data:`DEGRADATIONS`, :func:`sensitivity`): the attribution scores of
 a run replaced by a degraded copy (signs flipped, values shuffled within receiver type, noise
@@ -75,37 +80,41 @@ def _matches(rule: dict, cell: dict) -> bool:
 
 
 def check(cells: list[dict], rules: list[dict]) -> list[dict]:
-    """One row per (rule, matching cell, statistic): measured value, minimum, pass."""
+    """One row per (rule, matching cell, statistic): measured value, its bound (``min`` for a
+    minimum, ``max`` for a maximum: rules may hold either or both), pass."""
     rows = []
     for rule in rules:
+        bounds = [(s, "min", v) for s, v in rule.get("min", {}).items()]
+        bounds += [(s, "max", v) for s, v in rule.get("max", {}).items()]
         hit = [c for c in cells if _matches(rule, c)]
         if not hit:
             rows.append({"model": rule.get("model", "*"), "task": rule.get("task", "*"),
                          "method": rule.get("method", "*"), "n": rule.get("n", "*"),
-                         "stat": ",".join(rule["min"]), "value": float("nan"), "min": float("nan"),
+                         "stat": ",".join(b[0] for b in bounds), "value": float("nan"), "min": float("nan"),
                          "ok": False, "note": "missing: no cell matches this rule"})
             continue
         for c in hit:
-            for stat, minimum in rule["min"].items():
+            for stat, kind, limit in bounds:
                 s = c["stats"].get(stat)
                 v = float("nan") if s is None else s["value"]
-                ok = math.isfinite(v) and v >= minimum
+                ok = math.isfinite(v) and (v >= limit if kind == "min" else v <= limit)
                 note = "statistic not in results" if s is None else ""
                 if stat in rule.get("below_floor", ()):
                     note = "below the quality floor when measured: gated by its band only"
                 rows.append({"model": c["model"], "task": c.get("task", "?"), "method": c["method"], "n": c["n"],
-                             "stat": stat, "value": v, "lo": s["lo"] if s else float("nan"), "min": minimum,
+                             "stat": stat, "value": v, "lo": s["lo"] if s else float("nan"), kind: limit,
                              "ok": ok, "note": note})
     return rows
 
 
 def table(rows: list[dict]) -> str:
-    head = (f"{'model':<20} {'task':<14} {'method':<16} {'n':>4} {'statistic':<12} {'measured':>9} {'min':>7}"
+    head = (f"{'model':<20} {'task':<14} {'method':<16} {'n':>4} {'statistic':<12} {'measured':>9} {'bound':>8}"
             "  result")
     out = [head, "-" * len(head)]
     for r in rows:
+        bound = f"<={r['max']:.3f}" if "max" in r else f">={r['min']:.3f}"
         out.append(f"{str(r['model']):<20} {str(r.get('task', '?')):<14} {str(r['method']):<16} {str(r['n']):>4} "
-                   f"{r['stat']:<12} {r['value']:>9.3f} {r['min']:>7.3f}  {'PASS' if r['ok'] else 'FAIL'} {r['note']}")
+                   f"{r['stat']:<12} {r['value']:>9.3f} {bound:>8}  {'PASS' if r['ok'] else 'FAIL'} {r['note']}")
     n_fail = sum(not r["ok"] for r in rows)
     out.append(f"{len(rows) - n_fail}/{len(rows)} checks passed" + (f", {n_fail} FAILED" if n_fail else ""))
     return "\n".join(out)

@@ -14,7 +14,10 @@ Its measurements:
   ``out=None`` ("warm": compute and peak memory without file I/O), plus one plain forward of
   the prompts for forward-equivalents per edge;
 * agreement (``bench.agreement``) between the two edge vectors with 95% bootstrap CIs over
-  prompt groups (prompts split into G equal groups; both methods give one vector per group).
+  prompt groups (prompts split into G equal groups; both methods give one vector per group);
+* circuit faithfulness (``bench.faithfulness``, with ``faithfulness=True``): curves of the
+  method's top-k circuits and of the exact ranking's, evaluated exactly on all n prompts; MIB's
+  CPR and CMD and the gaps to the exact ranking, merged into the cell's statistics.
 
 Exact truth is cached under ``<cache>/exact/<key>/`` (key: model, task and its kwargs, n, seed,
 edges, groups, device, dtype) and reused only when ``validation.fingerprint`` of every prompt
@@ -78,6 +81,8 @@ class Config:
     ``gpus_per_worker``; one set of Ray workers per model). The truth is the same bit for bit
     either way, so a cached truth is reused across executors; the warm timing (``repeats`` > 0)
     stays an in-process measurement.
+    ``faithfulness``: compute circuit faithfulness curves (``bench.faithfulness``)
+    for the cells of this run (cells finished before are reused as they are).
     """
 
     models: list[str] = field(default_factory=lambda: list(DEFAULT_MODELS))
@@ -100,6 +105,7 @@ class Config:
     isolate: str = "model"
     cache_dir: str | None = None
     figures: bool = True
+    faithfulness: bool = True
     worst: int = 10
     progress: bool = True
     executor: str = "local"
@@ -343,6 +349,11 @@ def run(cfg: Config, run_dir: str | Path) -> dict[str, Any]:
                     jobs.append(dict(kind="attr", out=str(out), task=task, task_target=tp.target, task_kwargs=tkw,
                                      n=n, seed=cfg.seed, groups=cfg.groups, method=m, method_target=mp.target,
                                      method_kwargs=cfg.method_kwargs_for(mp), repeats=cfg.repeats))
+                if cfg.faithfulness:
+                    jobs.append(dict(kind="faith", dir=str(edir), task=task, task_target=tp.target, task_kwargs=tkw,
+                                     n=n, seed=cfg.seed, methods=[
+                                         [m, str(run_dir / "attr" / cell_id(cfg, model, task, n, m)),
+                                          str(faith_path(run_dir, cell_id(cfg, model, task, n, m)))] for m in pending]))
         if not todo:
             continue
         (run_dir / "attr").mkdir(exist_ok=True)
@@ -402,6 +413,36 @@ def exact_cost(meta: dict, n_edges: int) -> dict[str, float]:
     }
 
 
+def faith_path(run_dir: Path, cid: str) -> Path:
+    """The faithfulness curves of one cell (``bench.worker.run_faith``)."""
+    return Path(run_dir) / "faith" / f"{cid}.json"
+
+
+def cell_faithfulness(run_dir: Path, cid: str, method: str, edir: Path, attr_file: Path,
+                      n_boot: int, seed: int) -> dict | None:
+    """The cell's faithfulness summary (``bench.faithfulness.summarize``) with the oracle curve
+    from the exact truth's directory, or None without curves. Curves of other ranking scores
+    than the cell's attribution now (e.g. replaced files) are reported stale, with NaN scores."""
+    from bench import faithfulness as fa
+
+    path = faith_path(run_dir, cid)
+    if not path.exists():
+        return None
+    curves = json.loads(path.read_text())
+    entry = curves["rankings"][method]
+    if curves.get("version") != fa.CURVE_VERSION or entry["sha"] != fa.ranking_sha(fa.mean_scores(attr_file)):
+        return {"stale": True, "stats": {k: {"value": float("nan"), "lo": float("nan"), "hi": float("nan")}
+                                         for k in fa.STATS + fa.ORACLE_STATS}}
+    oracle = edir / "faith.json"
+    if oracle.exists():
+        o = json.loads(oracle.read_text())
+        if o.get("version") == fa.CURVE_VERSION and fa.ORACLE in o["rankings"]:
+            curves["rankings"][fa.ORACLE] = o["rankings"][fa.ORACLE]
+    summary = fa.summarize(curves, method, n_boot=n_boot, seed=seed)
+    summary["cost"] = {**curves["cost"], "curve_fwd_eq": summary["n_circuits"] * curves["cost"]["fwd_eq_per_circuit"]}
+    return summary
+
+
 def finish_cell(cfg: Config, run_dir: Path, model: str, task: str, n: int, method: str, edir: Path,
                 out: Path) -> dict:
     """Agreement statistics of one cell from its files; writes ``cells/<id>.json`` and ``.npz``."""
@@ -422,6 +463,9 @@ def finish_cell(cfg: Config, run_dir: Path, model: str, task: str, n: int, metho
     a, e = A.mean(0), E.mean(0)
     desc_path = run_dir / "models" / f"{slug(model)}.json"
     cid = cell_id(cfg, model, task, n, method)
+    faith = cell_faithfulness(run_dir, cid, method, edir, Path(str(out) + ".pt"), cfg.bootstrap, cfg.seed)
+    if faith is not None:
+        boot.update(faith.pop("stats"))
     cost = exact_cost(exact_meta, edges["n_edges"])
     timed = bool(attr_meta.get("repeats"))
     cell = {
@@ -446,6 +490,7 @@ def finish_cell(cfg: Config, run_dir: Path, model: str, task: str, n: int, metho
         "by_kind_n": {k: int(sum(1 for x in kinds if x == k)) for k in dict.fromkeys(kinds)},
         "worst": worst_edges(a, e, edges["names"], kinds, cfg.worst),
         "metric_scale": {"max_abs_exact": float(np.abs(e).max()), "max_abs_attribution": float(np.abs(a).max())},
+        "faithfulness": faith,
     }
     np.savez_compressed(run_dir / "cells" / f"{cid}.npz", attribution=a, exact=e,
                         names=np.asarray(edges["names"]), kinds=np.asarray(kinds))

@@ -24,6 +24,12 @@ parent to report.
     for a task with a read-out, both again with full logits), measures the peak memory of one
     warm call, then computes one attribution vector per prompt group (untimed). Writes ``P.pt``
     (``[G, n_edges]``) and ``P.json``.
+``{"kind": "faith", "dir": D, "methods": [[method, P, F], ...], ...}``
+    faithfulness curves (``bench.faithfulness``): circuits of the top-k edges of each method's
+    ranking (the mean of ``P.pt``) and, with exhaustive exact truth, of the exact ranking (the
+    mean of ``D/exact.pt``), evaluated exactly in one ``validation.evaluate_circuit`` call.
+    Writes ``F`` per method and the oracle's ``D/faith.json``; a file whose ranking fingerprint
+    and curve version match is kept, not recomputed.
 """
 
 from __future__ import annotations
@@ -267,6 +273,43 @@ def run_attr(model: Any, job: dict, progress: bool = True) -> dict:
     return meta
 
 
+def _curve_file_ok(path: Path, scores: torch.Tensor, name: str) -> bool:
+    """A stored curve file of the current curve version for exactly these ranking scores."""
+    from bench.faithfulness import CURVE_VERSION, ranking_sha
+
+    if not path.exists():
+        return False
+    data = json.loads(path.read_text())
+    entry = data.get("rankings", {}).get(name)
+    return data.get("version") == CURVE_VERSION and entry is not None and entry.get("sha") == ranking_sha(scores)
+
+
+def run_faith(model: Any, job: dict, progress: bool = True) -> None:
+    import eap
+    from bench.faithfulness import ORACLE, compute_curves, mean_scores
+
+    graph = eap.Graph.from_model(model)
+    edir = Path(job["dir"])
+    exhaustive = len(json.loads((edir / "edges.json").read_text())["index"]) == graph.n_edges
+    rankings: dict[str, torch.Tensor] = {}
+    outs: dict[str, Path] = {}
+    if exhaustive:
+        E = mean_scores(edir / "exact.pt")
+        if not _curve_file_ok(edir / "faith.json", E, ORACLE):
+            rankings[ORACLE], outs[ORACLE] = E, edir / "faith.json"
+    for method, attr, out in job["methods"]:
+        A = mean_scores(attr + ".pt")
+        if not _curve_file_ok(Path(out), A, method):
+            rankings[method], outs[method] = A, Path(out)
+    if not rankings:
+        return
+    _log(f"faithfulness curves {job['model']} {job['task']} n={job['n']}: {', '.join(rankings)}", progress)
+    curves = compute_curves(model, graph, _job_task(model, job), rankings, progress=progress)
+    for name, path in outs.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _write_json(path, {**curves, "rankings": {name: curves["rankings"][name]}})
+
+
 def run_jobs(spec: dict, progress: bool = True) -> None:
     """Run ``spec['jobs']`` on ``spec['model']`` (loaded once), with ``spec['threads']`` torch
     threads if given (restored afterwards: this may be the caller's process)."""
@@ -288,6 +331,8 @@ def run_jobs(spec: dict, progress: bool = True) -> None:
                 run_exact(model, job, progress, executor)
             elif job["kind"] == "attr":
                 run_attr(model, job, progress)
+            elif job["kind"] == "faith":
+                run_faith(model, job, progress)
             else:
                 raise ValueError(f"unknown job kind {job['kind']!r}")
     finally:

@@ -559,14 +559,22 @@ class Arch:
 
     def head_input(self, layer: int, head: int, kind: str, x_in: Float[Tensor, "N P d"]) -> Float[Tensor, "N P dh"]:
         """One head's q, k or v (rotated for q and k) from its pre-norm input ``x_in``."""
+        return self.head_inputs(layer, kind, x_in.unsqueeze(1), heads=slice(head, head + 1)).squeeze(1)
+
+    def head_inputs(
+        self, layer: int, kind: str, x: Float[Tensor, "N Hs P d"], heads: slice = slice(None)
+    ) -> Float[Tensor, "N Hs P dh"]:
+        """The q, k or v (rotated for q and k) of the query heads ``heads`` (default all), each
+        from its *own* pre-norm input: ``x[:, i]`` is the input of head ``heads[i]`` (e.g. a
+        circuit whose edges are patched per receiver)."""
         lw = self.layers[layer]
-        W = {"q": lw.W_Q, "k": lw.W_K, "v": lw.W_V}[kind][head]
+        W = {"q": lw.W_Q, "k": lw.W_K, "v": lw.W_V}[kind][heads]  # [Hs, d, dh]
         b = {"q": lw.b_Q, "k": lw.b_K, "v": lw.b_V}[kind]
-        out = lw.ln1(x_in) @ W
+        out = torch.einsum("nhpd,hde->nhpe", lw.ln1(x), W)  # bmm over heads (no broadcast copies of W)
         if b is not None:
-            out = out + b[head]
+            out = out + b[heads].unsqueeze(-2)
         if kind != "v" and self.spec.positions == "rotary":
-            cos, sin = self.rope(x_in.shape[-2], x_in)
+            cos, sin = self.rope(x.shape[-2], x)
             out = self.rotate(out, cos, sin)
         return out
 
@@ -574,6 +582,14 @@ class Arch:
         """One head's output (``attn.hook_result``: before b_O and any post-norm) from its q, k, v."""
         z = self.attend(layer, q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1)).squeeze(1)
         return z @ self.layers[layer].W_O[head]
+
+    def head_results(
+        self, layer: int, q: Float[Tensor, "N H P dh"], k: Float[Tensor, "N H P dh"], v: Float[Tensor, "N H P dh"]
+    ) -> Float[Tensor, "N H P d"]:
+        """Every head's output (``attn.hook_result``: before b_O and any post-norm) from per-head
+        q, k, v (all positions); their sum + b_O is the layer's attention write."""
+        z = self.attend(layer, q, k, v)
+        return torch.einsum("nhpe,hed->nhpd", z, self.layers[layer].W_O)
 
     # ------------------------------------------------------------------ MLP, block
     def mlp(self, layer: int, x: Tensor) -> Tensor:

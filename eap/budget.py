@@ -1,8 +1,9 @@
 """Memory budgets: the one place a budget in bytes becomes batch sizes.
 
-Attribution (``eap.attribute``) and exact patching (``validation.patch_edges`` /
-``patch_nodes``) both ask this module how many prompts (and, for exact patching, how many
-patched copies) to process at once. Nothing else in eap-bench turns memory into a batch size.
+Attribution (``eap.attribute``), exact patching (``validation.patch_edges`` / ``patch_nodes``)
+and circuit evaluation (``validation.evaluate_circuit``) ask this module how many prompts (and,
+for the last two, how many patched copies or circuits) to process at once. Nothing else in
+eap-bench turns memory into a batch size.
 
 Budget
 ------
@@ -264,14 +265,77 @@ def plan_patching(
     the cache leaves): more prompts per batch would cost memory and buy no speed, so the peak
     stays flat in ``n_prompts``. Copies per forward: as many as the rest of the budget holds,
     at most ``max_copies`` (the most edges any receiver has to measure)."""
+    return _plan_rows(
+        model, n_prompts, patch_cache_bytes(model, n_senders, seq_len, residuals), patch_setup_bytes(model, seq_len),
+        patch_row_bytes(model, seq_len, readout, hooks), what="exact patching", max_copies=max_copies,
+        budget=budget, prompts_per_batch=prompts_per_batch, whole_task=whole_task, fixed_bytes=fixed_bytes,
+    )
+
+
+# ------------------------------------------------------------------------- circuit evaluation
+def circuit_cache_bytes(model: Any, n_senders: int, seq_len: int) -> int:
+    """Bytes per prompt of circuit evaluation's cache for one prompt batch: every sender's
+    corrupted output (``n_senders * p * d``) and the clean input embedding (``p * d``)."""
+    s = Shape.of(model)
+    return int(seq_len) * (n_senders + 1) * s.d_model * s.itemsize
+
+
+def circuit_row_bytes(model: Any, n_senders: int, seq_len: int, readout: bool, hooks: bool = False) -> int:
+    """Bytes per stacked row (one prompt of one circuit) of a circuit forward: the row's buffer of
+    (corrupted - current) sender outputs (``n_senders * d`` per token, alive for the whole
+    forward) plus one layer's working memory: the corrections of one receiver kind's heads,
+    their inputs and norms and all heads' results (``5 H d``), ``10 d + 3 d_mlp + 3 H p`` as a
+    patched row, and without a readout the logits and the metric's copy (``2 V``). The hook path
+    runs the whole model through the bridge per row: its per-layer activations count instead
+    when larger."""
+    s = Shape.of(model)
+    p = int(seq_len)
+    work = 5 * s.n_heads * s.d_model + 10 * s.d_model + 3 * s.d_mlp + 3 * s.n_heads * p
+    if hooks:
+        work = max(work, 2 * s.d_model + 4 * s.n_heads * s.d_model + 3 * s.d_mlp + 2 * s.n_heads * p
+                   + 3 * s.n_heads * s.d_model)
+    per_token = n_senders * s.d_model + work + (0 if readout else 2 * s.d_vocab)
+    return p * per_token * s.itemsize
+
+
+def plan_circuits(
+    model: Any,
+    n_senders: int,
+    n_prompts: int,
+    seq_len: int,
+    *,
+    readout: bool,
+    hooks: bool = False,
+    max_circuits: int = 1,
+    budget: int | float | str | None = None,
+    prompts_per_batch: int | None = None,
+    whole_task: bool = False,
+    fixed_bytes: int = 0,
+) -> PatchPlan:
+    """Prompts per batch and circuits per forward for circuit evaluation
+    (``validation.evaluate_circuit``) within ``budget`` bytes: the rules of
+    :func:`plan_patching`, with circuit evaluation's cache (:func:`circuit_cache_bytes`) and rows
+    (:func:`circuit_row_bytes`); ``copies_per_forward`` of the plan is circuits per forward, at
+    most ``max_circuits``."""
+    return _plan_rows(
+        model, n_prompts, circuit_cache_bytes(model, n_senders, seq_len), patch_setup_bytes(model, seq_len),
+        circuit_row_bytes(model, n_senders, seq_len, readout, hooks), what="circuit evaluation",
+        max_copies=max_circuits, budget=budget, prompts_per_batch=prompts_per_batch, whole_task=whole_task,
+        fixed_bytes=fixed_bytes,
+    )
+
+
+def _plan_rows(
+    model: Any, n_prompts: int, cache: int, setup: int, row: int, *, what: str, max_copies: int,
+    budget: int | float | str | None, prompts_per_batch: int | None, whole_task: bool, fixed_bytes: int,
+) -> PatchPlan:
+    """The plan of a patching-like job from its bytes per prompt (``cache``, ``setup``) and per
+    stacked row (``row``); see :func:`plan_patching` for the rules."""
     s = Shape.of(model)
     total = resolve_budget(budget, s.device)
     fixed = int(fixed_bytes)
     b = max(0, total - fixed)
     n = int(n_prompts)
-    cache = patch_cache_bytes(model, n_senders, seq_len, residuals)
-    setup = patch_setup_bytes(model, seq_len)
-    row = patch_row_bytes(model, seq_len, readout, hooks)
     cpu = s.device.type != "cuda"
     row_cap = min(CPU_MAX_ROWS, max(1, CPU_FORWARD_BYTES // row)) if cpu else CUDA_MAX_ROWS
     per_prompt = cache + max(setup, row)  # one batch with one copy per forward
@@ -279,7 +343,7 @@ def plan_patching(
         nb = n
         if nb * per_prompt + fixed > total:
             raise BudgetError(
-                f"the task's metric needs all {n} prompts in every call, and exact patching of {n} prompts "
+                f"the task's metric needs all {n} prompts in every call, and {what} of {n} prompts "
                 f"needs about {_fmt(nb * per_prompt + fixed)} ({_fmt(cache)} cached + {_fmt(max(setup, row))} working "
                 f"memory per prompt, {_fmt(fixed)} fixed), more than the memory budget of {_fmt(total)}: raise "
                 "memory_budget, or pass "
@@ -290,7 +354,7 @@ def plan_patching(
     else:
         fit = b // per_prompt
         if fit < 1:
-            _minimum("exact patching", fixed + per_prompt, total)
+            _minimum(what, fixed + per_prompt, total)
         pref = row_cap if cpu else max(1, (b // 2) // row)
         nb = max(1, min(n, fit, pref))
     rows = (b - nb * cache) // row if b > nb * cache else 0

@@ -7,6 +7,10 @@ metric(patched) - metric(clean), in the metric's units, where "patched" adds
     patch_edges(model, graph, task, edges=None, scores=None, seed=0, *, scale=1.0,
                 memory_budget=None, batch_size=None, out=None, shard=None, stats=None, ...)
     patch_nodes(model, graph, task, nodes=None, *, scale=1.0, memory_budget=None, ...)
+    evaluate_circuit(model, graph, task, circuit=None, *, baselines=True, memory_budget=None, ...)
+        -> CircuitEval (per_prompt, mean, clean, corrupted, effect, faithfulness): the metric with
+        every edge outside the circuit patched at once (MIB/EAP-IG evaluate_graph; several
+        circuits per forward)
     throughput(model, graph, task, n_edges=256) -> dict (edges_per_s, forward_equivalents_per_edge)
     fingerprint(model, graph, task, edges_idx, scale=1.0, kind='edges') -> str
     default_path(model, graph, task, edges_idx, scale=1.0, kind='edges', root=None) -> Path
@@ -21,6 +25,7 @@ units (receiver, prompt batch) that are journalled as they finish (``validation.
 """
 
 from validation.bench import forward_seconds, throughput
+from validation.circuit import CircuitError, CircuitEval, circuit_masks, evaluate_circuit
 from validation.executor import ExecutorError, LocalExecutor, RayExecutor
 from validation.patch import PatchError, patch_edges, patch_nodes
 from validation.runner import BlockRunner, UnsupportedModel
@@ -29,8 +34,9 @@ from validation.store import (
 )
 
 __all__ = [
-    "BlockRunner", "ExecutorError", "LocalExecutor", "PatchError", "RayExecutor", "StoreError", "StoreLocked",
-    "StoreMismatch", "UnsupportedModel",
-    "default_path", "fingerprint", "forward_seconds", "load_file", "load_values", "merge",
+    "BlockRunner", "CircuitError", "CircuitEval", "ExecutorError", "LocalExecutor", "PatchError", "RayExecutor",
+    "StoreError", "StoreLocked", "StoreMismatch", "UnsupportedModel",
+    "circuit_masks", "default_path", "evaluate_circuit", "fingerprint", "forward_seconds", "load_file", "load_values",
+    "merge",
     "patch_edges", "patch_nodes", "throughput",
 ]

@@ -55,7 +55,7 @@ import math
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from jaxtyping import Float, Int
@@ -63,7 +63,7 @@ from torch import Tensor
 
 from eap.budget import BudgetError, PatchPlan, plan_patching, resolve_budget
 from eap.graph import Graph, GraphError
-from eap.hooks import check_edge_hooks, run_until_stop, sender_difference_hooks, stop_hook
+from eap.hooks import StopForward, check_edge_hooks, run_until_stop, sender_difference_hooks, stop_hook
 from eap.measure import sync
 from eap.task import Task, TaskError
 from validation.runner import BlockRunner, UnsupportedModel
@@ -85,12 +85,16 @@ class _Cache:
     delta: Tensor  # [n_senders, nb, p, d] corrupted - clean sender outputs
 
 
-def _collect(model: Any, graph: Graph, task: Task, residuals: bool) -> _Cache:
+def _collect(model: Any, graph: Graph, task: Task, residuals: bool, differences: bool = True) -> _Cache:
     """One corrupted and one clean forward of ``task``'s prompts through the model's hooks.
 
     The corrupted forward writes the sender outputs into the difference buffer and stops after
     the last sender; the clean forward subtracts the clean outputs, keeps the clean residuals
-    (with ``residuals``) and stops after the last block (no unembedding)."""
+    (with ``residuals``) and stops after the last block (no unembedding).
+
+    ``differences=False`` (circuit evaluation): ``delta`` keeps the *corrupted* sender outputs
+    themselves and the clean forward only records ``pre[0]``, the clean input embedding, and
+    stops there."""
     L = graph.spec.n_layers
     nb, p = task.clean.shape
     param = next(model.parameters())
@@ -98,12 +102,22 @@ def _collect(model: Any, graph: Graph, task: Task, residuals: bool) -> _Cache:
     last_sender = graph.sender_groups[-1].hook
     run_until_stop(model, task.corrupted, sender_difference_hooks(graph, delta, subtract=False) + [(last_sender, stop_hook)])
 
+    if not differences:
+        got: dict[str, Tensor] = {}
+
+        def embed(x: Tensor, hook: Any = None) -> Tensor:
+            got["pre"] = x.detach().clone()
+            raise StopForward
+
+        run_until_stop(model, task.clean, [("blocks.0.hook_resid_pre", embed)])
+        return _Cache([got["pre"]], [], [], delta)
+
     names = []
     if residuals:
         names = [f"blocks.{i}.hook_resid_pre" for i in range(L)] + [f"blocks.{L - 1}.hook_resid_post"]
         if not graph.spec.attn_only:
             names += [f"blocks.{i}.hook_mlp_in" for i in range(L)]
-    got: dict[str, Tensor] = {}
+    got = {}
 
     def save(key: str):
         def hook(x: Tensor, hook: Any = None) -> Tensor:
@@ -123,6 +137,37 @@ def _collect(model: Any, graph: Graph, task: Task, residuals: bool) -> _Cache:
     return _Cache(pre, mlp_in, post, delta)
 
 
+# ------------------------------------------------------------------------------ readout
+def per_copy(task: Task, out: Tensor, m: int, readout: bool) -> Float[Tensor, "m nb"]:
+    """``task``'s metric (or, with ``readout``, its readout) called once per stacked copy on that
+    copy's rows of ``out`` (logits ``[m * nb, ...]``, or selected logits ``[m * nb, k]``):
+    metric functions always see exactly the task's prompts."""
+    nb = task.n_prompts
+    fn = task.readout if readout else task.metric
+    return torch.stack([fn(out[i * nb : (i + 1) * nb]) for i in range(m)])
+
+
+def readout_positions(task: Task, m: int, device: torch.device) -> Int[Tensor, " m_nb"]:
+    """The read-out position of every row of ``m`` stacked copies of ``task``'s prompts."""
+    return task.per_prompt["readout_pos"].to(device).long().repeat(m)
+
+
+def metric_of_final(
+    task: Task, runner: BlockRunner, final: Float[Tensor, "m_nb ..."], m: int, use_readout: bool
+) -> Float[Tensor, "m nb"]:
+    """The metric of ``m`` stacked copies of ``task``'s prompts from their final residual (before
+    the final norm): ``[m * nb, p, d]``, or with ``use_readout`` ``[m * nb, d]`` at the read-out
+    positions (or ``[m * nb, p, d]``, then taken there). With ``use_readout`` only the read-out
+    tokens' logits are computed (``eap.arch.Readout``); exact patching and circuit evaluation
+    both read out through here."""
+    if use_readout:
+        if final.ndim == 3:
+            final = final[torch.arange(final.shape[0], device=final.device), readout_positions(task, m, final.device)]
+        toks = task.per_prompt["readout_tokens"].to(final.device).long().repeat(m, 1)
+        return per_copy(task, runner.selected_logits(final, toks), m, readout=True)
+    return per_copy(task, runner.logits(final), m, readout=False)
+
+
 # ------------------------------------------------------------------------------ evaluators
 class _Evaluator:
     """Metric differences of stacked patched copies for one prompt batch.
@@ -137,21 +182,17 @@ class _Evaluator:
         self._base: dict[tuple, Tensor] = {}
 
     # -------------------------------------------------------------- metric
+    def _task_of(self, P: slice) -> Task:
+        return self.task if (P.start, P.stop) == (0, self.task.n_prompts) else self.task.subset(P)
+
     def _per_copy(self, out: Tensor, m: int, P: slice, readout: bool) -> Float[Tensor, "m nb"]:
         """The metric (or readout) called once per patched copy on that copy's rows."""
-        t = self.task if (P.start, P.stop) == (0, self.task.n_prompts) else self.task.subset(P)
-        nb = t.n_prompts
-        fn = t.readout if readout else t.metric
-        return torch.stack([fn(out[i * nb : (i + 1) * nb]) for i in range(m)])
+        return per_copy(self._task_of(P), out, m, readout)
 
     def _metric_from_resid(self, x: Tensor, point: tuple[str, int], P: slice, m: int) -> Float[Tensor, "m nb"]:
-        rn = self.rn
-        if self.use_readout:
-            pos = self.task.per_prompt["readout_pos"][P].to(x.device).long().repeat(m)
-            toks = self.task.per_prompt["readout_tokens"][P].to(x.device).long().repeat(m, 1)
-            final = rn.run(x, point, pos)
-            return self._per_copy(rn.selected_logits(final, toks), m, P, readout=True)
-        return self._per_copy(rn.logits(rn.run(x, point)), m, P, readout=False)
+        t = self._task_of(P)
+        pos = readout_positions(t, m, x.device) if self.use_readout else None
+        return metric_of_final(t, self.rn, self.rn.run(x, point, pos), m, self.use_readout)
 
     def baseline(self, point: tuple[str, int], P: slice) -> Float[Tensor, " nb"]:
         """Clean metric computed through the same path as the patched copies."""
@@ -380,6 +421,33 @@ def _check_inputs(model: Any, graph: Graph, task: Task, scale: float) -> None:
         raise PatchError(f"scale must be finite, got {scale}")
 
 
+def prepare_call(model: Any, task: Task, method: str, batch_size: int | None, readout: bool | None,
+                 what: str) -> tuple[Task, BlockRunner | None, bool]:
+    """Checks and choices shared by exact patching and circuit evaluation: ``method`` ('auto',
+    'fast', 'hooks') and ``batch_size``, the task on the model's device, whether to read out
+    only the needed logits, and the block runner (None: the hook path through the bridge; 'auto'
+    falls back to it with a warning naming what the runner lacks)."""
+    if method not in ("auto", "fast", "hooks"):
+        raise PatchError(f"method must be 'auto', 'fast' or 'hooks', got {method!r}")
+    if batch_size is not None and int(batch_size) < 1:
+        raise PatchError(f"batch_size (prompts per batch) must be >= 1, got {batch_size}")
+    device = next(model.parameters()).device
+    if task.clean.device != device:
+        task = task.to(device)
+    use_readout = task.has_readout if readout is None else bool(readout)
+    if use_readout and not task.has_readout:
+        raise TaskError(f"task {task.name!r} has no readout; pass readout=None or False")
+    runner = None
+    if method in ("auto", "fast"):
+        try:
+            runner = BlockRunner(model)
+        except UnsupportedModel as exc:
+            if method == "fast":
+                raise
+            warnings.warn(f"{exc}; using the (slower) hook-based {what} path")
+    return task, runner, use_readout and runner is not None
+
+
 def held_bytes(obj: Any, model: Any) -> int:
     """Bytes of the tensors ``obj`` holds (in its attributes, their lists, tuples, dicts and plain
     objects, a few levels deep; modules are not entered) that do not share storage with the
@@ -412,24 +480,33 @@ def held_bytes(obj: Any, model: Any) -> int:
     return sum(storages.values())
 
 
-def _plan(model: Any, graph: Graph, task: Task, *, runner: BlockRunner | None, use_readout: bool,
-          max_copies: int, batch_size: int | None, budget: int) -> PatchPlan:
-    """The prompt batches and copies per forward (``eap.budget.plan_patching``), with the
-    metric's needs: one batch of all prompts for a metric that cannot take a subset."""
+def plan_for_task(task: Task, d_vocab: int, batch_size: int | None,
+                  plan: Callable[[bool, int | None], PatchPlan]) -> PatchPlan:
+    """The prompt batches of a job over ``task``: ``plan(whole_task, prompts_per_batch)`` (an
+    ``eap.budget`` planner) with the metric's needs: one batch of all prompts for a metric that
+    cannot take a subset (a ``TaskError`` if ``batch_size`` splits them or the budget cannot
+    hold them all)."""
     n = task.n_prompts
-    problem = task.subset_problem(model.cfg.d_vocab) if n > 1 else None
+    problem = task.subset_problem(d_vocab) if n > 1 else None
     if problem is not None and batch_size is not None and batch_size < n:
         raise TaskError(
             f"{problem}: the metric seems to close over data of all {n} prompts, but batch_size={batch_size} "
             "splits them. Pass the per-prompt data through Task(per_prompt=...) or leave batch_size unset."
         )
-    kw = dict(readout=use_readout, residuals=runner is not None, hooks=runner is None, max_copies=max_copies,
-              budget=budget, fixed_bytes=held_bytes(runner, model) if runner is not None else 0)
     try:
-        return plan_patching(model, graph.n_senders, n, task.seq_len, whole_task=problem is not None,
-                             prompts_per_batch=batch_size, **kw)
+        return plan(problem is not None, batch_size)
     except BudgetError as exc:  # the whole task does not fit the budget
         raise TaskError(f"{problem}. {exc}") from exc
+
+
+def _plan(model: Any, graph: Graph, task: Task, *, runner: BlockRunner | None, use_readout: bool,
+          max_copies: int, batch_size: int | None, budget: int) -> PatchPlan:
+    """The prompt batches and copies per forward (``eap.budget.plan_patching``), with the
+    metric's needs (:func:`plan_for_task`)."""
+    kw = dict(readout=use_readout, residuals=runner is not None, hooks=runner is None, max_copies=max_copies,
+              budget=budget, fixed_bytes=held_bytes(runner, model) if runner is not None else 0)
+    return plan_for_task(task, model.cfg.d_vocab, batch_size, lambda whole, nb: plan_patching(
+        model, graph.n_senders, task.n_prompts, task.seq_len, whole_task=whole, prompts_per_batch=nb, **kw))
 
 
 # ------------------------------------------------------------------------------ engine
@@ -458,29 +535,10 @@ def _execute(
 ) -> Float[Tensor, " n"]:
     """Plan the job, open the store, hand the units still to do to executor ``ex``, and report."""
     _check_inputs(model, graph, task, scale)
-    if method not in ("auto", "fast", "hooks"):
-        raise PatchError(f"method must be 'auto', 'fast' or 'hooks', got {method!r}")
-    if batch_size is not None and int(batch_size) < 1:
-        raise PatchError(f"batch_size (prompts per batch) must be >= 1, got {batch_size}")
+    task, runner, use_readout = prepare_call(model, task, method, batch_size, readout, "patching")
     shard = _parse_shard(shard)
     device = next(model.parameters()).device
-    if task.clean.device != device:
-        task = task.to(device)
-    use_readout = task.has_readout if readout is None else bool(readout)
-    if use_readout and not task.has_readout:
-        raise TaskError(f"task {task.name!r} has no readout; pass readout=None or False")
     budget = resolve_budget(memory_budget, device)
-
-    runner = None
-    if method in ("auto", "fast"):
-        try:
-            runner = BlockRunner(model)
-        except UnsupportedModel as exc:
-            if method == "fast":
-                raise
-            warnings.warn(f"{exc}; using the (slower) hook-based patching path")
-    if runner is None:
-        use_readout = False
 
     t0 = time.perf_counter()
     parts = fingerprint_parts(model, graph, task, items, scale, kind)

@@ -18,6 +18,10 @@ Receivers (see ``patch_receiver``): 'q', 'k', 'v' (one query head's input, read 
 ``("pre", L)``), 'mlp' (the MLP's input: ``("mid", L)``, or ``("pre", L)`` in parallel blocks)
 and 'logits' (``("post", n_layers - 1)``). Under grouped-query attention (ungrouped by
 ``eap.load_model``) a 'k' or 'v' receiver is the key/value input seen by that query head only.
+
+Circuits (``run_circuits``): every block from the input embedding, each receiver (every head's
+q, k and v input, every MLP input, the logits) with its own input correction, for several
+circuits stacked along the batch (``validation.evaluate_circuit``).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from eap.arch import Arch, UnsupportedModel
+from eap.graph import Graph, HookGroup
 
 __all__ = ["BlockRunner", "UnsupportedModel"]
 
@@ -128,3 +133,69 @@ class BlockRunner:
         if kind == "mlp":
             return ("post", layer)
         raise ValueError(f"unknown sender kind {kind!r}")
+
+    # ----------------------------------------------------------------- circuits
+    def run_circuits(
+        self,
+        graph: Graph,
+        embed: Float[Tensor, "nb p d"],
+        corrupted: Float[Tensor, "n_senders nb p d"],
+        patched: Float[Tensor, "c n_senders n_receivers"],
+    ) -> Float[Tensor, "c_nb p d"]:
+        """Run ``c`` circuits over a prompt batch, stacked along the batch (row ``i * nb + b`` is
+        circuit i on prompt b); returns the logits receiver's input (the final residual before
+        the final norm, corrected) of every row.
+
+        ``embed`` is the clean input embedding (the ``input`` sender's clean output),
+        ``corrupted`` every sender's output in the corrupted run, ``patched[i, u, r]`` 1 where
+        edge u -> r is patched in circuit i (not in the circuit), 0 where it is kept (and off the
+        graph's mask). Every receiver r reads the residual stream of its own row plus its own
+        correction ``sum_u patched[i, u, r] * (corrupted_u - current_u)``, with ``current_u``
+        sender u's output in this row's run so far (EAP-IG's ``evaluate_graph``): each head's
+        q, k and v input, each MLP input and the logits get their own input; the residual
+        stream itself is the sum of the current outputs."""
+        spec = self.arch.spec
+        if spec.post_norms:
+            raise UnsupportedModel(f"{spec.family}: per-head outputs pass a norm on their sum; circuits are not defined")
+        c, S = patched.shape[0], graph.n_senders
+        _, nb, p, d = corrupted.shape
+        H = self.n_heads
+        # corrupted - current output of every sender, per circuit and prompt
+        dif = corrupted.new_empty(c, S, nb, p, d)
+        dif[:, 0] = corrupted[0] - embed
+        x = embed.repeat(c, 1, 1)
+
+        def correction(g: HookGroup) -> Float[Tensor, "c r nb p d"]:
+            up = g.n_upstream
+            m = patched[:, :up, g.start : g.start + g.size].transpose(1, 2)  # [c, r, up]
+            return torch.matmul(m, dif[:, :up].reshape(c, up, nb * p * d)).view(c, g.size, nb, p, d)
+
+        def record(start: int, out: Float[Tensor, "c k nb p d"]) -> None:
+            dif[:, start : start + out.shape[1]] = corrupted[start : start + out.shape[1]] - out
+
+        by_layer: dict[int, dict[str, HookGroup]] = {}
+        for g in graph.receiver_groups:
+            by_layer.setdefault(g.layer, {})[g.kind] = g
+        heads_at = {g.layer: g.start for g in graph.sender_groups if g.kind == "head"}
+        mlp_at = {g.layer: g.start for g in graph.sender_groups if g.kind == "mlp"}
+        for layer in range(self.n_layers):
+            groups = by_layer[layer]
+            qkv = []
+            for kind in "qkv":
+                x_in = x.view(c, 1, nb, p, d) + correction(groups[kind])  # [c, H, nb, p, d]
+                x_in = x_in.transpose(1, 2).reshape(c * nb, H, p, d)
+                qkv.append(self.arch.head_inputs(layer, kind, x_in))
+            res = self.arch.head_results(layer, *qkv)  # [c * nb, H, p, d]
+            record(heads_at[layer], res.view(c, nb, H, p, d).transpose(1, 2))
+            attn = res.sum(1)
+            b_O = self.arch.layers[layer].b_O
+            if b_O is not None:
+                attn = attn + b_O
+            if self.attn_only:
+                x = x + attn
+                continue
+            mid = x if self.parallel else x + attn
+            out = self.arch.mlp(layer, mid + correction(groups["mlp"]).view(c * nb, p, d))
+            record(mlp_at[layer], out.view(c, 1, nb, p, d))
+            x = mid + out + (attn if self.parallel else 0)
+        return x + correction(by_layer[self.n_layers]["logits"]).view(c * nb, p, d)

@@ -175,6 +175,117 @@ def attribution_batch_size(model: Any, n_senders: int, n_prompts: int, seq_len: 
     return max(1, min(int(n_prompts), b // per))
 
 
+# ------------------------------------------------------------------------------------ AtP*
+def atp_stashed_patterns(n_layers: int, grad_drop: bool) -> int:
+    """Most pattern gradients ``[H, p, p]`` per prompt that AtP's QK-fix holds at once: one per
+    layer; with GradDrop (variants run from the last layer down, a layer's QK-fix done as soon as
+    its last variant is in) ``max(L, max_l l (L - l + 1))``."""
+    L = int(n_layers)
+    return max([L] + ([l * (L - l + 1) for l in range(1, L)] if grad_drop else []))
+
+
+def atp_prompt_bytes(model: Any, seq_len: int, *, qk_fix: bool, grad_drop: bool) -> int:
+    """Bytes per prompt that AtP holds on top of :func:`attribution_prompt_bytes`: with the
+    QK-fix the clean attention input per layer (``L p d``), the model's own pattern per layer
+    (``L H p p``, to check the adapter against) and the stashed pattern gradients
+    (:func:`atp_stashed_patterns` ``* H p p``); with GradDrop the residual gradient at every
+    layer boundary (``L p d``; the autograd graph kept for the extra backward passes is the one
+    ``attribution_prompt_bytes`` counts at its peak). Pattern tensors in float32 at least."""
+    s = Shape.of(model)
+    p = int(seq_len)
+    wide = max(s.itemsize, 4)
+    out = 0
+    if qk_fix:
+        out += s.n_layers * p * s.d_model * s.itemsize
+        out += (s.n_layers + atp_stashed_patterns(s.n_layers, grad_drop)) * s.n_heads * p * p * wide
+    if grad_drop:
+        out += s.n_layers * p * s.d_model * s.itemsize
+    return int(out)
+
+
+def atp_sender_bytes(model: Any, seq_len: int) -> int:
+    """Working bytes of the QK-fix per (sender, prompt) of a chunk: the patched input, its norm,
+    the patched q (or k) of every head and the rotary temporaries (``8 p d``), the patched
+    scores, pattern and its difference (``4 H p p``, float32 at least)."""
+    s = Shape.of(model)
+    p = int(seq_len)
+    return int(p * (8 * s.d_model * s.itemsize + 4 * s.n_heads * p * max(s.itemsize, 4)))
+
+
+@dataclass(frozen=True)
+class AtPPlan:
+    """Prompts per batch and, for the QK-fix, senders per chunk (patched inputs computed at once)."""
+
+    prompts_per_batch: int
+    senders_per_chunk: int
+    budget: int
+
+
+#: QK-fix: the most senders patched at once (more buys no speed on CPU; fewer loops on GPU).
+ATP_MAX_CHUNK = 64
+
+
+def plan_atp(model: Any, n_senders: int, n_prompts: int, seq_len: int, readout: bool, *, qk_fix: bool,
+             grad_drop: bool, budget: int | float | str | None = None, prompts_per_batch: int | None = None,
+             fixed_bytes: int = 0) -> AtPPlan:
+    """Batch plan for ``eap.atp`` within ``budget`` bytes (default: see module docstring).
+
+    Per prompt: :func:`attribution_prompt_bytes` + :func:`atp_prompt_bytes` + a QK-fix chunk of
+    ``c`` senders (:func:`atp_sender_bytes` each), plus ``fixed_bytes`` (e.g. GradDrop's score
+    matrix per layer). Prompts per batch: ``prompts_per_batch`` if given, else the most that fit
+    with a chunk of ``min(n_senders, ATP_MAX_CHUNK)`` (at least 1, with a ``BudgetWarning`` when
+    even one prompt and one sender do not fit); then the chunk takes what the budget leaves, at
+    most ``ATP_MAX_CHUNK`` and ``n_senders``, at least 1."""
+    total = resolve_budget(budget, Shape.of(model).device)
+    b = max(0, total - int(fixed_bytes))
+    held = attribution_prompt_bytes(model, n_senders, seq_len, readout) + atp_prompt_bytes(
+        model, seq_len, qk_fix=qk_fix, grad_drop=grad_drop)
+    per_sender = atp_sender_bytes(model, seq_len) if qk_fix else 0
+    want = min(int(n_senders), ATP_MAX_CHUNK)
+    if prompts_per_batch is not None:
+        nb = max(1, min(int(n_prompts), int(prompts_per_batch)))
+    else:
+        if held + per_sender > b:
+            _minimum("AtP attribution", held + per_sender + int(fixed_bytes), total)
+        nb = max(1, min(int(n_prompts), b // max(1, held + want * per_sender)))
+    chunk = want
+    if per_sender:
+        chunk = int(max(1, min(want, (b // nb - held) // per_sender if b // nb > held else 1)))
+    return AtPPlan(nb, chunk, total)
+
+
+def held_bytes(obj: Any, model: Any) -> int:
+    """Bytes of the tensors ``obj`` holds (in its attributes, their lists, tuples, dicts and plain
+    objects, a few levels deep; modules are not entered) that do not share storage with the
+    model's parameters: e.g. the block runner's fused weight copies."""
+    shared = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages: dict[int, int] = {}
+    visited: set[int] = set()
+
+    def visit(v: Any, depth: int) -> None:
+        if isinstance(v, torch.Tensor):
+            st = v.untyped_storage()
+            if st.data_ptr() not in shared:
+                storages[st.data_ptr()] = st.nbytes()
+            return
+        if depth > 4 or id(v) in visited or isinstance(v, torch.nn.Module):
+            return
+        visited.add(id(v))
+        if isinstance(v, (list, tuple)):
+            children = list(v)
+        elif isinstance(v, dict):
+            children = list(v.values())
+        elif hasattr(v, "__dict__") and not isinstance(v, type):
+            children = list(vars(v).values())
+        else:
+            return
+        for x in children:
+            visit(x, depth + 1)
+
+    visit(obj, 0)
+    return sum(storages.values())
+
+
 # ---------------------------------------------------------------------------- exact patching
 def patch_cache_bytes(model: Any, n_senders: int, seq_len: int, residuals: bool) -> int:
     """Bytes per prompt of exact patching's cache for one prompt batch: the sender differences

@@ -592,20 +592,25 @@ class Arch:
             out = self.rotate(out, cos, sin)
         return out
 
-    def head_inputs(self, layer: int, kind: str, x_in: Float[Tensor, "*N P d"]) -> Float[Tensor, "*N H P dh"]:
-        """Every head's q, k or v (rotated for q and k) from their shared pre-norm input ``x_in``
-        (one norm and one projection for all heads; the same numbers as :meth:`head_input`)."""
+    def head_inputs(self, layer: int, kinds: str, x_in: Float[Tensor, "*N P d"]) -> list[Float[Tensor, "*N H P dh"]]:
+        """Every head's q, k and/or v (``kinds``, e.g. ``"qk"``; rotated for q and k) from their
+        shared pre-norm input ``x_in``: one norm, then one projection of all heads per kind (the
+        same numbers as :meth:`head_input`). A list in the order of ``kinds``."""
         lw = self.layers[layer]
-        W = {"q": lw.W_Q, "k": lw.W_K, "v": lw.W_V}[kind]  # [H, d, dh]
-        b = {"q": lw.b_Q, "k": lw.b_K, "v": lw.b_V}[kind]
-        H, d, dh = W.shape
-        out = lw.ln1(x_in) @ W.permute(1, 0, 2).reshape(d, H * dh)  # [*N, P, H dh]
-        if b is not None:
-            out = out + b.reshape(-1)
-        out = out.unflatten(-1, (H, dh)).transpose(-2, -3)  # [*N, H, P, dh]
-        if kind != "v" and self.spec.positions == "rotary":
-            cos, sin = self.rope(x_in.shape[-2], x_in)
-            out = self.rotate(out, cos, sin)
+        normed = lw.ln1(x_in)
+        out = []
+        for kind in kinds:
+            W = {"q": lw.W_Q, "k": lw.W_K, "v": lw.W_V}[kind]  # [H, d, dh]
+            b = {"q": lw.b_Q, "k": lw.b_K, "v": lw.b_V}[kind]
+            H, d, dh = W.shape
+            y = normed @ W.permute(1, 0, 2).reshape(d, H * dh)  # [*N, P, H dh]
+            if b is not None:
+                y = y + b.reshape(-1)
+            y = y.unflatten(-1, (H, dh)).transpose(-2, -3)  # [*N, H, P, dh]
+            if kind != "v" and self.spec.positions == "rotary":
+                cos, sin = self.rope(x_in.shape[-2], x_in)
+                y = self.rotate(y, cos, sin)
+            out.append(y)
         return out
 
     def head_result(self, layer: int, head: int, q: Tensor, k: Tensor, v: Tensor) -> Float[Tensor, "N P d"]:

@@ -74,7 +74,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import Tensor
 
 from eap.arch import Arch, UnsupportedModel
@@ -87,7 +87,7 @@ from eap.hooks import leaf_input_hook, sender_difference_hooks
 from eap.models import model_device, model_dtype
 from eap.task import Task
 
-__all__ = ["AtP", "AtPOptions", "atp_options", "combine_grad_drop", "layer_dropped"]
+__all__ = ["AtP", "AtPOptions", "atp_options", "combine_grad_drop", "layer_dropped", "layer_terms"]
 
 
 @dataclass(frozen=True)
@@ -109,19 +109,29 @@ def atp_options(method: str) -> AtPOptions:
     raise AttributionError(f"unknown AtP method {method!r}; choose one of {ATP_METHODS}")
 
 
+def layer_terms(
+    full: Float[Tensor, "n_senders n_receivers"],
+    dropped: Float[Tensor, "n_layers n_senders n_receivers"],
+    receiver_layer: Int[Tensor, " n_receivers"],
+) -> Float[Tensor, "n_layers n_senders n_receivers"]:
+    """GradDrop's terms ``c_l`` (module docstring) from the undropped estimate ``full`` and the
+    backward passes with layer ``l`` dropped (``dropped[l]``, read only for receivers below
+    ``l``): ``full`` for receivers above ``l`` (logits: layer L), 0 for receivers in layer ``l``."""
+    lay = torch.arange(dropped.shape[0], device=full.device)[:, None, None]
+    r = receiver_layer.to(full.device)[None, None, :]
+    return torch.where(lay < r, full.unsqueeze(0), torch.where(lay > r, dropped, torch.zeros_like(dropped)))
+
+
 def combine_grad_drop(
     full: Float[Tensor, "n_senders n_receivers"],
     dropped: Float[Tensor, "n_layers n_senders n_receivers"],
-    receiver_layer: Float[Tensor, " n_receivers"],
+    receiver_layer: Int[Tensor, " n_receivers"],
 ) -> Float[Tensor, "n_senders n_receivers"]:
-    """GradDrop's signed score from the undropped estimate ``full`` and the layer-dropped ones
-    ``dropped[l]`` (see module docstring; only columns of receivers below layer ``l`` are read
-    from ``dropped[l]``): ``sign(c_m) * mean over l != r of |c_l|`` (metric units)."""
-    L = dropped.shape[0]
-    lay = torch.arange(L, device=full.device)[:, None, None]
-    r = receiver_layer.to(full.device)[None, None, :]
-    terms = torch.where(lay < r, full.unsqueeze(0), torch.where(lay > r, dropped, torch.zeros_like(dropped)))
-    counted = (lay != r).to(full.dtype)  # [L, 1, n_r]
+    """GradDrop's signed score ``sign(c_m) * mean over l != r of |c_l|`` (metric units; the
+    terms of :func:`layer_terms`, ``r`` the receiver's layer, ``c_m`` the first largest term)."""
+    terms = layer_terms(full, dropped, receiver_layer)
+    lay = torch.arange(terms.shape[0], device=full.device)[:, None, None]
+    counted = (lay != receiver_layer.to(full.device)[None, None, :]).to(full.dtype)  # [L, 1, n_r]
     size = terms.abs() * counted
     magnitude = size.sum(0) / counted.sum(0).clamp_min(1)
     pick = size.argmax(0, keepdim=True)  # first layer with the largest |c_l|
@@ -165,21 +175,22 @@ class AtP:
         self.compute_dtype = scores.dtype  # float32 at least
 
     # ------------------------------------------------------------------ planning
-    def _plan(self, task: Task, budget: Any, prompts: int | None) -> AtPPlan:
+    def plan(self, task: Task, batch_size: int | None, budget: Any) -> AtPPlan:
+        """Prompts per batch (``batch_size``, or as many as fit) and senders per QK-fix chunk
+        within ``budget`` (``eap.budget.plan_atp``; fixed: the adapter's own tensors and
+        GradDrop's score matrix per layer). Sets the chunk used by ``accumulate``."""
         fixed = held_bytes(self.arch, self.model) if self.arch is not None else 0
         if self.dropped is not None:
             fixed += self.dropped.numel() * self.dropped.element_size()
         plan = plan_atp(self.model, self.graph.n_senders, task.n_prompts, task.seq_len, task.has_readout,
                         qk_fix=self.opt.qk_fix, grad_drop=self.opt.grad_drop, budget=budget,
-                        prompts_per_batch=prompts, fixed_bytes=fixed)
+                        prompts_per_batch=batch_size, fixed_bytes=fixed,
+                        max_chunk=max((g.n_upstream for g, _ in self.qk_groups.values()), default=1))
         self.chunk = plan.senders_per_chunk
         return plan
 
     def auto_batch_size(self, task: Task, budget: Any) -> int:
-        return self._plan(task, budget, None).prompts_per_batch
-
-    def plan(self, task: Task, batch_size: int, budget: Any) -> None:
-        self._plan(task, budget, batch_size)
+        return self.plan(task, None, budget).prompts_per_batch
 
     # ------------------------------------------------------------------ one batch
     def accumulate(self, task: Task, prompt_weight: float) -> None:
@@ -215,6 +226,10 @@ class AtP:
                 torch.autograd.backward(st.resid[drop], grad_tensors=st.resid_grad[drop + 1], retain_graph=True)
                 if opt.qk_fix:
                     self._qk_fix(st, drop - 1, prompt_weight)
+        # the kept residuals hold the autograd graph, whose tensor hooks hold ``st``: break the cycle
+        # so the batch's memory goes now, not at the next garbage collection
+        st.resid.clear()
+        st.resid_grad.clear()
 
     def _keep_input(self, st: _Batch, layer: int):
         def hook(act: Tensor, hook: Any = None) -> Tensor:
@@ -269,8 +284,7 @@ class AtP:
         far (undropped and dropped variants), then free them."""
         arch, cdt = self.arch, self.compute_dtype
         x = st.x_in.pop(layer)
-        Q = arch.head_inputs(layer, "q", x).to(cdt)  # [b, H, p, dh]
-        K = arch.head_inputs(layer, "k", x).to(cdt)
+        Q, K = (t.to(cdt) for t in arch.head_inputs(layer, "qk", x))  # [b, H, p, dh]
         A = arch.pattern(layer, Q, K).to(cdt)  # [b, H, p, p]
         model_A = st.model_pattern.pop(layer)
         err = float((A - model_A.to(cdt)).abs().max())
@@ -286,27 +300,25 @@ class AtP:
         n_up, H = qg.n_upstream, qg.size
         for s0 in range(0, n_up, self.chunk):
             s1 = min(n_up, s0 + self.chunk)
-            patched = x.unsqueeze(0) + st.buf[s0:s1]  # [c, b, p, d]
-            dq = arch.pattern(layer, arch.head_inputs(layer, "q", patched).to(cdt), K).to(cdt) - A
+            q_patched, k_patched = arch.head_inputs(layer, "qk", x.unsqueeze(0) + st.buf[s0:s1])  # [c, b, H, p, dh]
+            dq = arch.pattern(layer, q_patched.to(cdt), K).to(cdt) - A  # [c, b, H, p, p]
+            del q_patched
             on_q = torch.einsum("cbhts,vbhts->vch", dq, G)
             del dq
-            dk = arch.pattern(layer, Q, arch.head_inputs(layer, "k", patched).to(cdt)).to(cdt) - A
+            dk = arch.pattern(layer, Q, k_patched.to(cdt)).to(cdt) - A
+            del k_patched
             on_k = torch.einsum("cbhts,vbhts->vch", dk, G)
-            del dk, patched
+            del dk
             for v, target in enumerate(targets):
                 target[s0:s1, qg.start: qg.start + H].add_(on_q[v], alpha=prompt_weight)
                 target[s0:s1, kg.start: kg.start + H].add_(on_k[v], alpha=prompt_weight)
 
     # ------------------------------------------------------------------ results
     def layer_scores(self) -> Float[Tensor, "n_layers n_senders n_receivers"]:
-        """``c_l`` for every dropped layer ``l`` (GradDrop only): the undropped estimate for
-        receivers above ``l``, 0 for receivers in layer ``l``, the dropped estimate below."""
+        """GradDrop's terms ``c_l`` for every dropped layer ``l`` (:func:`layer_terms`)."""
         if self.dropped is None:
             raise AttributionError("layer scores exist only with GradDrop ('atp-graddrop', 'atp*')")
-        lay = torch.arange(self.n_layers, device=self.scores.device)[:, None, None]
-        r = self.receiver_layer.to(self.scores.device)[None, None, :]
-        return torch.where(lay < r, self.scores.unsqueeze(0),
-                           torch.where(lay > r, self.dropped, torch.zeros_like(self.dropped)))
+        return layer_terms(self.scores, self.dropped, self.receiver_layer)
 
     def result(self) -> Float[Tensor, "n_senders n_receivers"]:
         if self.dropped is None:
@@ -328,9 +340,7 @@ def layer_dropped(
     dtype = torch.promote_types(model_dtype(model), torch.float32)
     scores = torch.zeros(graph.n_senders, graph.n_receivers, device=model_device(model), dtype=dtype)
     atp = AtP(model, graph, AtPOptions(qk_fix=qk_fix, grad_drop=True), scores)
-    size = atp.auto_batch_size(task, memory_budget) if batch_size is None else batch_size
-    if batch_size is not None:
-        atp.plan(task, batch_size, memory_budget)
+    size = atp.plan(task, batch_size, memory_budget).prompts_per_batch
     for batch in task.batches(size):
         atp.accumulate(batch, 1.0 / task.n_prompts)
     return atp.layer_scores().cpu()[:, graph.edge_sender, graph.edge_receiver]

@@ -19,11 +19,12 @@ import torch
 
 import validation
 from eap import Graph, attribute, random_model
-from eap.atp import layer_dropped
+from eap.atp import AtP, atp_options, layer_dropped
 from eap.attribute import AttributionError
 from eap.budget import plan_atp
 
 from conftest import random_task
+from memtools import live_peak_bytes
 from test_attribute import reference_scores, sender_outputs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -223,3 +224,26 @@ def test_atp_refuses_node_level_and_names_methods(setup):
         attribute(model, graph, task, "atp*", level="node")
     with pytest.raises(AttributionError, match="atp-qk"):
         attribute(model, graph, task, "atp")
+
+
+@pytest.mark.parametrize("method", ["atp-qk", "atp-graddrop", "atp*"])
+def test_peak_memory_within_the_plan_and_the_budget(method):
+    """Live tensor peak (tests/memtools.py) <= the budget when the budget holds about 4 of 12
+    prompts, and <= the plan's estimate with all 12 in one batch; negative control: those 12 in
+    one batch exceed the smaller budget."""
+    import eap
+
+    model = eap.load_model("toy-gpt2-2l", device="cpu")
+    graph = Graph.from_model(model)
+    task = eap.tasks.ioi(model, 12, seed=0)
+    atp = AtP(model, graph, atp_options(method), torch.zeros(graph.n_senders, graph.n_receivers))
+    whole_plan = atp.plan(task, 12, "1TiB")
+    budget = whole_plan.peak_bytes // 3
+    assert atp.plan(task, None, budget).prompts_per_batch in (3, 4)
+    live_peak_bytes(lambda: attribute(model, graph, task, "eap", progress=False))  # profiler warm-up
+    _, peak = live_peak_bytes(lambda: attribute(model, graph, task, method, memory_budget=budget, progress=False,
+                                                write_graph=False))
+    assert peak <= budget, (peak, budget)
+    _, whole = live_peak_bytes(lambda: attribute(model, graph, task, method, batch_size=12, progress=False,
+                                                 write_graph=False))
+    assert budget < whole <= whole_plan.peak_bytes, (whole, whole_plan.peak_bytes)

@@ -124,8 +124,9 @@ def attribute(
 
     Prompts are split into batches of ``batch_size`` (when None, as many as fit
     ``memory_budget``: bytes or a size such as ``"2GiB"``, default a share of the free device
-    memory; see ``eap.budget``); the result does not depend on the split. Every method peaks at
-    the same memory per batch (the gradient points run one after another). A metric that closes
+    memory; see ``eap.budget``); the result does not depend on the split. The gradient methods
+    peak at the same memory per batch (their gradient points run one after another); the AtP
+    methods hold more per prompt and plan for it (``eap.budget.plan_atp``). A metric that closes
     over tensors of all prompts cannot be split: then a ``TaskError`` asks for ``per_prompt``
     data unless one batch holds every prompt. Scores come back on the CPU in the model's dtype
     (float32 at least); with ``write_graph`` they are also written into ``graph.scores``.

@@ -156,7 +156,8 @@ def documented_graddrop(terms, graph):
 def test_graddrop_score_is_the_documented_signed_mean(setup):
     _, model, graph, task = setup
     got = attribute(model, graph, task, "atp-graddrop", progress=False)
-    torch.testing.assert_close(got, documented_graddrop(layer_dropped(model, graph, task), graph), rtol=1e-12, atol=1e-15)
+    want = documented_graddrop(layer_dropped(model, graph, task), graph)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-15)
     eap = attribute(model, graph, task, "eap", progress=False)
     assert (got - eap).abs().max() > 1e-4 * eap.abs().max()
     logits = torch.tensor([k == "logits" for k in graph.edge_kind])  # nothing to drop after the logits

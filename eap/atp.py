@@ -83,7 +83,7 @@ from eap.attribute import (
 )
 from eap.budget import AtPPlan, held_bytes, plan_atp
 from eap.graph import Graph, HookGroup
-from eap.hooks import leaf_input_hook, sender_difference_hooks
+from eap.hooks import leaf_input_hook, sender_difference_hooks, with_grad_hook
 from eap.models import model_device, model_dtype
 from eap.task import Task
 
@@ -245,11 +245,7 @@ class AtP:
 
         def hook(act: Tensor, hook: Any = None) -> Tensor:
             st.model_pattern[layer] = act.detach()
-            if not act.requires_grad:
-                return act
-            out = act.view_as(act)
-            out.register_hook(on_grad)
-            return out
+            return with_grad_hook(act, on_grad)
 
         return hook
 
@@ -262,10 +258,8 @@ class AtP:
                 st.resid_grad[layer] = grad.detach()
 
         def hook(act: Tensor, hook: Any = None) -> Tensor:
-            out = act.view_as(act)
-            out.register_hook(on_grad)
-            st.resid[layer] = out
-            return out
+            st.resid[layer] = with_grad_hook(act, on_grad)
+            return st.resid[layer]
 
         return hook
 

@@ -48,7 +48,7 @@ from eap.arch import Readout
 from eap.budget import attribution_batch_size
 from eap.graph import Graph, HookGroup
 from eap.hooks import (
-    StopForward, check_edge_hooks, leaf_input_hook, run_until_stop, sender_difference_hooks, stop_hook,
+    StopForward, check_edge_hooks, leaf_input_hook, run_until_stop, sender_difference_hooks, stop_hook, with_grad_hook,
 )
 from eap.models import model_device, model_dtype
 from eap.task import Task, TaskError
@@ -236,14 +236,7 @@ def receiver_hooks(
             scores[:n_up, group.start : group.start + size].add_(block.to(scores.dtype), alpha=sink.weight)
 
         def hook(act: Tensor, hook: Any = None) -> Tensor:
-            # A tensor hook (not a module backward hook: those clone every gradient). It goes on
-            # a fresh view, because the hook's input can be shared with other paths (the bridge
-            # passes resid_mid itself through hook_mlp_in); only this receiver uses the view.
-            if not act.requires_grad:
-                return act
-            out = act.view_as(act)
-            out.register_hook(on_grad)
-            return out
+            return with_grad_hook(act, on_grad)
 
         return hook
 

@@ -10,8 +10,8 @@ A spec (what a user writes after ``--tasks`` / ``--methods``) is resolved in thi
 
 1. ``module:function`` (``module`` a dotted import path on ``sys.path``/``PYTHONPATH``, or
    installed; ``function`` may be dotted, ``module:Class.method``);
-2. a built-in name: ``eap.tasks.TASKS`` for tasks; ``eap``, ``eap-ig``, ``clean-corrupted`` for
-   methods (built-ins win over plug-ins of the same name);
+2. a built-in name: ``eap.tasks.TASKS`` for tasks; ``eap``, ``eap-ig``, ``clean-corrupted``,
+   ``atp-qk``, ``atp-graddrop``, ``atp*`` for methods (built-ins win over plug-ins of the same name);
 3. the name of an entry point in the group ``eap_bench.tasks`` / ``eap_bench.methods`` of an
    installed distribution, as pytest finds its ``pytest11`` plug-ins. A package registers one in
    its ``pyproject.toml``::
@@ -86,10 +86,35 @@ def clean_corrupted_method(model: Any, graph: Any, task: Any, *, batch_size: int
                          write_graph=False)
 
 
+def atp_qk_method(model: Any, graph: Any, task: Any, *, batch_size: int | None = None) -> Tensor:
+    """Built-in ``atp-qk``: EAP with AtP*'s QK-fix on q/k edges (``eap.atp``)."""
+    import eap
+
+    return eap.attribute(model, graph, task, method="atp-qk", batch_size=batch_size, progress=False, write_graph=False)
+
+
+def atp_graddrop_method(model: Any, graph: Any, task: Any, *, batch_size: int | None = None) -> Tensor:
+    """Built-in ``atp-graddrop``: EAP with AtP*'s GradDrop (``eap.atp``)."""
+    import eap
+
+    return eap.attribute(model, graph, task, method="atp-graddrop", batch_size=batch_size, progress=False,
+                         write_graph=False)
+
+
+def atp_star_method(model: Any, graph: Any, task: Any, *, batch_size: int | None = None) -> Tensor:
+    """Built-in ``atp*``: QK-fix and GradDrop (``eap.atp``)."""
+    import eap
+
+    return eap.attribute(model, graph, task, method="atp*", batch_size=batch_size, progress=False, write_graph=False)
+
+
 BUILTIN_METHODS: dict[str, Callable[..., Tensor]] = {
     "eap": eap_method,
     "eap-ig": eap_ig_method,
     "clean-corrupted": clean_corrupted_method,
+    "atp-qk": atp_qk_method,
+    "atp-graddrop": atp_graddrop_method,
+    "atp*": atp_star_method,
 }
 
 

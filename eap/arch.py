@@ -407,7 +407,7 @@ class Layer:
     b_V: Tensor | None
     W_O: Tensor  # [H, dh, d]
     b_O: Tensor | None  # [d]
-    W_qkv: Tensor  # [d, 3 H dh] fused copy for full-attention passes
+    W_qkv: Tensor | None  # [d, 3 H dh] fused copy for full-attention passes (None: built when needed)
     b_qkv: Tensor | None
     W_in: Tensor | None
     W_gate: Tensor | None
@@ -417,6 +417,19 @@ class Layer:
     b_out: Tensor | None
     scale: float
     window: int | None
+
+
+def _fuse_qkv(W_Q: Tensor, W_K: Tensor, W_V: Tensor, b_Q: Tensor | None, b_K: Tensor | None,
+              b_V: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """One ``[d, 3 H dh]`` weight (and ``[3 H dh]`` bias, or None) for a full-attention pass."""
+    H, d, dh = W_Q.shape
+    flat = lambda w: w.permute(1, 0, 2).reshape(d, H * dh)  # noqa: E731
+    W_qkv = torch.cat([flat(W_Q), flat(W_K), flat(W_V)], dim=-1).contiguous()
+    biases = [b_Q, b_K, b_V]
+    if all(b is None for b in biases):
+        return W_qkv, None
+    zeros = torch.zeros(H, dh, dtype=W_Q.dtype, device=W_Q.device)
+    return W_qkv, torch.cat([(b if b is not None else zeros).reshape(-1) for b in biases])
 
 
 def _opt(obj: Any, name: str) -> Tensor | None:
@@ -433,9 +446,11 @@ class Arch:
     Raises ``UnsupportedModel`` naming any feature it does not implement. All tensors stay on
     the model's device and dtype; nothing requires grad. Residual tensors are ``[B, P, d]``;
     with ``pos`` ([B] positions) a block computes only that query position and returns ``[B, d]``.
+    ``fused_qkv=False`` skips the fused q/k/v weight copy per layer (callers that only need
+    :meth:`head_inputs` / :meth:`pattern` then hold no weight memory beyond views).
     """
 
-    def __init__(self, model: Any) -> None:
+    def __init__(self, model: Any, fused_qkv: bool = True) -> None:
         spec = arch_spec(model)
         if spec.problems:
             raise UnsupportedModel(f"{spec.family}: the block runner does not implement: {'; '.join(spec.problems)}")
@@ -452,10 +467,10 @@ class Arch:
         self.act = ACT2FN[spec.act]
         self.rotary_module = model.rotary_emb.original_component if spec.positions == "rotary" else None
         self._rope: dict[tuple, tuple[Tensor, Tensor]] = {}
-        self.layers = [self._layer(model, i) for i in range(spec.n_layers)]
+        self.layers = [self._layer(model, i, fused_qkv) for i in range(spec.n_layers)]
         self.readout = Readout(model, spec)
 
-    def _layer(self, model: Any, i: int) -> Layer:
+    def _layer(self, model: Any, i: int, fused_qkv: bool = True) -> Layer:
         spec, blk = self.spec, model.blocks[i]
         attn, mlp = blk.attn, getattr(blk, "mlp", None)
         hf_attn = attn.original_component
@@ -464,13 +479,7 @@ class Arch:
         H, d, dh = W_Q.shape
         if W_K.shape != W_Q.shape or W_V.shape != W_Q.shape:
             raise UnsupportedModel(f"layer {i}: q/k/v weights of different shapes {tuple(W_Q.shape)}, {tuple(W_K.shape)}")
-        flat = lambda w: w.permute(1, 0, 2).reshape(d, H * dh)  # noqa: E731
-        W_qkv = torch.cat([flat(W_Q), flat(W_K), flat(W_V)], dim=-1).contiguous()
-        biases = [b_Q, b_K, b_V]
-        b_qkv = None
-        if any(b is not None for b in biases):
-            b_qkv = torch.cat([(b if b is not None else torch.zeros(H, dh, dtype=W_Q.dtype, device=W_Q.device)).reshape(-1)
-                               for b in biases])
+        W_qkv, b_qkv = _fuse_qkv(W_Q, W_K, W_V, b_Q, b_K, b_V) if fused_qkv else (None, None)
         scale = getattr(hf_attn, "scaling", None)
         if scale is None:
             raise UnsupportedModel(f"layer {i}: the attention module has no 'scaling' attribute")
@@ -509,24 +518,35 @@ class Arch:
         """Causal attention (with the layer's scaling, softcap and sliding window). Without
         ``pos`` the queries are all positions; with ``pos`` q is ``[B, H, 1, dh]`` at ``pos``."""
         lw, spec = self.layers[layer], self.spec
-        P = k.shape[-2]
-        keys = torch.arange(P, device=q.device)
-        qpos = (keys[:, None] if pos is None else pos[:, None, None, None])  # [P,1] or [B,1,1,1]
-        allowed = keys <= qpos
-        if lw.window is not None:
-            allowed = allowed & (qpos - keys < lw.window)
         manual = spec.attn_softcap or (spec.softmax_fp32 and q.dtype != torch.float32)
         if not manual:
             if pos is None and lw.window is None:
                 return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=lw.scale)
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=lw.scale)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=self._allowed(layer, k, pos), scale=lw.scale)
+        return torch.matmul(self.pattern(layer, q, k, pos).to(q.dtype), v)
+
+    def _allowed(self, layer: int, k: Tensor, pos: Int[Tensor, " B"] | None) -> Tensor:
+        """Which keys each query may see: causal, within the layer's sliding window."""
+        window = self.layers[layer].window
+        keys = torch.arange(k.shape[-2], device=k.device)
+        qpos = (keys[:, None] if pos is None else pos[:, None, None, None])  # [P,1] or [B,1,1,1]
+        allowed = keys <= qpos
+        return allowed if window is None else allowed & (qpos - keys < window)
+
+    def pattern(
+        self, layer: int, q: Float[Tensor, "*B H Pq dh"], k: Float[Tensor, "*B H P dh"],
+        pos: Int[Tensor, " B"] | None = None,
+    ) -> Float[Tensor, "*B H Pq P"]:
+        """The attention pattern (softmax over keys, rows sum to 1) of queries ``q`` on keys ``k``:
+        the layer's scaling, score softcap, causal mask and sliding window, the softmax in float32
+        where the family computes it so. Returned in the softmax's dtype (float32 then, else
+        ``q``'s); ``attend`` casts it back to the model's dtype. Leading dimensions broadcast."""
+        lw, spec = self.layers[layer], self.spec
         scores = _softcap(torch.matmul(q, k.transpose(-1, -2)) * lw.scale, spec.attn_softcap)
-        scores = scores.masked_fill(~allowed, float("-inf"))
+        scores = scores.masked_fill(~self._allowed(layer, k, pos), float("-inf"))
         if spec.softmax_fp32:
-            pattern = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-        else:
-            pattern = torch.softmax(scores, dim=-1)
-        return torch.matmul(pattern, v)
+            return torch.softmax(scores, dim=-1, dtype=torch.float32)
+        return torch.softmax(scores, dim=-1)
 
     def attn(self, layer: int, x: Tensor, pos: Tensor | None = None, post: bool = True) -> Tensor:
         """Attention's write into the residual stream (all heads + b_O, then any post-norm) for
@@ -534,9 +554,11 @@ class Arch:
         lw, spec = self.layers[layer], self.spec
         B, P, d = x.shape
         H, dh = spec.n_heads, spec.d_head
-        qkv = lw.ln1(x) @ lw.W_qkv
-        if lw.b_qkv is not None:
-            qkv = qkv + lw.b_qkv
+        W_qkv, b_qkv = (lw.W_qkv, lw.b_qkv) if lw.W_qkv is not None else _fuse_qkv(
+            lw.W_Q, lw.W_K, lw.W_V, lw.b_Q, lw.b_K, lw.b_V)
+        qkv = lw.ln1(x) @ W_qkv
+        if b_qkv is not None:
+            qkv = qkv + b_qkv
         q, k, v = qkv.view(B, P, 3, H, dh).permute(2, 0, 3, 1, 4)  # each [B, H, P, dh]
         if spec.positions == "rotary":
             cos, sin = self.rope(P, x)
@@ -576,6 +598,27 @@ class Arch:
         if kind != "v" and self.spec.positions == "rotary":
             cos, sin = self.rope(x.shape[-2], x)
             out = self.rotate(out, cos, sin)
+        return out
+
+    def head_inputs(self, layer: int, kinds: str, x_in: Float[Tensor, "*N P d"]) -> list[Float[Tensor, "*N H P dh"]]:
+        """Every head's q, k and/or v (``kinds``, e.g. ``"qk"``; rotated for q and k) from their
+        shared pre-norm input ``x_in``: one norm, then one projection of all heads per kind (the
+        same numbers as :meth:`head_input`). A list in the order of ``kinds``."""
+        lw = self.layers[layer]
+        normed = lw.ln1(x_in)
+        out = []
+        for kind in kinds:
+            W = {"q": lw.W_Q, "k": lw.W_K, "v": lw.W_V}[kind]  # [H, d, dh]
+            b = {"q": lw.b_Q, "k": lw.b_K, "v": lw.b_V}[kind]
+            H, d, dh = W.shape
+            y = normed @ W.permute(1, 0, 2).reshape(d, H * dh)  # [*N, P, H dh]
+            if b is not None:
+                y = y + b.reshape(-1)
+            y = y.unflatten(-1, (H, dh)).transpose(-2, -3)  # [*N, H, P, dh]
+            if kind != "v" and self.spec.positions == "rotary":
+                cos, sin = self.rope(x_in.shape[-2], x_in)
+                y = self.rotate(y, cos, sin)
+            out.append(y)
         return out
 
     def head_result(self, layer: int, head: int, q: Tensor, k: Tensor, v: Tensor) -> Float[Tensor, "N P d"]:

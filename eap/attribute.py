@@ -14,6 +14,11 @@ Methods
                      and the clean input embedding, ``x_k = clean + (1 - k/m)(corrupted - clean)``,
                      k = 1..m (so m = 1 is EAP).
 ``clean-corrupted``  average of the gradients at the clean and at the corrupted run.
+``atp-qk``           EAP, but q and k edges recompute the receiver head's attention pattern exactly
+                     and are linear only from the pattern on (AtP*'s QK-fix; ``eap.atp``).
+``atp-graddrop``     EAP averaged over gradients with one layer's residual-stream gradient dropped
+                     (AtP*'s GradDrop; magnitudes per the paper, signed; ``eap.atp``).
+``atp*``             both fixes (Kramar et al. 2024, adapted to edges; see ``eap.atp``, docs/atp.md).
 
 How it is computed (per prompt batch)
 -------------------------------------
@@ -25,7 +30,9 @@ How it is computed (per prompt batch)
 3. backward: a tensor hook on each receiver's input contracts its gradient with the upstream prefix of the buffer in
    one matrix product and adds into the ``[n_senders, n_receivers]`` score matrix. Gradients are
    never stored, no parameter gradient is accumulated.
-``eap-ig`` and ``clean-corrupted`` add one forward+backward per extra gradient point.
+``eap-ig`` and ``clean-corrupted`` add one forward+backward per extra gradient point. The AtP
+methods share steps 1-3 (``fill_corrupted``, ``receiver_hooks``, ``metric_values``) and add their
+own work (``eap.atp.AtP``). ``attribute`` picks the strategy explicitly (``_strategy``).
 """
 
 from __future__ import annotations
@@ -41,12 +48,14 @@ from eap.arch import Readout
 from eap.budget import attribution_batch_size
 from eap.graph import Graph, HookGroup
 from eap.hooks import (
-    StopForward, check_edge_hooks, leaf_input_hook, run_until_stop, sender_difference_hooks, stop_hook,
+    StopForward, check_edge_hooks, leaf_input_hook, run_until_stop, sender_difference_hooks, stop_hook, with_grad_hook,
 )
 from eap.models import model_device, model_dtype
 from eap.task import Task, TaskError
 
-METHODS = ("eap", "eap-ig", "clean-corrupted")
+GRADIENT_METHODS = ("eap", "eap-ig", "clean-corrupted")
+ATP_METHODS = ("atp-qk", "atp-graddrop", "atp*")
+METHODS = GRADIENT_METHODS + ATP_METHODS
 
 class AttributionError(ValueError):
     """Bad arguments to ``attribute``."""
@@ -63,7 +72,7 @@ def gradient_points(method: str, ig_steps: int = 5) -> list[tuple[float, float]]
         return [(k / ig_steps, 1.0 / ig_steps) for k in range(ig_steps, 0, -1)]
     if method == "clean-corrupted":
         return [(1.0, 0.5), (0.0, 0.5)]
-    raise AttributionError(f"unknown attribution method {method!r}; choose one of {METHODS}")
+    raise AttributionError(f"unknown gradient method {method!r}; choose one of {GRADIENT_METHODS}")
 
 
 def auto_batch_size(
@@ -80,6 +89,11 @@ def _check_inputs(model: Any, graph: Graph, task: Task, method: str, level: str)
         raise AttributionError(f"unknown attribution method {method!r}; choose one of {METHODS}")
     if level not in ("edge", "node"):
         raise AttributionError(f"level must be 'edge' or 'node', got {level!r}")
+    if level == "node" and method in ATP_METHODS:
+        raise AttributionError(
+            f"{method!r} scores edges only (level='edge'): its QK-fix and GradDrop terms are not additive over a "
+            "sender's edges, so a node score would not be the estimate of patching the node; use 'eap' for nodes"
+        )
     if not isinstance(task, Task):
         raise AttributionError(f"task must be an eap.Task, got {type(task).__name__}")
     spec = check_edge_hooks(model, graph)  # hooks, and the architecture adapter's checks (eap.arch)
@@ -90,7 +104,7 @@ def attribute(
     model: Any,
     graph: Graph,
     task: Task,
-    method: Literal["eap", "eap-ig", "clean-corrupted"] = "eap",
+    method: Literal["eap", "eap-ig", "clean-corrupted", "atp-qk", "atp-graddrop", "atp*"] = "eap",
     *,
     level: Literal["edge", "node"] = "edge",
     batch_size: int | None = None,
@@ -105,23 +119,29 @@ def attribute(
     Units and sign: score ~= mean over prompts of metric(patched) - metric(clean), in the units of
     ``task.metric`` (e.g. logits for IOI's logit difference); patched = the sender's output
     replaced by its corrupted value (edge: at one receiver; node: everywhere). First order,
-    gradient on the clean run for ``eap`` (see module docstring for the other methods).
+    gradient on the clean run for ``eap`` (see module docstring for the other methods; the AtP
+    methods, ``eap.atp``, score edges only).
 
     Prompts are split into batches of ``batch_size`` (when None, as many as fit
     ``memory_budget``: bytes or a size such as ``"2GiB"``, default a share of the free device
-    memory; see ``eap.budget``); the result does not depend on the split. Every method peaks at
-    the same memory per batch (the gradient points run one after another). A metric that closes
+    memory; see ``eap.budget``); the result does not depend on the split. The gradient methods
+    peak at the same memory per batch (their gradient points run one after another); the AtP
+    methods hold more per prompt and plan for it (``eap.budget.plan_atp``). A metric that closes
     over tensors of all prompts cannot be split: then a ``TaskError`` asks for ``per_prompt``
     data unless one batch holds every prompt. Scores come back on the CPU in the model's dtype
     (float32 at least); with ``write_graph`` they are also written into ``graph.scores``.
     """
     _check_inputs(model, graph, task, method, level)
-    points = gradient_points(method, ig_steps)
     device, dtype = model_device(model), model_dtype(model)
     task = task.to(device)
+    # accumulate in at least float32 (a half-precision model would otherwise sum in half)
+    scores = torch.zeros(graph.n_senders, graph.n_receivers, device=device, dtype=torch.promote_types(dtype, torch.float32))
+    strategy = _strategy(model, graph, method, ig_steps, scores)
     chosen = batch_size is not None
     if batch_size is None:
-        batch_size = auto_batch_size(model, graph, task, memory_budget)
+        batch_size = strategy.auto_batch_size(task, memory_budget)
+    else:
+        strategy.plan(task, batch_size, memory_budget)
     if batch_size < task.n_prompts:
         problem = task.subset_problem(model.cfg.d_vocab)
         if problem is not None:
@@ -133,19 +153,94 @@ def attribute(
                 f"Task(per_prompt=...) so the metric is called as metric(logits, **batch_data), or use "
                 f"batch_size >= {task.n_prompts} (a larger memory_budget)."
             )
-    # accumulate in at least float32 (a half-precision model would otherwise sum in half)
-    scores = torch.zeros(graph.n_senders, graph.n_receivers, device=device, dtype=torch.promote_types(dtype, torch.float32))
     batches = list(task.batches(batch_size))
     bar = tqdm(batches, desc=f"{method} attribution", unit="batch", disable=not progress or len(batches) == 1)
     for batch in bar:
-        _accumulate(model, graph, batch, points, scores, 1.0 / task.n_prompts)
-    scores = scores.cpu()
+        strategy.accumulate(batch, 1.0 / task.n_prompts)
+    scores = strategy.result().cpu()
     if level == "node":
         return (scores * graph.mask).sum(dim=1)
     out = scores[graph.edge_sender, graph.edge_receiver]
     if write_graph:
         graph.scores = scores * graph.mask
     return out
+
+
+def _strategy(model: Any, graph: Graph, method: str, ig_steps: int,
+              scores: Float[Tensor, "n_senders n_receivers"]) -> "GradientMethod | Any":
+    """The strategy that computes ``method`` (explicit: gradient points or an AtP variant)."""
+    if method in GRADIENT_METHODS:
+        return GradientMethod(model, graph, gradient_points(method, ig_steps), scores)
+    from eap.atp import AtP, atp_options  # eap.atp builds on this module's pieces
+
+    return AtP(model, graph, atp_options(method), scores)
+
+
+class GradientMethod:
+    """EAP, EAP-IG and clean-corrupted: gradients at fixed points contracted at every receiver
+    (module docstring, steps 1-3); adds into ``scores`` [n_senders, n_receivers]."""
+
+    def __init__(self, model: Any, graph: Graph, points: list[tuple[float, float]],
+                 scores: Float[Tensor, "n_senders n_receivers"]) -> None:
+        self.model, self.graph, self.points, self.scores = model, graph, points, scores
+
+    def auto_batch_size(self, task: Task, budget: int | float | str | None) -> int:
+        return auto_batch_size(self.model, self.graph, task, budget)
+
+    def plan(self, task: Task, batch_size: int, budget: int | float | str | None) -> None:
+        """Nothing to plan beyond the batch size the caller chose."""
+
+    def accumulate(self, task: Task, prompt_weight: float) -> None:
+        _accumulate(self.model, self.graph, task, self.points, self.scores, prompt_weight)
+
+    def result(self) -> Float[Tensor, "n_senders n_receivers"]:
+        return self.scores
+
+
+class ScoreSink:
+    """Where the receiver hooks add their contractions: ``scores`` [n_senders, n_receivers]
+    (switchable between passes) times ``weight``."""
+
+    __slots__ = ("scores", "weight")
+
+    def __init__(self, scores: Float[Tensor, "n_senders n_receivers"], weight: float = 0.0) -> None:
+        self.scores, self.weight = scores, weight
+
+
+def fill_corrupted(model: Any, graph: Graph, task: Task, buf: Float[Tensor, "n_senders batch pos d_model"]) -> None:
+    """Step 1: a corrupted forward without grad writes every sender's output into ``buf``; it
+    stops after the last sender (no unembedding)."""
+    with torch.no_grad():
+        fwd = sender_difference_hooks(graph, buf, subtract=False) + [(graph.sender_groups[-1].hook, stop_hook)]
+        run_until_stop(model, task.corrupted, fwd)
+
+
+def receiver_hooks(
+    graph: Graph, buf: Float[Tensor, "n_senders batch pos d_model"], sink: ScoreSink,
+    groups: list[HookGroup] | None = None,
+) -> list[tuple[str, Any]]:
+    """Step 3's forward hooks for the receiver ``groups`` (default all): each puts a tensor hook
+    on its receiver's input that contracts the gradient with the upstream prefix of ``buf``
+    (sender differences) in one matrix product and adds it, times ``sink.weight``, into
+    ``sink.scores`` (units: metric per unit of gradient-weighted difference = metric units)."""
+
+    def contract(group: HookGroup):
+        n_up, size = group.n_upstream, group.size
+
+        def on_grad(grad: Tensor) -> None:
+            # grad [b, p, (H,) d] -> [(b p d), H]; buffer prefix [n_up, (b p d)]: one matmul
+            g = grad.unsqueeze(-2) if group.n_heads is None else grad
+            g = g.transpose(-1, -2).reshape(-1, size)
+            block = buf[:n_up].reshape(n_up, -1) @ g
+            scores = sink.scores
+            scores[:n_up, group.start : group.start + size].add_(block.to(scores.dtype), alpha=sink.weight)
+
+        def hook(act: Tensor, hook: Any = None) -> Tensor:
+            return with_grad_hook(act, on_grad)
+
+        return hook
+
+    return [(g.hook, contract(g)) for g in (graph.receiver_groups if groups is None else groups)]
 
 
 def _accumulate(
@@ -162,38 +257,13 @@ def _accumulate(
     buf = torch.empty(graph.n_senders, b, p, d, device=scores.device, dtype=model_dtype(model))
 
     # 1. corrupted forward: buffer <- corrupted sender outputs; stop after the last sender.
-    with torch.no_grad():
-        fwd = sender_difference_hooks(graph, buf, subtract=False) + [(graph.sender_groups[-1].hook, stop_hook)]
-        run_until_stop(model, task.corrupted, fwd)
+    fill_corrupted(model, graph, task, buf)
 
     # 2.+3. clean forward with grad (buffer -= clean outputs), backward into the score matrix.
-    current_weight = [0.0]
-
-    def contract(group: HookGroup):
-        n_up, size = group.n_upstream, group.size
-
-        def on_grad(grad: Tensor) -> None:
-            # grad [b, p, (H,) d] -> [(b p d), H]; buffer prefix [n_up, (b p d)]: one matmul
-            g = grad.unsqueeze(-2) if group.n_heads is None else grad
-            g = g.transpose(-1, -2).reshape(-1, size)
-            block = buf[:n_up].reshape(n_up, -1) @ g
-            scores[:n_up, group.start : group.start + size].add_(block.to(scores.dtype), alpha=current_weight[0])
-
-        def hook(act: Tensor, hook: Any = None) -> Tensor:
-            # A tensor hook (not a module backward hook: those clone every gradient). It goes on
-            # a fresh view, because the hook's input can be shared with other paths (the bridge
-            # passes resid_mid itself through hook_mlp_in); only this receiver uses the view.
-            if not act.requires_grad:
-                return act
-            out = act.view_as(act)
-            out.register_hook(on_grad)
-            return out
-
-        return hook
-
-    receivers = [(g.hook, contract(g)) for g in graph.receiver_groups]
+    sink = ScoreSink(scores)
+    receivers = receiver_hooks(graph, buf, sink)
     for i, (alpha, weight) in enumerate(points):
-        current_weight[0] = weight * prompt_weight
+        sink.weight = weight * prompt_weight
         shift = None if alpha == 1.0 else (1.0 - alpha) * buf[0]
         fwd = [("blocks.0.hook_resid_pre", leaf_input_hook(shift))]
         if i == 0:

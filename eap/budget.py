@@ -30,7 +30,7 @@ import math
 import os
 import re
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -174,6 +174,141 @@ def attribution_batch_size(model: Any, n_senders: int, n_prompts: int, seq_len: 
     if per > b:
         _minimum("attribution", per, b)
     return max(1, min(int(n_prompts), b // per))
+
+
+# ------------------------------------------------------------------------------------ AtP*
+def atp_stashed_patterns(n_layers: int, grad_drop: bool) -> int:
+    """Most pattern gradients ``[H, p, p]`` per prompt that AtP's QK-fix holds at once: one per
+    layer; with GradDrop (variants run from the last layer down, a layer's QK-fix done as soon as
+    its last variant is in) ``max(L, max_l l (L - l + 1))``."""
+    L = int(n_layers)
+    return max([L] + ([l * (L - l + 1) for l in range(1, L)] if grad_drop else []))
+
+
+def atp_prompt_bytes(model: Any, seq_len: int, *, qk_fix: bool, grad_drop: bool) -> int:
+    """Bytes per prompt that AtP holds on top of :func:`attribution_prompt_bytes`: with the
+    QK-fix the clean attention input per layer (``L p d``), the model's own pattern per layer
+    (``L H p p``, to check the adapter against) and the stashed pattern gradients
+    (:func:`atp_stashed_patterns` ``* H p p``); with GradDrop the residual gradient at every
+    layer boundary (``L p d``) and one block's backward working set (``p (4 d + 6 d_mlp + 4 H p)``,
+    which EAP's backward overlaps with activations it has freed, but GradDrop's extra backward
+    passes run while the autograd graph is kept; the graph itself is what
+    ``attribution_prompt_bytes`` counts at its peak). Pattern tensors in float32 at least."""
+    s = Shape.of(model)
+    p = int(seq_len)
+    wide = max(s.itemsize, 4)
+    out = 0
+    if qk_fix:
+        out += s.n_layers * p * s.d_model * s.itemsize
+        out += (s.n_layers + atp_stashed_patterns(s.n_layers, grad_drop)) * s.n_heads * p * p * wide
+    if grad_drop:
+        out += s.n_layers * p * s.d_model * s.itemsize
+        out += p * (4 * s.d_model + 6 * s.d_mlp + 4 * s.n_heads * p) * s.itemsize
+    return int(out)
+
+
+def atp_sender_bytes(model: Any, seq_len: int) -> int:
+    """Working bytes of the QK-fix per (sender, prompt) of a chunk: the patched input, its norm,
+    the patched q (or k) of every head and the rotary temporaries (``8 p d``), the patched
+    scores, pattern and its difference (``4 H p p``, float32 at least)."""
+    s = Shape.of(model)
+    p = int(seq_len)
+    return int(p * (8 * s.d_model * s.itemsize + 4 * s.n_heads * p * max(s.itemsize, 4)))
+
+
+@dataclass(frozen=True)
+class AtPPlan:
+    """Prompts per batch and, for the QK-fix, senders per chunk (patched inputs computed at once).
+
+    Bytes: ``eap_bytes`` per prompt (:func:`attribution_prompt_bytes`), ``extra_bytes`` per prompt
+    held by AtP (:func:`atp_prompt_bytes`), ``sender_bytes`` per sender and prompt of a QK-fix
+    chunk (:func:`atp_sender_bytes`), ``fixed_bytes`` for the whole call, ``budget``. With
+    GradDrop (``overlap``) the QK-fix runs while the clean forward's graph is kept for the extra
+    backward passes, so the chunk adds to EAP's peak; without, it runs after the backward freed it.
+    ``peak_bytes`` is the estimated peak."""
+
+    prompts_per_batch: int
+    senders_per_chunk: int
+    budget: int
+    eap_bytes: int = 0
+    extra_bytes: int = 0
+    sender_bytes: int = 0
+    fixed_bytes: int = 0
+    overlap: bool = True
+
+    def prompt_peak(self, chunk: int) -> int:
+        """Peak bytes per prompt with QK-fix chunks of ``chunk`` senders."""
+        work = chunk * self.sender_bytes
+        return self.extra_bytes + (self.eap_bytes + work if self.overlap else max(self.eap_bytes, work))
+
+    @property
+    def peak_bytes(self) -> int:
+        return self.fixed_bytes + self.prompts_per_batch * self.prompt_peak(self.senders_per_chunk)
+
+
+#: QK-fix: the most senders patched at once (more buys no speed on CPU; fewer loops on GPU).
+ATP_MAX_CHUNK = 64
+
+
+def plan_atp(model: Any, n_senders: int, n_prompts: int, seq_len: int, readout: bool, *, qk_fix: bool,
+             grad_drop: bool, budget: int | float | str | None = None, prompts_per_batch: int | None = None,
+             fixed_bytes: int = 0, max_chunk: int | None = None) -> AtPPlan:
+    """Batch plan for ``eap.atp`` within ``budget`` bytes (default: see module docstring).
+
+    ``max_chunk``: the most senders any q/k receiver has (default ``n_senders``; a larger
+    QK-fix chunk is never used). Per prompt: see :class:`AtPPlan`; plus ``fixed_bytes`` (e.g.
+    GradDrop's score matrix per layer). Prompts per batch: ``prompts_per_batch`` if given, else
+    the most that fit with a chunk of ``min(max_chunk, ATP_MAX_CHUNK)`` (at least 1, with a
+    ``BudgetWarning`` when even one prompt and one sender do not fit); then the chunk takes what
+    the budget leaves, at most that, at least 1."""
+    total = resolve_budget(budget, Shape.of(model).device)
+    b = max(0, total - int(fixed_bytes))
+    want = max(1, min(int(n_senders if max_chunk is None else max_chunk), ATP_MAX_CHUNK))
+    plan = AtPPlan(1, want, total, attribution_prompt_bytes(model, n_senders, seq_len, readout),
+                   atp_prompt_bytes(model, seq_len, qk_fix=qk_fix, grad_drop=grad_drop),
+                   atp_sender_bytes(model, seq_len) if qk_fix else 0, int(fixed_bytes), grad_drop)
+    if prompts_per_batch is not None:
+        nb = max(1, min(int(n_prompts), int(prompts_per_batch)))
+    else:
+        if plan.prompt_peak(1) > b:
+            _minimum("AtP attribution", plan.prompt_peak(1) + int(fixed_bytes), total)
+        nb = max(1, min(int(n_prompts), b // max(1, plan.prompt_peak(want))))
+    chunk = want
+    while chunk > 1 and nb * plan.prompt_peak(chunk) > b:
+        chunk = max(1, min(chunk - 1, chunk * b // max(1, nb * plan.prompt_peak(chunk))))
+    return replace(plan, prompts_per_batch=nb, senders_per_chunk=chunk)
+
+
+def held_bytes(obj: Any, model: Any) -> int:
+    """Bytes of the tensors ``obj`` holds (in its attributes, their lists, tuples, dicts and plain
+    objects, a few levels deep; modules are not entered) that do not share storage with the
+    model's parameters: e.g. the block runner's fused weight copies."""
+    shared = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages: dict[int, int] = {}
+    visited: set[int] = set()
+
+    def visit(v: Any, depth: int) -> None:
+        if isinstance(v, torch.Tensor):
+            st = v.untyped_storage()
+            if st.data_ptr() not in shared:
+                storages[st.data_ptr()] = st.nbytes()
+            return
+        if depth > 4 or id(v) in visited or isinstance(v, torch.nn.Module):
+            return
+        visited.add(id(v))
+        if isinstance(v, (list, tuple)):
+            children = list(v)
+        elif isinstance(v, dict):
+            children = list(v.values())
+        elif hasattr(v, "__dict__") and not isinstance(v, type):
+            children = list(vars(v).values())
+        else:
+            return
+        for x in children:
+            visit(x, depth + 1)
+
+    visit(obj, 0)
+    return sum(storages.values())
 
 
 # ---------------------------------------------------------------------------- exact patching

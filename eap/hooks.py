@@ -116,6 +116,19 @@ def leaf_input_hook(
     return hook
 
 
+def with_grad_hook(act: Tensor, on_grad: Callable[[Tensor], None]) -> Tensor:
+    """``act`` as a fresh view whose gradient is passed to ``on_grad`` in the backward pass (a
+    tensor hook, not a module backward hook: those clone every gradient). The view, not ``act``,
+    carries the hook because ``act`` can be shared with other paths (the bridge passes
+    ``resid_mid`` itself through ``hook_mlp_in``); a forward hook returns the view so that only
+    its own consumer uses it. Returns ``act`` itself when it does not require grad."""
+    if not act.requires_grad:
+        return act
+    out = act.view_as(act)
+    out.register_hook(on_grad)
+    return out
+
+
 def stop_hook(x: Tensor, hook: Any = None) -> Tensor:
     """Forward hook that ends the forward pass (see ``StopForward``)."""
     raise StopForward

@@ -39,12 +39,14 @@ def sender_outputs(model, graph, tokens):
     return torch.stack(parts)
 
 
-def reference_scores(model, graph, task, at_tokens=None, input_shift=None):
+def reference_scores(model, graph, task, at_tokens=None, input_shift=None, extra_hooks=()):
     """Independent per-edge directional derivatives, [n_senders, n_receivers], taken at the run
-    on ``at_tokens`` (default clean) with ``input_shift`` added to the input residual."""
+    on ``at_tokens`` (default clean) with ``input_shift`` added to the input residual and any
+    ``extra_hooks`` (e.g. ones that stop a layer's gradient) attached."""
     delta = sender_outputs(model, graph, task.corrupted) - sender_outputs(model, graph, task.clean)
     tokens = task.clean if at_tokens is None else at_tokens
     hooks = [] if input_shift is None else [("blocks.0.hook_resid_pre", lambda x, hook: x + input_shift)]
+    hooks += list(extra_hooks)
     ref = torch.zeros(graph.n_senders, graph.n_receivers, dtype=torch.float64)
     for g in graph.receiver_groups:
         for head in range(g.size):
@@ -63,8 +65,8 @@ def reference_scores(model, graph, task, at_tokens=None, input_shift=None):
 
             with model.hooks(fwd_hooks=hooks + [(g.hook, add)]):
                 value = task.metric(model(tokens)).mean()
-            (grad,) = torch.autograd.grad(value, alpha)
-            ref[:n_up, r] = grad
+            if value.requires_grad:  # (an extra hook may cut the receiver off the metric)
+                ref[:n_up, r] = torch.autograd.grad(value, alpha)[0]
     return ref
 
 

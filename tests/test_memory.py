@@ -105,7 +105,7 @@ def test_exact_peak_within_budget_and_flat_in_n(toy):
     same live tensor memory, within the budget (the first profiled call is a warm-up)."""
     model, graph = toy
     edges = graph.select_edges("stratified:30", seed=0)
-    fixed = validation.patch.held_bytes(validation.BlockRunner(model), model)
+    fixed = B.held_bytes(validation.BlockRunner(model), model)
     budget = int(1.3 * B.plan_patching(model, graph.n_senders, 4, 16, readout=True, max_copies=1, budget="1TiB",
                                        fixed_bytes=fixed).peak_bytes)
     live_peak_bytes(lambda: validation.patch_edges(model, graph, random_task(model, n=4, seq=16), edges,

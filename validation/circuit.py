@@ -58,13 +58,13 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from eap.budget import PatchPlan, plan_circuits, resolve_budget
+from eap.budget import PatchPlan, held_bytes, plan_circuits, resolve_budget
 from eap.graph import Graph, GraphError
 from eap.hooks import as_nodes
 from eap.measure import sync
 from eap.task import Task, TaskError
 from validation.patch import (
-    PatchError, _check_inputs, _collect, _progress, held_bytes, metric_of_final, per_copy, plan_for_task, prepare_call,
+    PatchError, _check_inputs, _collect, _progress, metric_of_final, per_copy, plan_for_task, prepare_call,
 )
 
 __all__ = ["CircuitError", "CircuitEval", "circuit_masks", "evaluate_circuit"]

@@ -61,7 +61,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from eap.budget import BudgetError, PatchPlan, plan_patching, resolve_budget
+from eap.budget import BudgetError, PatchPlan, held_bytes, plan_patching, resolve_budget
 from eap.graph import Graph, GraphError
 from eap.hooks import StopForward, check_edge_hooks, run_until_stop, sender_difference_hooks, stop_hook
 from eap.measure import sync
@@ -446,38 +446,6 @@ def prepare_call(model: Any, task: Task, method: str, batch_size: int | None, re
                 raise
             warnings.warn(f"{exc}; using the (slower) hook-based {what} path")
     return task, runner, use_readout and runner is not None
-
-
-def held_bytes(obj: Any, model: Any) -> int:
-    """Bytes of the tensors ``obj`` holds (in its attributes, their lists, tuples, dicts and plain
-    objects, a few levels deep; modules are not entered) that do not share storage with the
-    model's parameters: e.g. the block runner's fused weight copies."""
-    shared = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    storages: dict[int, int] = {}
-    visited: set[int] = set()
-
-    def visit(v: Any, depth: int) -> None:
-        if isinstance(v, Tensor):
-            st = v.untyped_storage()
-            if st.data_ptr() not in shared:
-                storages[st.data_ptr()] = st.nbytes()
-            return
-        if depth > 4 or id(v) in visited or isinstance(v, torch.nn.Module):
-            return
-        visited.add(id(v))
-        if isinstance(v, (list, tuple)):
-            children = list(v)
-        elif isinstance(v, dict):
-            children = list(v.values())
-        elif hasattr(v, "__dict__") and not isinstance(v, type):
-            children = list(vars(v).values())
-        else:
-            return
-        for x in children:
-            visit(x, depth + 1)
-
-    visit(obj, 0)
-    return sum(storages.values())
 
 
 def plan_for_task(task: Task, d_vocab: int, batch_size: int | None,

@@ -581,9 +581,9 @@ class Arch:
 
     def head_input(self, layer: int, head: int, kind: str, x_in: Float[Tensor, "N P d"]) -> Float[Tensor, "N P dh"]:
         """One head's q, k or v (rotated for q and k) from its pre-norm input ``x_in``."""
-        return self.head_inputs(layer, kind, x_in.unsqueeze(1), heads=slice(head, head + 1)).squeeze(1)
+        return self.own_head_inputs(layer, kind, x_in.unsqueeze(1), heads=slice(head, head + 1)).squeeze(1)
 
-    def head_inputs(
+    def own_head_inputs(
         self, layer: int, kind: str, x: Float[Tensor, "N Hs P d"], heads: slice = slice(None)
     ) -> Float[Tensor, "N Hs P dh"]:
         """The q, k or v (rotated for q and k) of the query heads ``heads`` (default all), each
@@ -603,7 +603,8 @@ class Arch:
     def head_inputs(self, layer: int, kinds: str, x_in: Float[Tensor, "*N P d"]) -> list[Float[Tensor, "*N H P dh"]]:
         """Every head's q, k and/or v (``kinds``, e.g. ``"qk"``; rotated for q and k) from their
         shared pre-norm input ``x_in``: one norm, then one projection of all heads per kind (the
-        same numbers as :meth:`head_input`). A list in the order of ``kinds``."""
+        same numbers as :meth:`head_input`; :meth:`own_head_inputs` when each head has its own input).
+        A list in the order of ``kinds``."""
         lw = self.layers[layer]
         normed = lw.ln1(x_in)
         out = []

@@ -184,7 +184,7 @@ class BlockRunner:
             for kind in "qkv":
                 x_in = x.view(c, 1, nb, p, d) + correction(groups[kind])  # [c, H, nb, p, d]
                 x_in = x_in.transpose(1, 2).reshape(c * nb, H, p, d)
-                qkv.append(self.arch.head_inputs(layer, kind, x_in))
+                qkv.append(self.arch.own_head_inputs(layer, kind, x_in))
             res = self.arch.head_results(layer, *qkv)  # [c * nb, H, p, d]
             record(heads_at[layer], res.view(c, nb, H, p, d).transpose(1, 2))
             attn = res.sum(1)

@@ -325,6 +325,44 @@ class Norm:
         w = self.weight if not self.offset else self.offset + self.weight
         return _cast(w, out_dtype) * h.to(out_dtype)
 
+    def input_grad(self, x: Float[Tensor, "*b d"], grad: Float[Tensor, "*s *b d"]) -> Float[Tensor, "*s *b d"]:
+        """The norm's backward in closed form: the gradient at its input ``x`` for the gradient
+        ``grad`` at its output (``J(x)^T grad``; per unit of input, in ``grad``'s units), for a
+        stack of gradients at the same input (``grad`` may have extra leading dimensions, e.g. one
+        per head). ``x`` and ``grad`` share a dtype; the result has it too.
+
+        With ``r = 1 / sqrt(var(x) + eps)`` (RMSNorm: ``1 / sqrt(mean(x^2) + eps)``), ``x_hat``
+        the normalised input and ``g = w * grad`` (``w`` the weight, with any offset):
+
+        * LayerNorm: ``r * (g - mean(g) - x_hat * mean(g * x_hat))``;
+        * RMSNorm:   ``r * (g - x_hat * mean(g * x_hat))``.
+
+        Precision as autograd through :meth:`__call__`: RMSNorm in float32 (HF's upcast; Llama-like
+        families multiply by the weight before the upcast, Gemma after it), LayerNorm in the
+        input's dtype, at least float32.
+        """
+        if self.kind == "layernorm":
+            c = torch.promote_types(x.dtype, torch.float32)
+            xc = x.to(c)
+            mean = xc.mean(-1, keepdim=True)
+            r = torch.rsqrt(xc.var(-1, unbiased=False, keepdim=True) + self.eps)
+            x_hat = (xc - mean) * r
+            g = grad.to(c) if self.weight is None else grad.to(c) * self.weight.to(c)
+            out = g - g.mean(-1, keepdim=True)
+        else:
+            xc = x.to(torch.float32)
+            r = torch.rsqrt(xc.pow(2).mean(-1, keepdim=True) + self.eps)
+            x_hat = xc * r
+            if self.weight_in_fp32:
+                g = grad.to(torch.float32) * (self.offset + self.weight.float())
+            else:
+                w = self.weight if not self.offset else self.offset + self.weight
+                g = (grad * w.to(grad.dtype)).to(torch.float32)
+            out = g  # a fresh tensor: updated in place below, after its use in `dot`
+        dot = torch.linalg.vecdot(g, x_hat).unsqueeze(-1) / x.shape[-1]  # mean(g * x_hat)
+        out = out.sub_(x_hat * dot).mul_(r)
+        return out.to(grad.dtype)
+
 
 def apply_rotary(
     x: Float[Tensor, "*b P dh"], cos: Float[Tensor, "*b P r"], sin: Float[Tensor, "*b P r"], style: str = "half"
@@ -393,7 +431,7 @@ class Readout:
 # ------------------------------------------------------------------------------------- weights
 @dataclass
 class Layer:
-    """One block's weights (views of the model's tensors, except the fused q/k/v copy)."""
+    """One block's weights (views of the model's tensors, except the optional fused q/k/v copy)."""
 
     ln1: Norm
     ln2: Norm | None
@@ -407,7 +445,7 @@ class Layer:
     b_V: Tensor | None
     W_O: Tensor  # [H, dh, d]
     b_O: Tensor | None  # [d]
-    W_qkv: Tensor  # [d, 3 H dh] fused copy for full-attention passes
+    W_qkv: Tensor | None  # [d, 3 H dh] fused copy for full-attention passes (None: project with the views)
     b_qkv: Tensor | None
     W_in: Tensor | None
     W_gate: Tensor | None
@@ -417,6 +455,13 @@ class Layer:
     b_out: Tensor | None
     scale: float
     window: int | None
+
+
+def _flat_heads(w: Float[Tensor, "H d dh"]) -> Float[Tensor, "d H_dh"]:
+    """Per-head projection weights as one ``[d, H dh]`` matrix (a view of the model's tensor
+    where its layout allows, as for every family here)."""
+    H, d, dh = w.shape
+    return w.permute(1, 0, 2).reshape(d, H * dh)
 
 
 def _opt(obj: Any, name: str) -> Tensor | None:
@@ -435,7 +480,10 @@ class Arch:
     with ``pos`` ([B] positions) a block computes only that query position and returns ``[B, d]``.
     """
 
-    def __init__(self, model: Any) -> None:
+    def __init__(self, model: Any, fused_qkv: bool = True) -> None:
+        """``fused_qkv``: keep one fused ``[d, 3 H dh]`` copy of each layer's q/k/v weights (one
+        matrix product per full-attention pass; validation's runner, which runs many); False: project
+        with views of the model's own weights, no copy (``eap.fast``)."""
         spec = arch_spec(model)
         if spec.problems:
             raise UnsupportedModel(f"{spec.family}: the block runner does not implement: {'; '.join(spec.problems)}")
@@ -452,10 +500,10 @@ class Arch:
         self.act = ACT2FN[spec.act]
         self.rotary_module = model.rotary_emb.original_component if spec.positions == "rotary" else None
         self._rope: dict[tuple, tuple[Tensor, Tensor]] = {}
-        self.layers = [self._layer(model, i) for i in range(spec.n_layers)]
+        self.layers = [self._layer(model, i, fused_qkv) for i in range(spec.n_layers)]
         self.readout = Readout(model, spec)
 
-    def _layer(self, model: Any, i: int) -> Layer:
+    def _layer(self, model: Any, i: int, fused_qkv: bool = True) -> Layer:
         spec, blk = self.spec, model.blocks[i]
         attn, mlp = blk.attn, getattr(blk, "mlp", None)
         hf_attn = attn.original_component
@@ -464,11 +512,11 @@ class Arch:
         H, d, dh = W_Q.shape
         if W_K.shape != W_Q.shape or W_V.shape != W_Q.shape:
             raise UnsupportedModel(f"layer {i}: q/k/v weights of different shapes {tuple(W_Q.shape)}, {tuple(W_K.shape)}")
-        flat = lambda w: w.permute(1, 0, 2).reshape(d, H * dh)  # noqa: E731
-        W_qkv = torch.cat([flat(W_Q), flat(W_K), flat(W_V)], dim=-1).contiguous()
+        W_qkv = b_qkv = None
+        if fused_qkv:
+            W_qkv = torch.cat([_flat_heads(W_Q), _flat_heads(W_K), _flat_heads(W_V)], dim=-1).contiguous()
         biases = [b_Q, b_K, b_V]
-        b_qkv = None
-        if any(b is not None for b in biases):
+        if fused_qkv and any(b is not None for b in biases):
             b_qkv = torch.cat([(b if b is not None else torch.zeros(H, dh, dtype=W_Q.dtype, device=W_Q.device)).reshape(-1)
                                for b in biases])
         scale = getattr(hf_attn, "scaling", None)
@@ -534,10 +582,7 @@ class Arch:
         lw, spec = self.layers[layer], self.spec
         B, P, d = x.shape
         H, dh = spec.n_heads, spec.d_head
-        qkv = lw.ln1(x) @ lw.W_qkv
-        if lw.b_qkv is not None:
-            qkv = qkv + lw.b_qkv
-        q, k, v = qkv.view(B, P, 3, H, dh).permute(2, 0, 3, 1, 4)  # each [B, H, P, dh]
+        q, k, v = self.qkv(layer, lw.ln1(x))
         if spec.positions == "rotary":
             cos, sin = self.rope(P, x)
             k = self.rotate(k, cos, sin)
@@ -556,6 +601,27 @@ class Arch:
         if post and lw.ln1_post is not None:
             out = lw.ln1_post(out)
         return out if pos is None else out[:, 0]
+
+    def qkv(self, layer: int, y: Float[Tensor, "B P d"]) -> tuple[Tensor, Tensor, Tensor]:
+        """Every head's q, k and v, each ``[B, H, P, dh]`` (before rotary), from the normalised
+        input ``y`` (``ln1`` of the residual): the fused copy, or one product per projection with
+        views of the model's weights."""
+        lw, spec = self.layers[layer], self.spec
+        B, P, _ = y.shape
+        H, dh = spec.n_heads, spec.d_head
+        if lw.W_qkv is not None:
+            qkv = y @ lw.W_qkv
+            if lw.b_qkv is not None:
+                qkv = qkv + lw.b_qkv
+            q, k, v = qkv.view(B, P, 3, H, dh).permute(2, 0, 3, 1, 4)
+            return q, k, v
+        out = []
+        for W, b in ((lw.W_Q, lw.b_Q), (lw.W_K, lw.b_K), (lw.W_V, lw.b_V)):
+            t = y @ _flat_heads(W)
+            if b is not None:
+                t = t + b.reshape(H * dh)
+            out.append(t.view(B, P, H, dh).transpose(1, 2))
+        return out[0], out[1], out[2]
 
     def head_input(self, layer: int, head: int, kind: str, x_in: Float[Tensor, "N P d"]) -> Float[Tensor, "N P dh"]:
         """One head's q, k or v (rotated for q and k) from its pre-norm input ``x_in``."""

@@ -26,6 +26,13 @@ How it is computed (per prompt batch)
    one matrix product and adds into the ``[n_senders, n_receivers]`` score matrix. Gradients are
    never stored, no parameter gradient is accumulated.
 ``eap-ig`` and ``clean-corrupted`` add one forward+backward per extra gradient point.
+
+Engines
+-------
+The passes above run on one of two engines, chosen once per call (``engine=``): ``fast``
+(``eap.fast``: the same passes on the architecture adapter's plain-torch blocks, no per-head
+copies of the residual stream) wherever ``eap.arch`` reproduces the model, else ``bridge`` (the
+hooks above, through the TransformerLens bridge). Both give the same scores.
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ from tqdm.auto import tqdm
 
 from eap.arch import Readout
 from eap.budget import attribution_batch_size
+from eap.fast import ENGINES, FastEngine, engine_for
 from eap.graph import Graph, HookGroup
 from eap.hooks import (
     StopForward, check_edge_hooks, leaf_input_hook, run_until_stop, sender_difference_hooks, stop_hook,
@@ -67,15 +75,18 @@ def gradient_points(method: str, ig_steps: int = 5) -> list[tuple[float, float]]
 
 
 def auto_batch_size(
-    model: Any, graph: Graph, task: Task, budget_bytes: int | float | str | None = None
+    model: Any, graph: Graph, task: Task, budget_bytes: int | float | str | None = None, fast: bool = False
 ) -> int:
     """Prompts per attribution batch within ``budget_bytes`` (default: a share of the free
-    device memory); ``eap.budget.attribution_batch_size`` decides."""
-    return attribution_batch_size(model, graph.n_senders, task.n_prompts, task.seq_len, task.has_readout, budget_bytes)
+    device memory) on the fast (``fast``) or the bridge engine; ``eap.budget.attribution_batch_size`` decides."""
+    return attribution_batch_size(model, graph.n_senders, task.n_prompts, task.seq_len, task.has_readout, budget_bytes,
+                                  fast=fast)
 
 
 @torch.no_grad()
-def _check_inputs(model: Any, graph: Graph, task: Task, method: str, level: str) -> None:
+def _check_inputs(model: Any, graph: Graph, task: Task, method: str, level: str, engine: str = "auto") -> None:
+    if engine not in ENGINES:
+        raise AttributionError(f"unknown engine {engine!r}; choose one of {ENGINES}")
     if method not in METHODS:
         raise AttributionError(f"unknown attribution method {method!r}; choose one of {METHODS}")
     if level not in ("edge", "node"):
@@ -98,6 +109,7 @@ def attribute(
     memory_budget: int | float | str | None = None,
     progress: bool = True,
     write_graph: bool = True,
+    engine: Literal["auto", "fast", "bridge"] = "auto",
 ) -> Float[Tensor, " n"]:
     """Score every edge (``level='edge'``, a tensor ``[graph.n_edges]`` in the graph's edge order)
     or every sender (``level='node'``, ``[graph.n_senders]``).
@@ -114,14 +126,19 @@ def attribute(
     over tensors of all prompts cannot be split: then a ``TaskError`` asks for ``per_prompt``
     data unless one batch holds every prompt. Scores come back on the CPU in the model's dtype
     (float32 at least); with ``write_graph`` they are also written into ``graph.scores``.
+
+    ``engine``: ``"auto"`` (the fast engine of ``eap.fast`` where the architecture adapter
+    reproduces the model and no hooks are attached, else the bridge's hooks), ``"fast"`` (or
+    ``eap.arch.UnsupportedModel``) or ``"bridge"``; the scores are the same.
     """
-    _check_inputs(model, graph, task, method, level)
+    _check_inputs(model, graph, task, method, level, engine)
     points = gradient_points(method, ig_steps)
     device, dtype = model_device(model), model_dtype(model)
     task = task.to(device)
+    fast = engine_for(model, engine)  # None: the bridge engine
     chosen = batch_size is not None
     if batch_size is None:
-        batch_size = auto_batch_size(model, graph, task, memory_budget)
+        batch_size = auto_batch_size(model, graph, task, memory_budget, fast=fast is not None)
     if batch_size < task.n_prompts:
         problem = task.subset_problem(model.cfg.d_vocab)
         if problem is not None:
@@ -138,7 +155,7 @@ def attribute(
     batches = list(task.batches(batch_size))
     bar = tqdm(batches, desc=f"{method} attribution", unit="batch", disable=not progress or len(batches) == 1)
     for batch in bar:
-        _accumulate(model, graph, batch, points, scores, 1.0 / task.n_prompts)
+        _accumulate(model, graph, batch, points, scores, 1.0 / task.n_prompts, fast)
     scores = scores.cpu()
     if level == "node":
         return (scores * graph.mask).sum(dim=1)
@@ -155,8 +172,13 @@ def _accumulate(
     points: list[tuple[float, float]],
     scores: Float[Tensor, "n_senders n_receivers"],
     prompt_weight: float,
+    fast: FastEngine | None = None,
 ) -> None:
-    """Add one batch's contribution (weighted by ``prompt_weight`` per prompt) into ``scores``."""
+    """Add one batch's contribution (weighted by ``prompt_weight`` per prompt) into ``scores``:
+    on the fast engine when given (``eap.fast``), else through the bridge's hooks (below)."""
+    if fast is not None:
+        fast.accumulate(graph, task, points, scores, prompt_weight)
+        return
     b, p = task.clean.shape
     d = model.cfg.d_model
     buf = torch.empty(graph.n_senders, b, p, d, device=scores.device, dtype=model_dtype(model))

@@ -326,42 +326,91 @@ class Norm:
         return _cast(w, out_dtype) * h.to(out_dtype)
 
     def input_grad(self, x: Float[Tensor, "*b d"], grad: Float[Tensor, "*s *b d"]) -> Float[Tensor, "*s *b d"]:
-        """The norm's backward in closed form: the gradient at its input ``x`` for the gradient
-        ``grad`` at its output (``J(x)^T grad``; per unit of input, in ``grad``'s units), for a
-        stack of gradients at the same input (``grad`` may have extra leading dimensions, e.g. one
-        per head). ``x`` and ``grad`` share a dtype; the result has it too.
+        """The norm's backward: the gradient at its input ``x`` for the gradient ``grad`` at its
+        output (``J(x)^T grad``, per unit of input, in ``grad``'s units), for a stack of gradients
+        at the same input (``grad`` may have extra leading dimensions, e.g. one per head). ``x``
+        and ``grad`` share a dtype; the result has it too. See :meth:`backward_at`."""
+        back = self.backward_at(x)
+        return back.project(back.scale(grad), inplace=True).to(grad.dtype)
 
-        With ``r = 1 / sqrt(var(x) + eps)`` (RMSNorm: ``1 / sqrt(mean(x^2) + eps)``), ``x_hat``
-        the normalised input and ``g = w * grad`` (``w`` the weight, with any offset):
-
-        * LayerNorm: ``r * (g - mean(g) - x_hat * mean(g * x_hat))``;
-        * RMSNorm:   ``r * (g - x_hat * mean(g * x_hat))``.
-
-        Precision as autograd through :meth:`__call__`: RMSNorm in float32 (HF's upcast; Llama-like
-        families multiply by the weight before the upcast, Gemma after it), LayerNorm in the
-        input's dtype, at least float32.
-        """
+    def backward_at(self, x: Float[Tensor, "*b d"]) -> "NormBackward":
+        """The norm's backward at input ``x`` in closed form (:class:`NormBackward`): with
+        ``r = 1 / sqrt(var(x) + eps)`` (RMSNorm: ``1 / sqrt(mean(x^2) + eps)``), ``x_hat`` the
+        normalised input and ``w`` the weight (with any offset), ``J(x)^T grad = project(r * w *
+        grad)``, where ``project`` removes from each row its component along ``x_hat`` and, for
+        LayerNorm, its mean: ``v - mean(v) - x_hat * mean(v * x_hat)`` (RMSNorm: ``v - x_hat *
+        mean(v * x_hat)``). Computed in the precision autograd uses through :meth:`__call__`:
+        RMSNorm in float32 (HF's upcast), LayerNorm in ``x``'s dtype, at least float32."""
+        c = torch.float32 if self.kind == "rmsnorm" else torch.promote_types(x.dtype, torch.float32)
+        xc = x.to(c)
         if self.kind == "layernorm":
-            c = torch.promote_types(x.dtype, torch.float32)
-            xc = x.to(c)
-            mean = xc.mean(-1, keepdim=True)
-            r = torch.rsqrt(xc.var(-1, unbiased=False, keepdim=True) + self.eps)
-            x_hat = (xc - mean) * r
-            g = grad.to(c) if self.weight is None else grad.to(c) * self.weight.to(c)
-            out = g - g.mean(-1, keepdim=True)
-        else:
-            xc = x.to(torch.float32)
-            r = torch.rsqrt(xc.pow(2).mean(-1, keepdim=True) + self.eps)
-            x_hat = xc * r
-            if self.weight_in_fp32:
-                g = grad.to(torch.float32) * (self.offset + self.weight.float())
-            else:
-                w = self.weight if not self.offset else self.offset + self.weight
-                g = (grad * w.to(grad.dtype)).to(torch.float32)
-            out = g  # a fresh tensor: updated in place below, after its use in `dot`
-        dot = torch.linalg.vecdot(g, x_hat).unsqueeze(-1) / x.shape[-1]  # mean(g * x_hat)
-        out = out.sub_(x_hat * dot).mul_(r)
-        return out.to(grad.dtype)
+            xc = xc - xc.mean(-1, keepdim=True)
+        r = torch.rsqrt(xc.pow(2).mean(-1, keepdim=True) + self.eps)
+        w = self.weight if self.weight is None or not self.offset else self.offset + self.weight
+        if w is not None:  # in the dtype the forward applies it in
+            w = w.to(c if self.kind == "layernorm" or self.weight_in_fp32 else x.dtype)
+        return NormBackward(r, w, None if self.bias is None else self.bias.to(c), xc * r, self.kind == "layernorm")
+
+
+@dataclass
+class NormBackward:
+    """A norm's backward at one input: ``J^T grad = project(scale(grad))`` (``Norm.backward_at``).
+
+    ``r`` ``[*b, 1]`` (one over the input's RMS or standard deviation) and ``x_hat`` ``[*b, d]`` in
+    the computation dtype, ``weight`` ``[d]`` (with any offset) in the dtype the forward applies it
+    in, ``bias`` ``[d]``; None where the norm has none."""
+
+    r: Tensor
+    weight: Tensor | None
+    bias: Tensor | None
+    x_hat: Tensor
+    centred: bool  # LayerNorm: the mean is removed too
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.r.dtype
+
+    def scale(self, grad: Float[Tensor, "*s *b d"]) -> Float[Tensor, "*s *b d"]:
+        """``r * w * grad`` in the computation dtype (a new tensor)."""
+        g = grad.to(self.dtype, copy=True)
+        return g.mul_(self.r if self.weight is None else self.weight * self.r)  # (in g's dtype)
+
+    def project(self, v: Float[Tensor, "*s *b d"], inplace: bool = False) -> Float[Tensor, "*s *b d"]:
+        """``v - mean(v) - x_hat * mean(v * x_hat)`` per row (not centred: without ``mean(v)``);
+        ``inplace``: ``v`` is updated and returned."""
+        dot = torch.linalg.vecdot(v, self.x_hat).unsqueeze(-1) / v.shape[-1]  # mean(v * x_hat)
+        if not inplace:
+            v = v.clone()
+        if self.centred:
+            v.sub_(v.mean(-1, keepdim=True))
+        return v.addcmul_(self.x_hat, dot, value=-1.0)
+
+    def through_linear(
+        self, grad: Float[Tensor, "S N e"], W: Float[Tensor, "S d e"], out: Float[Tensor, "S N e"],
+        b: Float[Tensor, "S e"] | None = None, result: Float[Tensor, "S N d"] | None = None,
+    ) -> Float[Tensor, "S N d"]:
+        """``J^T (grad_s @ W_s^T)`` for each of ``S`` linear maps ``y -> y @ W_s + b_s`` of this
+        norm's output ``y`` (e.g. every head's q projection), given the gradients ``grad`` at their
+        outputs and the outputs ``out`` themselves (the forward's values; rows ``N`` = the
+        flattened input rows). Equal to ``project(scale(grad @ W^T))``, computed with one batched
+        product and one pass over the ``[S, N, d]`` result: ``r`` and ``w`` are folded into the
+        small factors, the mean is removed by centring the scaled weights, and
+        ``mean(v * x_hat) = (r grad) . ((x_hat w) @ W) / d`` with ``(x_hat w) @ W = out - b -
+        bias @ W``. In ``grad``'s dtype; written into ``result`` when given."""
+        dt = grad.dtype
+        d = W.shape[1]
+        Wt = W.transpose(1, 2)  # [S, e, d]
+        if self.weight is not None:
+            Wt = Wt * self.weight.to(dt)
+        if self.centred:
+            Wt = Wt - Wt.mean(-1, keepdim=True)
+        g = grad * self.r.reshape(1, -1, 1).to(dt)
+        xw_W = out if b is None else out - b[:, None]  # (x_hat * w) @ W
+        if self.bias is not None:
+            xw_W = xw_W - torch.einsum("d,sde->se", self.bias.to(dt), W)[:, None]
+        dot = torch.linalg.vecdot(g, xw_W).unsqueeze(-1) / d  # [S, N, 1]: mean(v * x_hat)
+        v = torch.bmm(g, Wt, out=result)
+        return v.addcmul_(self.x_hat.reshape(1, -1, d).to(dt), dot, value=-1.0)
 
 
 def apply_rotary(

@@ -30,8 +30,9 @@ How the fast engine computes one prompt batch
    ``J_ln1(x)^T (dmetric/dq_h @ W_Q[h]^T)``, with ``dq_h`` the gradient at head ``h``'s
    projection (before rotary). :class:`_HeadProjections` is ``ln1`` plus the q/k/v projections
    as one autograd function whose backward forms ``dq_h @ W_Q[h]^T`` for every head and kind in
-   one batched product (``[3H, batch*pos, d]``), applies the norm's backward in closed form
-   (``eap.arch.Norm.input_grad``: eps, weight and offset, float32 upcast as the adapter's norm),
+   one batched product per kind (``[3H, batch*pos, d]``) with the norm's backward in closed form
+   folded in (``eap.arch.NormBackward.through_linear``: eps, weight and offset as the adapter's
+   norm; one pass over the stack after the product),
    contracts the ``3H`` receiver gradients with the upstream prefix of the buffer in one matrix
    product and returns their sum, which *is* the residual gradient (the q/k/v inputs are copies
    of the residual), so the fused projection's own backward is not computed twice. MLP
@@ -153,8 +154,8 @@ class _Scores:
         """``scores[:n_up, start:start+k] += weight * buf[:n_up] . grads[j]`` (summed over batch,
         positions, features): one matrix product for ``k`` receivers."""
         k = grads.shape[0]
-        block = self.buf[:n_up].reshape(n_up, -1) @ grads.reshape(k, -1).T
-        self.scores[:n_up, start : start + k].add_(block.to(self.scores.dtype), alpha=self.weight)
+        block = grads.reshape(k, -1) @ self.buf[:n_up].reshape(n_up, -1).T  # [k, n_up]; faster than buf @ grads.T
+        self.scores[:n_up, start : start + k].add_(block.T.to(self.scores.dtype), alpha=self.weight)
 
     def receiver(self, start: int, n_up: int) -> Callable[[Tensor], None]:
         """A tensor hook for one receiver's input ``[b, p, d]``: adds its gradient's scores."""
@@ -168,21 +169,23 @@ class _HeadProjections(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, arch: Arch, layer: int, receive: Callable[[Tensor], None]) -> tuple[Tensor, ...]:
-        ctx.save_for_backward(x)
+        q, k, v = arch.qkv(layer, arch.layers[layer].ln1(x))
+        ctx.save_for_backward(x, q, k, v)  # v and (without rotary) q, k are kept by attention anyway
         ctx.arch, ctx.layer, ctx.receive = arch, layer, receive
-        return arch.qkv(layer, arch.layers[layer].ln1(x))
+        return q, k, v
 
     @staticmethod
     def backward(ctx: Any, *grads: Tensor) -> tuple[Tensor | None, ...]:
-        (x,) = ctx.saved_tensors
+        x, *outs = ctx.saved_tensors
         lw = ctx.arch.layers[ctx.layer]
         B, P, d = x.shape
         H = ctx.arch.spec.n_heads
-        per_head = x.new_empty(3, H, B * P, d)  # dmetric/d(head's projection input, after ln1)
-        for j, (g, W) in enumerate(zip(grads, (lw.W_Q, lw.W_K, lw.W_V))):
-            torch.bmm(g.transpose(0, 1).reshape(H, B * P, -1), W.transpose(1, 2), out=per_head[j])
-        inputs = lw.ln1.input_grad(x, per_head.view(3 * H, B, P, d))  # at each receiver's (pre-norm) input
-        del per_head
+        back = lw.ln1.backward_at(x.reshape(B * P, d))  # closed form of ln1's backward at x
+        inputs = x.new_empty(3 * H, B * P, d)  # dmetric/d(receiver input) of q heads, k heads, v heads
+        for j, (g, out, W, b) in enumerate(zip(grads, outs, (lw.W_Q, lw.W_K, lw.W_V), (lw.b_Q, lw.b_K, lw.b_V))):
+            heads = lambda t: t.transpose(0, 1).reshape(H, B * P, -1)  # noqa: E731  [B, H, P, dh] -> [H, B*P, dh]
+            back.through_linear(heads(g), W, heads(out), b, result=inputs[j * H : (j + 1) * H])
+        inputs = inputs.view(3 * H, B, P, d)
         ctx.receive(inputs)
         return inputs.sum(0), None, None, None
 

@@ -325,6 +325,93 @@ class Norm:
         w = self.weight if not self.offset else self.offset + self.weight
         return _cast(w, out_dtype) * h.to(out_dtype)
 
+    def input_grad(self, x: Float[Tensor, "*b d"], grad: Float[Tensor, "*s *b d"]) -> Float[Tensor, "*s *b d"]:
+        """The norm's backward: the gradient at its input ``x`` for the gradient ``grad`` at its
+        output (``J(x)^T grad``, per unit of input, in ``grad``'s units), for a stack of gradients
+        at the same input (``grad`` may have extra leading dimensions, e.g. one per head). ``x``
+        and ``grad`` share a dtype; the result has it too. See :meth:`backward_at`."""
+        back = self.backward_at(x)
+        return back.project(back.scale(grad), inplace=True).to(grad.dtype)
+
+    def backward_at(self, x: Float[Tensor, "*b d"]) -> "NormBackward":
+        """The norm's backward at input ``x`` in closed form (:class:`NormBackward`): with
+        ``r = 1 / sqrt(var(x) + eps)`` (RMSNorm: ``1 / sqrt(mean(x^2) + eps)``), ``x_hat`` the
+        normalised input and ``w`` the weight (with any offset), ``J(x)^T grad = project(r * w *
+        grad)``, where ``project`` removes from each row its component along ``x_hat`` and, for
+        LayerNorm, its mean: ``v - mean(v) - x_hat * mean(v * x_hat)`` (RMSNorm: ``v - x_hat *
+        mean(v * x_hat)``). Computed in the precision autograd uses through :meth:`__call__`:
+        RMSNorm in float32 (HF's upcast), LayerNorm in ``x``'s dtype, at least float32."""
+        c = torch.float32 if self.kind == "rmsnorm" else torch.promote_types(x.dtype, torch.float32)
+        xc = x.to(c)
+        if self.kind == "layernorm":
+            xc = xc - xc.mean(-1, keepdim=True)
+        r = torch.rsqrt(xc.pow(2).mean(-1, keepdim=True) + self.eps)
+        w = self.weight if self.weight is None or not self.offset else self.offset + self.weight
+        if w is not None:  # in the dtype the forward applies it in
+            w = w.to(c if self.kind == "layernorm" or self.weight_in_fp32 else x.dtype)
+        return NormBackward(r, w, None if self.bias is None else self.bias.to(c), xc * r, self.kind == "layernorm")
+
+
+@dataclass
+class NormBackward:
+    """A norm's backward at one input: ``J^T grad = project(scale(grad))`` (``Norm.backward_at``).
+
+    ``r`` ``[*b, 1]`` (one over the input's RMS or standard deviation) and ``x_hat`` ``[*b, d]`` in
+    the computation dtype, ``weight`` ``[d]`` (with any offset) in the dtype the forward applies it
+    in, ``bias`` ``[d]``; None where the norm has none."""
+
+    r: Tensor
+    weight: Tensor | None
+    bias: Tensor | None
+    x_hat: Tensor
+    centred: bool  # LayerNorm: the mean is removed too
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.r.dtype
+
+    def scale(self, grad: Float[Tensor, "*s *b d"]) -> Float[Tensor, "*s *b d"]:
+        """``r * w * grad`` in the computation dtype (a new tensor)."""
+        g = grad.to(self.dtype, copy=True)
+        return g.mul_(self.r if self.weight is None else self.weight * self.r)  # (in g's dtype)
+
+    def project(self, v: Float[Tensor, "*s *b d"], inplace: bool = False) -> Float[Tensor, "*s *b d"]:
+        """``v - mean(v) - x_hat * mean(v * x_hat)`` per row (not centred: without ``mean(v)``);
+        ``inplace``: ``v`` is updated and returned."""
+        dot = torch.linalg.vecdot(v, self.x_hat).unsqueeze(-1) / v.shape[-1]  # mean(v * x_hat)
+        if not inplace:
+            v = v.clone()
+        if self.centred:
+            v.sub_(v.mean(-1, keepdim=True))
+        return v.addcmul_(self.x_hat, dot, value=-1.0)
+
+    def through_linear(
+        self, grad: Float[Tensor, "S N e"], W: Float[Tensor, "S d e"], out: Float[Tensor, "S N e"],
+        b: Float[Tensor, "S e"] | None = None, result: Float[Tensor, "S N d"] | None = None,
+    ) -> Float[Tensor, "S N d"]:
+        """``J^T (grad_s @ W_s^T)`` for each of ``S`` linear maps ``y -> y @ W_s + b_s`` of this
+        norm's output ``y`` (e.g. every head's q projection), given the gradients ``grad`` at their
+        outputs and the outputs ``out`` themselves (the forward's values; rows ``N`` = the
+        flattened input rows). Equal to ``project(scale(grad @ W^T))``, computed with one batched
+        product and one pass over the ``[S, N, d]`` result: ``r`` and ``w`` are folded into the
+        small factors, the mean is removed by centring the scaled weights, and
+        ``mean(v * x_hat) = (r grad) . ((x_hat w) @ W) / d`` with ``(x_hat w) @ W = out - b -
+        bias @ W``. In ``grad``'s dtype; written into ``result`` when given."""
+        dt = grad.dtype
+        d = W.shape[1]
+        Wt = W.transpose(1, 2)  # [S, e, d]
+        if self.weight is not None:
+            Wt = Wt * self.weight.to(dt)
+        if self.centred:
+            Wt = Wt - Wt.mean(-1, keepdim=True)
+        g = grad * self.r.reshape(1, -1, 1).to(dt)
+        xw_W = out if b is None else out - b[:, None]  # (x_hat * w) @ W
+        if self.bias is not None:
+            xw_W = xw_W - torch.einsum("d,sde->se", self.bias.to(dt), W)[:, None]
+        dot = torch.linalg.vecdot(g, xw_W).unsqueeze(-1) / d  # [S, N, 1]: mean(v * x_hat)
+        v = torch.bmm(g, Wt, out=result)
+        return v.addcmul_(self.x_hat.reshape(1, -1, d).to(dt), dot, value=-1.0)
+
 
 def apply_rotary(
     x: Float[Tensor, "*b P dh"], cos: Float[Tensor, "*b P r"], sin: Float[Tensor, "*b P r"], style: str = "half"
@@ -393,7 +480,7 @@ class Readout:
 # ------------------------------------------------------------------------------------- weights
 @dataclass
 class Layer:
-    """One block's weights (views of the model's tensors, except the fused q/k/v copy)."""
+    """One block's weights (views of the model's tensors, except the optional fused q/k/v copy)."""
 
     ln1: Norm
     ln2: Norm | None
@@ -407,7 +494,7 @@ class Layer:
     b_V: Tensor | None
     W_O: Tensor  # [H, dh, d]
     b_O: Tensor | None  # [d]
-    W_qkv: Tensor | None  # [d, 3 H dh] fused copy for full-attention passes (None: built when needed)
+    W_qkv: Tensor | None  # [d, 3 H dh] fused copy for full-attention passes (None: project with the views)
     b_qkv: Tensor | None
     W_in: Tensor | None
     W_gate: Tensor | None
@@ -419,12 +506,18 @@ class Layer:
     window: int | None
 
 
+def _flat_heads(w: Float[Tensor, "H d dh"]) -> Float[Tensor, "d H_dh"]:
+    """Per-head projection weights as one ``[d, H dh]`` matrix (a view of the model's tensor
+    where its layout allows, as for every family here)."""
+    H, d, dh = w.shape
+    return w.permute(1, 0, 2).reshape(d, H * dh)
+
+
 def _fuse_qkv(W_Q: Tensor, W_K: Tensor, W_V: Tensor, b_Q: Tensor | None, b_K: Tensor | None,
               b_V: Tensor | None) -> tuple[Tensor, Tensor | None]:
     """One ``[d, 3 H dh]`` weight (and ``[3 H dh]`` bias, or None) for a full-attention pass."""
     H, d, dh = W_Q.shape
-    flat = lambda w: w.permute(1, 0, 2).reshape(d, H * dh)  # noqa: E731
-    W_qkv = torch.cat([flat(W_Q), flat(W_K), flat(W_V)], dim=-1).contiguous()
+    W_qkv = torch.cat([_flat_heads(W_Q), _flat_heads(W_K), _flat_heads(W_V)], dim=-1).contiguous()
     biases = [b_Q, b_K, b_V]
     if all(b is None for b in biases):
         return W_qkv, None
@@ -451,6 +544,9 @@ class Arch:
     """
 
     def __init__(self, model: Any, fused_qkv: bool = True) -> None:
+        """``fused_qkv``: keep one fused ``[d, 3 H dh]`` copy of each layer's q/k/v weights (one
+        matrix product per full-attention pass; validation's runner, which runs many); False: project
+        with views of the model's own weights, no copy (``eap.fast``)."""
         spec = arch_spec(model)
         if spec.problems:
             raise UnsupportedModel(f"{spec.family}: the block runner does not implement: {'; '.join(spec.problems)}")
@@ -554,12 +650,7 @@ class Arch:
         lw, spec = self.layers[layer], self.spec
         B, P, d = x.shape
         H, dh = spec.n_heads, spec.d_head
-        W_qkv, b_qkv = (lw.W_qkv, lw.b_qkv) if lw.W_qkv is not None else _fuse_qkv(
-            lw.W_Q, lw.W_K, lw.W_V, lw.b_Q, lw.b_K, lw.b_V)
-        qkv = lw.ln1(x) @ W_qkv
-        if b_qkv is not None:
-            qkv = qkv + b_qkv
-        q, k, v = qkv.view(B, P, 3, H, dh).permute(2, 0, 3, 1, 4)  # each [B, H, P, dh]
+        q, k, v = self.qkv(layer, lw.ln1(x))
         if spec.positions == "rotary":
             cos, sin = self.rope(P, x)
             k = self.rotate(k, cos, sin)
@@ -578,6 +669,27 @@ class Arch:
         if post and lw.ln1_post is not None:
             out = lw.ln1_post(out)
         return out if pos is None else out[:, 0]
+
+    def qkv(self, layer: int, y: Float[Tensor, "B P d"]) -> tuple[Tensor, Tensor, Tensor]:
+        """Every head's q, k and v, each ``[B, H, P, dh]`` (before rotary), from the normalised
+        input ``y`` (``ln1`` of the residual): the fused copy, or one product per projection with
+        views of the model's weights."""
+        lw, spec = self.layers[layer], self.spec
+        B, P, _ = y.shape
+        H, dh = spec.n_heads, spec.d_head
+        if lw.W_qkv is not None:
+            qkv = y @ lw.W_qkv
+            if lw.b_qkv is not None:
+                qkv = qkv + lw.b_qkv
+            q, k, v = qkv.view(B, P, 3, H, dh).permute(2, 0, 3, 1, 4)
+            return q, k, v
+        out = []
+        for W, b in ((lw.W_Q, lw.b_Q), (lw.W_K, lw.b_K), (lw.W_V, lw.b_V)):
+            t = y @ _flat_heads(W)
+            if b is not None:
+                t = t + b.reshape(H * dh)
+            out.append(t.view(B, P, H, dh).transpose(1, 2))
+        return out[0], out[1], out[2]
 
     def head_input(self, layer: int, head: int, kind: str, x_in: Float[Tensor, "N P d"]) -> Float[Tensor, "N P dh"]:
         """One head's q, k or v (rotated for q and k) from its pre-norm input ``x_in``."""

@@ -33,6 +33,14 @@ How it is computed (per prompt batch)
 ``eap-ig`` and ``clean-corrupted`` add one forward+backward per extra gradient point. The AtP
 methods share steps 1-3 (``fill_corrupted``, ``receiver_hooks``, ``metric_values``) and add their
 own work (``eap.atp.AtP``). ``attribute`` picks the strategy explicitly (``_strategy``).
+
+Engines
+-------
+The passes above run on one of two engines, chosen once per call (``engine=``): ``fast``
+(``eap.fast``: the same passes on the architecture adapter's plain-torch blocks, no per-head
+copies of the residual stream) wherever ``eap.arch`` reproduces the model, else ``bridge`` (the
+hooks above, through the TransformerLens bridge). Both give the same scores. The AtP
+methods run on the bridge engine.
 """
 
 from __future__ import annotations
@@ -46,6 +54,7 @@ from tqdm.auto import tqdm
 
 from eap.arch import Readout
 from eap.budget import attribution_batch_size
+from eap.fast import ENGINES, FastEngine, engine_for
 from eap.graph import Graph, HookGroup
 from eap.hooks import (
     StopForward, check_edge_hooks, leaf_input_hook, run_until_stop, sender_difference_hooks, stop_hook, with_grad_hook,
@@ -76,15 +85,18 @@ def gradient_points(method: str, ig_steps: int = 5) -> list[tuple[float, float]]
 
 
 def auto_batch_size(
-    model: Any, graph: Graph, task: Task, budget_bytes: int | float | str | None = None
+    model: Any, graph: Graph, task: Task, budget_bytes: int | float | str | None = None, fast: bool = False
 ) -> int:
     """Prompts per attribution batch within ``budget_bytes`` (default: a share of the free
-    device memory); ``eap.budget.attribution_batch_size`` decides."""
-    return attribution_batch_size(model, graph.n_senders, task.n_prompts, task.seq_len, task.has_readout, budget_bytes)
+    device memory) on the fast (``fast``) or the bridge engine; ``eap.budget.attribution_batch_size`` decides."""
+    return attribution_batch_size(model, graph.n_senders, task.n_prompts, task.seq_len, task.has_readout, budget_bytes,
+                                  fast=fast)
 
 
 @torch.no_grad()
-def _check_inputs(model: Any, graph: Graph, task: Task, method: str, level: str) -> None:
+def _check_inputs(model: Any, graph: Graph, task: Task, method: str, level: str, engine: str = "auto") -> None:
+    if engine not in ENGINES:
+        raise AttributionError(f"unknown engine {engine!r}; choose one of {ENGINES}")
     if method not in METHODS:
         raise AttributionError(f"unknown attribution method {method!r}; choose one of {METHODS}")
     if level not in ("edge", "node"):
@@ -112,6 +124,7 @@ def attribute(
     memory_budget: int | float | str | None = None,
     progress: bool = True,
     write_graph: bool = True,
+    engine: Literal["auto", "fast", "bridge"] = "auto",
 ) -> Float[Tensor, " n"]:
     """Score every edge (``level='edge'``, a tensor ``[graph.n_edges]`` in the graph's edge order)
     or every sender (``level='node'``, ``[graph.n_senders]``).
@@ -130,13 +143,17 @@ def attribute(
     over tensors of all prompts cannot be split: then a ``TaskError`` asks for ``per_prompt``
     data unless one batch holds every prompt. Scores come back on the CPU in the model's dtype
     (float32 at least); with ``write_graph`` they are also written into ``graph.scores``.
+
+    ``engine``: ``"auto"`` (the fast engine of ``eap.fast`` where the architecture adapter
+    reproduces the model and no hooks are attached, else the bridge's hooks), ``"fast"`` (or
+    ``eap.arch.UnsupportedModel``) or ``"bridge"``; the scores are the same.
     """
-    _check_inputs(model, graph, task, method, level)
+    _check_inputs(model, graph, task, method, level, engine)
     device, dtype = model_device(model), model_dtype(model)
     task = task.to(device)
     # accumulate in at least float32 (a half-precision model would otherwise sum in half)
     scores = torch.zeros(graph.n_senders, graph.n_receivers, device=device, dtype=torch.promote_types(dtype, torch.float32))
-    strategy = _strategy(model, graph, method, ig_steps, scores)
+    strategy = _strategy(model, graph, method, ig_steps, scores, engine)
     chosen = batch_size is not None
     if batch_size is None:
         batch_size = strategy.auto_batch_size(task, memory_budget)
@@ -167,10 +184,14 @@ def attribute(
 
 
 def _strategy(model: Any, graph: Graph, method: str, ig_steps: int,
-              scores: Float[Tensor, "n_senders n_receivers"]) -> "GradientMethod | Any":
-    """The strategy that computes ``method`` (explicit: gradient points or an AtP variant)."""
+              scores: Float[Tensor, "n_senders n_receivers"], engine: str = "auto") -> "GradientMethod | Any":
+    """The strategy that computes ``method`` (explicit: gradient points on the chosen engine, or
+    an AtP variant on the bridge)."""
     if method in GRADIENT_METHODS:
-        return GradientMethod(model, graph, gradient_points(method, ig_steps), scores)
+        points = gradient_points(method, ig_steps)
+        return GradientMethod(model, graph, points, scores, engine_for(model, engine))
+    if engine == "fast":
+        raise AttributionError(f"{method!r} runs on the bridge engine only (eap.atp); use engine='auto' or 'bridge'")
     from eap.atp import AtP, atp_options  # eap.atp builds on this module's pieces
 
     return AtP(model, graph, atp_options(method), scores)
@@ -181,17 +202,18 @@ class GradientMethod:
     (module docstring, steps 1-3); adds into ``scores`` [n_senders, n_receivers]."""
 
     def __init__(self, model: Any, graph: Graph, points: list[tuple[float, float]],
-                 scores: Float[Tensor, "n_senders n_receivers"]) -> None:
-        self.model, self.graph, self.points, self.scores = model, graph, points, scores
+                 scores: Float[Tensor, "n_senders n_receivers"], fast: FastEngine | None = None) -> None:
+        """``fast``: the fast engine (``eap.fast``), or None for the bridge's hooks."""
+        self.model, self.graph, self.points, self.scores, self.fast = model, graph, points, scores, fast
 
     def auto_batch_size(self, task: Task, budget: int | float | str | None) -> int:
-        return auto_batch_size(self.model, self.graph, task, budget)
+        return auto_batch_size(self.model, self.graph, task, budget, fast=self.fast is not None)
 
     def plan(self, task: Task, batch_size: int, budget: int | float | str | None) -> None:
         """Nothing to plan beyond the batch size the caller chose."""
 
     def accumulate(self, task: Task, prompt_weight: float) -> None:
-        _accumulate(self.model, self.graph, task, self.points, self.scores, prompt_weight)
+        _accumulate(self.model, self.graph, task, self.points, self.scores, prompt_weight, self.fast)
 
     def result(self) -> Float[Tensor, "n_senders n_receivers"]:
         return self.scores
@@ -250,8 +272,13 @@ def _accumulate(
     points: list[tuple[float, float]],
     scores: Float[Tensor, "n_senders n_receivers"],
     prompt_weight: float,
+    fast: FastEngine | None = None,
 ) -> None:
-    """Add one batch's contribution (weighted by ``prompt_weight`` per prompt) into ``scores``."""
+    """Add one batch's contribution (weighted by ``prompt_weight`` per prompt) into ``scores``:
+    on the fast engine when given (``eap.fast``), else through the bridge's hooks (below)."""
+    if fast is not None:
+        fast.accumulate(graph, task, points, scores, prompt_weight)
+        return
     b, p = task.clean.shape
     d = model.cfg.d_model
     buf = torch.empty(graph.n_senders, b, p, d, device=scores.device, dtype=model_dtype(model))

@@ -1,0 +1,319 @@
+"""The fast attribution engine: EAP's passes on ``eap.arch``'s plain-torch blocks.
+
+``eap.attribute`` computes the same scores on two engines, chosen once per call
+(:func:`engine_for`; ``attribute(..., engine=...)`` forces one):
+
+* ``fast`` (this module) runs the model's blocks as :class:`eap.arch.Arch` computes them, from
+  views of the bridge's own weights; the bridge computes only the input embedding.
+* ``bridge`` runs the TransformerLens bridge with its edge hooks (``eap.attribute._accumulate``).
+  With split q/k/v inputs and per-head results switched on, the bridge copies the residual
+  stream once per head and runs per-head norms and projections; that made EAP cost 1.6-1.8x an
+  honest floor (``bench.measure.floor_pass``). It stays the general path: for a model the
+  adapter does not reproduce (``UnsupportedModel`` from :class:`~eap.arch.Arch` or its
+  :meth:`~eap.arch.Arch.verify`; a warning says so, once per model), and for a model with
+  TransformerLens hooks attached to its hook points (only the bridge runs them).
+
+Sign and units are ``eap.attribute``'s: ``score(u -> v) = mean over prompts of
+(out_u(corrupted) - out_u(clean)) . d metric / d in_v``, summed over positions and features.
+
+How the fast engine computes one prompt batch
+---------------------------------------------
+1. Corrupted forward, no grad: every sender's output (the input residual, each head's result
+   ``z_h @ W_O[h]`` without ``b_O``, each MLP's output) is written straight into the difference
+   buffer ``[n_senders, batch, pos, d_model]`` (the heads' results by one batched product into
+   their rows); the residual stream adds them up; the pass stops after the last sender.
+2. Clean forward with grad from the input residual (the only leaf; weights frozen, no parameter
+   gradient): the same outputs are subtracted (buffer = corrupted - clean); the heads' results
+   are the same batched product, summed over heads into the residual stream.
+3. Backward. Receiver gradients without per-head copies of the residual stream: query head
+   ``h``'s q input is the residual ``x`` read by ``ln1`` and ``W_Q[h]``, so its gradient is
+   ``J_ln1(x)^T (dmetric/dq_h @ W_Q[h]^T)``, with ``dq_h`` the gradient at head ``h``'s
+   projection (before rotary). :class:`_HeadProjections` is ``ln1`` plus the q/k/v projections
+   as one autograd function whose backward forms ``dq_h @ W_Q[h]^T`` for every head and kind in
+   one batched product per kind (``[3H, batch*pos, d]``) with the norm's backward in closed form
+   folded in (``eap.arch.NormBackward.through_linear``: eps, weight and offset as the adapter's
+   norm; one pass over the stack after the product),
+   contracts the ``3H`` receiver gradients with the upstream prefix of the buffer in one matrix
+   product and returns their sum, which *is* the residual gradient (the q/k/v inputs are copies
+   of the residual), so the fused projection's own backward is not computed twice. MLP
+   receivers: a tensor hook on a view of the MLP input used only by the MLP branch; logits: on
+   the final residual. Nothing is stored beyond what autograd keeps for the backward.
+
+``eap-ig`` shifts the leaf input toward the corrupted input; ``clean-corrupted`` adds a gradient
+point at the corrupted input. Both run steps 2-3 once per gradient point (buffer untouched after
+the first), as on the bridge.
+"""
+
+from __future__ import annotations
+
+import warnings
+import weakref
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from eap.arch import Arch, UnsupportedModel
+from eap.graph import Graph
+from eap.hooks import StopForward, run_until_stop
+from eap.models import model_device, model_dtype
+from eap.task import Task
+
+#: ``eap.attribute``'s ``engine`` values: ``auto`` (fast where the adapter reproduces the model),
+#: ``fast`` (this module, or ``UnsupportedModel``), ``bridge`` (the bridge's hooks).
+ENGINES = ("auto", "fast", "bridge")
+
+#: per model: {(dtype, device): None if the adapter reproduces it, else the reason it does not}
+_VERDICTS: "weakref.WeakKeyDictionary[Any, dict[tuple, str | None]]" = weakref.WeakKeyDictionary()
+
+
+def hooks_attached(model: Any) -> bool:
+    """Whether any TransformerLens hook point of ``model`` has a hook attached (``add_hook``,
+    ``model.hooks(...)``): only the bridge engine runs them."""
+    return any(hp.fwd_hooks or hp.bwd_hooks for hp in model.hook_dict.values())
+
+
+def engine_for(model: Any, engine: str = "auto") -> "FastEngine | None":
+    """The engine for one ``eap.attribute`` call: a :class:`FastEngine`, or None for the bridge.
+
+    ``auto``: the fast engine unless the model has hooks attached (silently the bridge, which
+    runs them) or the adapter does not reproduce it (the bridge, with a warning naming the
+    reason the first time). ``fast``: the fast engine, else ``UnsupportedModel``. ``bridge``: None.
+    Whether the adapter reproduces a model (``Arch.verify`` against the bridge's forward) is
+    checked once per model, dtype and device; the engine itself (views of the weights) is
+    built per call, so weights changed in place are seen."""
+    if engine not in ENGINES:
+        raise ValueError(f"unknown engine {engine!r}; choose one of {ENGINES}")
+    if engine == "bridge":
+        return None
+    if hooks_attached(model):
+        if engine == "fast":
+            raise UnsupportedModel(
+                "the model has TransformerLens hooks attached; the fast engine does not run them "
+                "(use engine='auto' or 'bridge', which attribute through the bridge with its hooks)"
+            )
+        return None
+    verdicts = _VERDICTS.setdefault(model, {})
+    key = (model_dtype(model), model_device(model))
+    known = key in verdicts
+    try:
+        if known and verdicts[key] is not None:
+            raise UnsupportedModel(verdicts[key])
+        fast = FastEngine(model)
+        if not known:
+            fast.arch.verify(model)
+            verdicts[key] = None
+    except UnsupportedModel as exc:
+        verdicts[key] = str(exc)
+        if engine == "fast":
+            raise
+        if not known:
+            warnings.warn(f"{exc}; attributing through the bridge's hooks (same scores, slower)", stacklevel=3)
+        return None
+    return fast
+
+
+# ------------------------------------------------------------------------------------ layout
+@dataclass(frozen=True)
+class _LayerRows:
+    """Where one layer's nodes sit in the graph: sender rows and receiver columns."""
+
+    heads: int  # first sender row of the layer's heads
+    mlp: int | None  # sender row of the MLP
+    qkv: int  # first receiver column of the layer's q, k, v receivers (3H consecutive)
+    qkv_up: int  # senders upstream of them
+    mlp_in: int | None  # receiver column of the MLP
+    mlp_up: int
+
+
+def _layout(graph: Graph, n_layers: int, n_heads: int) -> tuple[list[_LayerRows], int, int]:
+    """Per layer rows/columns, and the logits receiver's column and upstream count."""
+    send = {(g.kind, g.layer): g for g in graph.sender_groups}
+    recv = {(g.kind, g.layer): g for g in graph.receiver_groups}
+    rows = []
+    for i in range(n_layers):
+        q, k, v = recv["q", i], recv["k", i], recv["v", i]
+        if (k.start, v.start) != (q.start + n_heads, q.start + 2 * n_heads) or q.n_heads != n_heads:
+            raise AssertionError(f"layer {i}: q/k/v receivers are not consecutive per head")
+        m_in, m_out = recv.get(("mlp", i)), send.get(("mlp", i))
+        rows.append(_LayerRows(send["head", i].start, m_out.start if m_out else None, q.start, q.n_upstream,
+                               m_in.start if m_in else None, m_in.n_upstream if m_in else 0))
+    logits = graph.receiver_groups[-1]
+    return rows, logits.start, logits.n_upstream
+
+
+class _Scores:
+    """Receiver gradients contracted with the difference buffer into the score matrix."""
+
+    def __init__(self, buf: Float[Tensor, "n_senders b p d"], scores: Float[Tensor, "n_senders n_receivers"]) -> None:
+        self.buf, self.scores, self.weight = buf, scores, 0.0
+
+    def add(self, start: int, n_up: int, grads: Float[Tensor, "k b p d"]) -> None:
+        """``scores[:n_up, start:start+k] += weight * buf[:n_up] . grads[j]`` (summed over batch,
+        positions, features): one matrix product for ``k`` receivers."""
+        k = grads.shape[0]
+        block = grads.reshape(k, -1) @ self.buf[:n_up].reshape(n_up, -1).T  # [k, n_up]; faster than buf @ grads.T
+        self.scores[:n_up, start : start + k].add_(block.T.to(self.scores.dtype), alpha=self.weight)
+
+    def receiver(self, start: int, n_up: int) -> Callable[[Tensor], None]:
+        """A tensor hook for one receiver's input ``[b, p, d]``: adds its gradient's scores."""
+        return lambda grad: self.add(start, n_up, grad.unsqueeze(0))
+
+
+class _HeadProjections(torch.autograd.Function):
+    """``ln1`` and every head's q, k, v projection of the residual ``x`` (``Arch.qkv``, each
+    ``[B, H, P, dh]``), whose backward hands the 3H per-head input gradients ``[3H, B, P, d]``
+    (q heads, k heads, v heads) to ``receive`` and returns their sum as ``x``'s gradient."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, arch: Arch, layer: int, receive: Callable[[Tensor], None]) -> tuple[Tensor, ...]:
+        q, k, v = arch.qkv(layer, arch.layers[layer].ln1(x))
+        ctx.save_for_backward(x, q, k, v)  # v and (without rotary) q, k are kept by attention anyway
+        ctx.arch, ctx.layer, ctx.receive = arch, layer, receive
+        return q, k, v
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Tensor) -> tuple[Tensor | None, ...]:
+        x, *outs = ctx.saved_tensors
+        lw = ctx.arch.layers[ctx.layer]
+        B, P, d = x.shape
+        H = ctx.arch.spec.n_heads
+        back = lw.ln1.backward_at(x.reshape(B * P, d))  # closed form of ln1's backward at x
+        inputs = x.new_empty(3 * H, B * P, d)  # dmetric/d(receiver input) of q heads, k heads, v heads
+        for j, (g, out, W, b) in enumerate(zip(grads, outs, (lw.W_Q, lw.W_K, lw.W_V), (lw.b_Q, lw.b_K, lw.b_V))):
+            heads = lambda t: t.transpose(0, 1).reshape(H, B * P, -1)  # noqa: E731  [B, H, P, dh] -> [H, B*P, dh]
+            back.through_linear(heads(g), W, heads(out), b, result=inputs[j * H : (j + 1) * H])
+        inputs = inputs.view(3 * H, B, P, d)
+        ctx.receive(inputs)
+        return inputs.sum(0), None, None, None
+
+
+# ------------------------------------------------------------------------------------ engine
+class FastEngine:
+    """EAP's passes on the adapter's blocks (module docstring). Built per ``attribute`` call
+    from views of the model's weights (no copies); raises ``UnsupportedModel`` where the adapter
+    does not describe the model."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        self.arch = Arch(model, fused_qkv=False)
+        if self.arch.spec.post_norms:
+            raise UnsupportedModel(f"{self.arch.spec.family}: post-norms (per-head outputs not additive)")
+
+    def embed(self, tokens: Tensor) -> Float[Tensor, "b p d"]:
+        """The input residual (``blocks.0.hook_resid_pre``), computed by the bridge itself."""
+        got: list[Tensor] = []
+
+        def grab(x: Tensor, hook: Any = None) -> Tensor:
+            got.append(x.detach())
+            raise StopForward
+
+        with torch.no_grad():
+            run_until_stop(self.model, tokens, [("blocks.0.hook_resid_pre", grab)])
+        return got[0]
+
+    def accumulate(
+        self, graph: Graph, task: Task, points: list[tuple[float, float]],
+        scores: Float[Tensor, "n_senders n_receivers"], prompt_weight: float,
+    ) -> None:
+        """Add one prompt batch's contribution into ``scores``: gradient point ``(alpha,
+        weight)`` at input ``clean + (1 - alpha) (corrupted - clean)``, counted with ``weight *
+        prompt_weight`` (``eap.attribute.gradient_points``; the first point is the clean run)."""
+        spec = self.arch.spec
+        rows, logits_col, n_all = _layout(graph, spec.n_layers, spec.n_heads)
+        b, p = task.clean.shape
+        buf = torch.empty(graph.n_senders, b, p, spec.d_model, device=scores.device, dtype=model_dtype(self.model))
+        sink = _Scores(buf, scores)
+        with torch.no_grad():
+            buf[0] = self.embed(task.corrupted)
+            self._blocks(buf[0], buf, rows, "set", None)
+            clean = self.embed(task.clean)
+        for i, (alpha, weight) in enumerate(points):
+            if i == 0 and alpha != 1.0:
+                raise AssertionError("the first gradient point must be the clean run")
+            sink.weight = weight * prompt_weight
+            x = clean if alpha == 1.0 else clean + (1.0 - alpha) * buf[0]
+            if i == 0:
+                buf[0] -= clean
+            x = x.detach().requires_grad_(True)
+            resid = self._blocks(x, buf, rows, "subtract" if i == 0 else "keep", sink)
+            resid = resid.view_as(resid)
+            resid.register_hook(sink.receiver(logits_col, n_all))
+            self._metric(resid, task).sum().backward()
+
+    # -------------------------------------------------------------------------- passes
+    def _blocks(self, x: Tensor, buf: Tensor, rows: list[_LayerRows], mode: str, sink: _Scores | None) -> Tensor | None:
+        """Run every block on the residual ``x``. ``mode``: 'set' (write the senders' outputs
+        into ``buf``; stop after the last sender, return None), 'subtract' (take them away) or
+        'keep'. With ``sink`` (a pass with grad) the receivers' gradients go into the scores."""
+        arch, spec = self.arch, self.arch.spec
+        for i, at in enumerate(rows):
+            last = i == spec.n_layers - 1
+            a = self._attention(i, x, buf, at, mode, sink)
+            if spec.attn_only:
+                if last and mode == "set":
+                    return None
+                x = x + a
+                continue
+            if not spec.parallel:
+                x = x + a
+            m_in = x
+            if sink is not None:
+                m_in = x.view_as(x)  # only the MLP branch reads this view: its gradient is the receiver's
+                m_in.register_hook(sink.receiver(at.mlp_in, at.mlp_up))
+            out = arch.mlp(i, m_in)
+            _write(buf[at.mlp], out, mode)
+            if last and mode == "set":
+                return None
+            x = x + a + out if spec.parallel else x + out
+        return x
+
+    def _attention(self, i: int, x: Tensor, buf: Tensor, at: _LayerRows, mode: str, sink: _Scores | None) -> Tensor:
+        """Attention's write into the residual stream (heads + ``b_O``); per-head results into
+        ``buf`` per ``mode``; with ``sink``, the q/k/v receivers' gradients in the backward."""
+        arch, spec = self.arch, self.arch.spec
+        lw = arch.layers[i]
+        B, P, d = x.shape
+        H, dh = spec.n_heads, spec.d_head
+        if sink is None:
+            q, k, v = arch.qkv(i, lw.ln1(x))
+        else:
+            receive = lambda grads: sink.add(at.qkv, at.qkv_up, grads)  # noqa: E731
+            q, k, v = _HeadProjections.apply(x, arch, i, receive)
+        if spec.positions == "rotary":
+            cos, sin = arch.rope(P, x)
+            q, k = arch.rotate(q, cos, sin), arch.rotate(k, cos, sin)
+        z = arch.attend(i, q, k, v)  # [B, H, P, dh]
+        if mode == "keep":
+            out = z.transpose(1, 2).reshape(B, P, H * dh) @ lw.W_O.reshape(H * dh, d)
+        else:
+            z = z.transpose(0, 1).reshape(H, B * P, dh)
+            results = buf[at.heads : at.heads + H].view(H, B * P, d)  # the heads' rows of the buffer
+            if mode == "set":
+                out = torch.bmm(z, lw.W_O, out=results).sum(0)
+            else:
+                per_head = torch.bmm(z, lw.W_O)  # [H, B*P, d]: each head's result, without b_O
+                results -= per_head.detach()
+                out = per_head.sum(0)
+            out = out.view(B, P, d)
+        return out if lw.b_O is None else out + lw.b_O
+
+    def _metric(self, resid: Float[Tensor, "b p d"], task: Task) -> Float[Tensor, " b"]:
+        """Per-prompt metric from the final residual, read out by ``eap.arch.Readout`` (only the
+        read-out logits with a task read-out, else all logits and ``task.metric``)."""
+        readout = self.arch.readout
+        if not task.has_readout:
+            return task.metric(readout.logits(resid))
+        pos = task.per_prompt["readout_pos"].long()
+        at = resid[torch.arange(resid.shape[0], device=resid.device), pos]
+        return task.readout(readout.selected(at, task.per_prompt["readout_tokens"].long()))
+
+
+def _write(rows: Tensor, out: Tensor, mode: str) -> None:
+    """Buffer rows = ``out`` ('set') or -= ``out`` ('subtract'); nothing for 'keep'."""
+    if mode == "set":
+        rows.copy_(out)
+    elif mode == "subtract":
+        rows -= out.detach()

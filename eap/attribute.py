@@ -85,12 +85,12 @@ def gradient_points(method: str, ig_steps: int = 5) -> list[tuple[float, float]]
 
 
 def auto_batch_size(
-    model: Any, graph: Graph, task: Task, budget_bytes: int | float | str | None = None, fast: bool = False
+    model: Any, graph: Graph, task: Task, budget_bytes: int | float | str | None = None
 ) -> int:
     """Prompts per attribution batch within ``budget_bytes`` (default: a share of the free
-    device memory) on the fast (``fast``) or the bridge engine; ``eap.budget.attribution_batch_size`` decides."""
-    return attribution_batch_size(model, graph.n_senders, task.n_prompts, task.seq_len, task.has_readout, budget_bytes,
-                                  fast=fast)
+    device memory), on either engine (the bridge's per-prompt estimate also bounds the fast
+    engine, which keeps fewer activations; tests/test_memory.py); ``eap.budget.attribution_batch_size`` decides."""
+    return attribution_batch_size(model, graph.n_senders, task.n_prompts, task.seq_len, task.has_readout, budget_bytes)
 
 
 @torch.no_grad()
@@ -207,7 +207,7 @@ class GradientMethod:
         self.model, self.graph, self.points, self.scores, self.fast = model, graph, points, scores, fast
 
     def auto_batch_size(self, task: Task, budget: int | float | str | None) -> int:
-        return auto_batch_size(self.model, self.graph, task, budget, fast=self.fast is not None)
+        return auto_batch_size(self.model, self.graph, task, budget)
 
     def plan(self, task: Task, batch_size: int, budget: int | float | str | None) -> None:
         """Nothing to plan beyond the batch size the caller chose."""

@@ -148,7 +148,7 @@ def _minimum(what: str, need: int, budget: int) -> None:
 
 
 # ------------------------------------------------------------------------------ attribution
-def attribution_prompt_bytes(model: Any, n_senders: int, seq_len: int, readout: bool, fast: bool = False) -> int:
+def attribution_prompt_bytes(model: Any, n_senders: int, seq_len: int, readout: bool) -> int:
     """Peak bytes one prompt adds to an attribution batch (any method: the gradient points run
     one after another, each freeing its activations in its backward pass).
 
@@ -165,12 +165,12 @@ def attribution_prompt_bytes(model: Any, n_senders: int, seq_len: int, readout: 
 
 
 def attribution_batch_size(model: Any, n_senders: int, n_prompts: int, seq_len: int, readout: bool,
-                           budget: int | float | str | None = None, fast: bool = False) -> int:
+                           budget: int | float | str | None = None) -> int:
     """Prompts per attribution batch that fit ``budget`` bytes (default: see module docstring);
     at least 1 (with a ``BudgetWarning`` when even one prompt exceeds the budget), at most
     ``n_prompts``."""
     b = resolve_budget(budget, Shape.of(model).device)
-    per = attribution_prompt_bytes(model, n_senders, seq_len, readout, fast)
+    per = attribution_prompt_bytes(model, n_senders, seq_len, readout)
     if per > b:
         _minimum("attribution", per, b)
     return max(1, min(int(n_prompts), b // per))

@@ -127,7 +127,7 @@ def test_select_edges_specs():
 
 
 def test_json_and_tensor_roundtrip(tmp_path):
-    g = Graph(GraphSpec(2, 3))
+    g = Graph(GraphSpec(2, 3, d_model=12))
     vals = torch.randn(g.n_edges, generator=torch.Generator().manual_seed(0))
     g.set_edge_scores(vals)
     g.apply_topk(5)
@@ -141,6 +141,7 @@ def test_json_and_tensor_roundtrip(tmp_path):
     back = Graph.from_json(tmp_path / "g.json")
     torch.testing.assert_close(back.edge_scores(), vals)
     assert torch.equal(back.in_graph, g.in_graph)
+    assert back.spec.d_model == 12
     g.save(tmp_path / "g.pt")
     back = Graph.load(tmp_path / "g.pt")
     torch.testing.assert_close(back.edge_scores(), vals)

@@ -58,7 +58,7 @@ DEFAULT_BAND = {"spearman": 0.05, "kendall_abs": 0.05, "pearson_abs": 0.05, "rec
 #: The cells the project gates itself on (``gate --run``; ``make thresholds``). Tasks: the
 #: default run's (see ``bench.matrix.default_tasks``). One torch thread: the values do not
 #: depend on the machine's core count, and a busy machine does not slow it down.
-GATE_RUN = {"models": ["toy-gpt2-2l", "toy-gpt2-4l"], "sizes": [16], "methods": ["eap", "eap-ig", "clean-corrupted"],
+GATE_RUN = {"models": ["toy-gpt2-2l", "toy-gpt2-4l", "toy-llama-4l"], "sizes": [16], "methods": ["eap", "eap-ig", "clean-corrupted"],
             "seed": 0, "edges": "stratified:300", "groups": 1, "bootstrap": 0, "ig_steps": 5, "threads": 1}
 
 

@@ -136,6 +136,21 @@ def at_end(logits: Float[Tensor, "n seq vocab"], end: Int[Tensor, " n"]) -> Floa
     return logits[rows(logits), end.to(logits.device)]
 
 
+def answer_diff(
+    logits: Float[Tensor, "n seq vocab"], end: Int[Tensor, " n"], good: Int[Tensor, " n"], bad: Int[Tensor, " n"],
+) -> Float[Tensor, " n"]:
+    """``logits[i, end_i, good_i] - logits[i, end_i, bad_i]``, in logits: the logit difference
+    every two-answer task's metric is (IOI: IO vs S; SVA: correct vs wrong verb form)."""
+    final = at_end(logits, end)
+    r = rows(final)
+    return final[r, good.to(final.device)] - final[r, bad.to(final.device)]
+
+
+def first_minus_second(selected: Float[Tensor, "n 2"]) -> Float[Tensor, " n"]:
+    """:func:`answer_diff` from the read-out logits ``[n, 2]`` = [logit(good), logit(bad)]."""
+    return selected[:, 0] - selected[:, 1]
+
+
 def normalize(
     m: Float[Tensor, " n"], m_clean: Float[Tensor, " n"], m_corrupt: Float[Tensor, " n"]
 ) -> Float[Tensor, " n"]:

@@ -225,14 +225,12 @@ def logit_diff(
     **_: Any,
 ) -> Float[Tensor, " n"]:
     """logits[i, end_i, io_i] - logits[i, end_i, s_i], in logits (positive = IO preferred)."""
-    final = common.at_end(logits, end)
-    rows = common.rows(final)
-    return final[rows, io.to(final.device)] - final[rows, s.to(final.device)]
+    return common.answer_diff(logits, end, io, s)
 
 
 def logit_diff_readout(selected: Float[Tensor, "n 2"], **_: Any) -> Float[Tensor, " n"]:
     """Same as :func:`logit_diff` from the gathered logits [n, 2] = [logit(IO), logit(S)]."""
-    return selected[:, 0] - selected[:, 1]
+    return common.first_minus_second(selected)
 
 
 #: (LD - LD_corrupt) / (LD_clean - LD_corrupt), dimensionless (1 = clean, 0 = corrupted).

@@ -182,14 +182,12 @@ def logit_diff(
     **_: Any,
 ) -> Float[Tensor, " n"]:
     """logit(correct verb form) - logit(wrong form) at ``end``, in logits (positive = agrees)."""
-    final = common.at_end(logits, end)
-    r = common.rows(final)
-    return final[r, correct.to(final.device)] - final[r, wrong.to(final.device)]
+    return common.answer_diff(logits, end, correct, wrong)
 
 
 def logit_diff_readout(selected: Float[Tensor, "n 2"], **_: Any) -> Float[Tensor, " n"]:
     """:func:`logit_diff` from the gathered logits [n, 2] = [logit(correct), logit(wrong)]."""
-    return selected[:, 0] - selected[:, 1]
+    return common.first_minus_second(selected)
 
 
 

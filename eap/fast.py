@@ -149,6 +149,21 @@ class _Scores:
 
     def __init__(self, buf: Float[Tensor, "n_senders b p d"], scores: Float[Tensor, "n_senders n_receivers"]) -> None:
         self.buf, self.scores, self.weight = buf, scores, 0.0
+        self._workspace: Tensor | None = None
+
+    def workspace(self, k: int) -> Float[Tensor, "k b*p d"]:
+        """Room for ``k`` receiver gradients, one block shared by every layer of a backward (each
+        layer's are contracted before the next layer's are formed): a fresh ``[3H, b, p, d]``
+        block per layer would page-fault its memory in again every time (several ms each).
+        Kept until :meth:`release`."""
+        _, b, p, d = self.buf.shape
+        if self._workspace is None or self._workspace.shape[0] < k:
+            self._workspace = self.buf.new_empty(k, b * p, d)
+        return self._workspace[:k]
+
+    def release(self) -> None:
+        """Free the workspace (after a backward: the next forward keeps its activations there)."""
+        self._workspace = None
 
     def add(self, start: int, n_up: int, grads: Float[Tensor, "k b p d"]) -> None:
         """``scores[:n_up, start:start+k] += weight * buf[:n_up] . grads[j]`` (summed over batch,
@@ -164,14 +179,15 @@ class _Scores:
 
 class _HeadProjections(torch.autograd.Function):
     """``ln1`` and every head's q, k, v projection of the residual ``x`` (``Arch.qkv``, each
-    ``[B, H, P, dh]``), whose backward hands the 3H per-head input gradients ``[3H, B, P, d]``
-    (q heads, k heads, v heads) to ``receive`` and returns their sum as ``x``'s gradient."""
+    ``[B, H, P, dh]``), whose backward forms the 3H per-head input gradients ``[3H, B, P, d]``
+    (q heads, k heads, v heads) in ``sink``'s workspace, adds their scores at the layer's q/k/v
+    columns ``at`` and returns their sum as ``x``'s gradient."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, arch: Arch, layer: int, receive: Callable[[Tensor], None]) -> tuple[Tensor, ...]:
+    def forward(ctx: Any, x: Tensor, arch: Arch, layer: int, sink: "_Scores", at: _LayerRows) -> tuple[Tensor, ...]:
         q, k, v = arch.qkv(layer, arch.layers[layer].ln1(x))
         ctx.save_for_backward(x, q, k, v)  # v and (without rotary) q, k are kept by attention anyway
-        ctx.arch, ctx.layer, ctx.receive = arch, layer, receive
+        ctx.arch, ctx.layer, ctx.sink, ctx.at = arch, layer, sink, at
         return q, k, v
 
     @staticmethod
@@ -181,13 +197,13 @@ class _HeadProjections(torch.autograd.Function):
         B, P, d = x.shape
         H = ctx.arch.spec.n_heads
         back = lw.ln1.backward_at(x.reshape(B * P, d))  # closed form of ln1's backward at x
-        inputs = x.new_empty(3 * H, B * P, d)  # dmetric/d(receiver input) of q heads, k heads, v heads
+        inputs = ctx.sink.workspace(3 * H)  # dmetric/d(receiver input) of q heads, k heads, v heads
         for j, (g, out, W, b) in enumerate(zip(grads, outs, (lw.W_Q, lw.W_K, lw.W_V), (lw.b_Q, lw.b_K, lw.b_V))):
             heads = lambda t: t.transpose(0, 1).reshape(H, B * P, -1)  # noqa: E731  [B, H, P, dh] -> [H, B*P, dh]
             back.through_linear(heads(g), W, heads(out), b, result=inputs[j * H : (j + 1) * H])
         inputs = inputs.view(3 * H, B, P, d)
-        ctx.receive(inputs)
-        return inputs.sum(0), None, None, None
+        ctx.sink.add(ctx.at.qkv, ctx.at.qkv_up, inputs)
+        return inputs.sum(0), None, None, None, None
 
 
 # ------------------------------------------------------------------------------------ engine
@@ -242,6 +258,7 @@ class FastEngine:
             resid = resid.view_as(resid)
             resid.register_hook(sink.receiver(logits_col, n_all))
             self._metric(resid, task).sum().backward()
+            sink.release()
 
     # -------------------------------------------------------------------------- passes
     def _blocks(self, x: Tensor, buf: Tensor, rows: list[_LayerRows], mode: str, sink: _Scores | None) -> Tensor | None:
@@ -280,8 +297,7 @@ class FastEngine:
         if sink is None:
             q, k, v = arch.qkv(i, lw.ln1(x))
         else:
-            receive = lambda grads: sink.add(at.qkv, at.qkv_up, grads)  # noqa: E731
-            q, k, v = _HeadProjections.apply(x, arch, i, receive)
+            q, k, v = _HeadProjections.apply(x, arch, i, sink, at)
         if spec.positions == "rotary":
             cos, sin = arch.rope(P, x)
             q, k = arch.rotate(q, cos, sin), arch.rotate(k, cos, sin)

@@ -39,6 +39,11 @@ How the fast engine computes one prompt batch
    receivers: a tensor hook on a view of the MLP input used only by the MLP branch; logits: on
    the final residual. Nothing is stored beyond what autograd keeps for the backward.
 
+With a task read-out (one position per prompt) the last block's MLP runs at the read-out
+positions only, in both passes: the metric reads the final residual there alone and the MLP is
+position-wise, so its output elsewhere (buffer row zero there) and its receiver's gradient
+elsewhere (zero) reach no score. The read-out floor runs that MLP everywhere.
+
 ``eap-ig`` shifts the leaf input toward the corrupted input; ``clean-corrupted`` adds a gradient
 point at the corrupted input. Both run steps 2-3 once per gradient point (buffer untouched after
 the first), as on the bridge.
@@ -144,6 +149,10 @@ def _layout(graph: Graph, n_layers: int, n_heads: int) -> tuple[list[_LayerRows]
     return rows, logits.start, logits.n_upstream
 
 
+#: (prompt rows, read-out position per prompt): one position per prompt, ``[b]`` each
+_Where = tuple[Tensor, Tensor]
+
+
 class _Scores:
     """Receiver gradients contracted with the difference buffer into the score matrix."""
 
@@ -165,16 +174,19 @@ class _Scores:
         """Free the workspace (after a backward: the next forward keeps its activations there)."""
         self._workspace = None
 
-    def add(self, start: int, n_up: int, grads: Float[Tensor, "k b p d"]) -> None:
+    def add(self, start: int, n_up: int, grads: Float[Tensor, "k b *p d"], where: "_Where | None" = None) -> None:
         """``scores[:n_up, start:start+k] += weight * buf[:n_up] . grads[j]`` (summed over batch,
-        positions, features): one matrix product for ``k`` receivers."""
+        positions, features): one matrix product for ``k`` receivers. With ``where`` the
+        gradients ``[k, b, d]`` are those at one position per prompt (zero elsewhere)."""
         k = grads.shape[0]
-        block = grads.reshape(k, -1) @ self.buf[:n_up].reshape(n_up, -1).T  # [k, n_up]; faster than buf @ grads.T
+        senders = self.buf[:n_up] if where is None else self.buf[:n_up, where[0], where[1]]
+        block = grads.reshape(k, -1) @ senders.reshape(n_up, -1).T  # [k, n_up]; faster than buf @ grads.T
         self.scores[:n_up, start : start + k].add_(block.T.to(self.scores.dtype), alpha=self.weight)
 
-    def receiver(self, start: int, n_up: int) -> Callable[[Tensor], None]:
-        """A tensor hook for one receiver's input ``[b, p, d]``: adds its gradient's scores."""
-        return lambda grad: self.add(start, n_up, grad.unsqueeze(0))
+    def receiver(self, start: int, n_up: int, where: "_Where | None" = None) -> Callable[[Tensor], None]:
+        """A tensor hook for one receiver's input (``[b, p, d]``, or ``[b, d]`` at ``where``):
+        adds its gradient's scores."""
+        return lambda grad: self.add(start, n_up, grad.unsqueeze(0), where)
 
 
 class _HeadProjections(torch.autograd.Function):
@@ -242,9 +254,10 @@ class FastEngine:
         b, p = task.clean.shape
         buf = torch.empty(graph.n_senders, b, p, spec.d_model, device=scores.device, dtype=model_dtype(self.model))
         sink = _Scores(buf, scores)
+        where = self._readout_where(task)
         with torch.no_grad():
             buf[0] = self.embed(task.corrupted)
-            self._blocks(buf[0], buf, rows, "set", None)
+            self._blocks(buf[0], buf, rows, "set", None, where)
             clean = self.embed(task.clean)
         for i, (alpha, weight) in enumerate(points):
             if i == 0 and alpha != 1.0:
@@ -254,21 +267,35 @@ class FastEngine:
             if i == 0:
                 buf[0] -= clean
             x = x.detach().requires_grad_(True)
-            resid = self._blocks(x, buf, rows, "subtract" if i == 0 else "keep", sink)
+            resid = self._blocks(x, buf, rows, "subtract" if i == 0 else "keep", sink, where)
             resid = resid.view_as(resid)
-            resid.register_hook(sink.receiver(logits_col, n_all))
+            resid.register_hook(sink.receiver(logits_col, n_all, where))
             self._metric(resid, task).sum().backward()
             sink.release()
 
     # -------------------------------------------------------------------------- passes
-    def _blocks(self, x: Tensor, buf: Tensor, rows: list[_LayerRows], mode: str, sink: _Scores | None) -> Tensor | None:
+    def _readout_where(self, task: Task) -> _Where | None:
+        """The read-out position of each prompt when the task has a read-out and the model an
+        MLP (where the last MLP can run there only, :meth:`_last_mlp`), else None."""
+        if not task.has_readout or self.arch.spec.attn_only:
+            return None
+        pos = task.per_prompt["readout_pos"].long()
+        return torch.arange(pos.shape[0], device=pos.device), pos
+
+    def _blocks(
+        self, x: Tensor, buf: Tensor, rows: list[_LayerRows], mode: str, sink: _Scores | None,
+        where: _Where | None = None,
+    ) -> Tensor | None:
         """Run every block on the residual ``x``. ``mode``: 'set' (write the senders' outputs
         into ``buf``; stop after the last sender, return None), 'subtract' (take them away) or
-        'keep'. With ``sink`` (a pass with grad) the receivers' gradients go into the scores."""
+        'keep'. With ``sink`` (a pass with grad) the receivers' gradients go into the scores.
+        Returns the final residual ``[b, p, d]``, or ``[b, d]`` at ``where`` when given."""
         arch, spec = self.arch, self.arch.spec
         for i, at in enumerate(rows):
             last = i == spec.n_layers - 1
             a = self._attention(i, x, buf, at, mode, sink)
+            if last and where is not None:
+                return self._last_mlp(i, x, a, buf, at, mode, sink, where)
             if spec.attn_only:
                 if last and mode == "set":
                     return None
@@ -286,6 +313,30 @@ class FastEngine:
                 return None
             x = x + a + out if spec.parallel else x + out
         return x
+
+    def _last_mlp(
+        self, i: int, x: Float[Tensor, "b p d"], a: Float[Tensor, "b p d"], buf: Tensor, at: _LayerRows, mode: str,
+        sink: _Scores | None, where: _Where,
+    ) -> Float[Tensor, "b d"] | None:
+        """The last block's MLP at the read-out positions only. With a read-out the metric reads
+        the final residual there alone and the MLP is position-wise, so elsewhere its output
+        (its buffer row, zero there) and its receiver's gradient (zero) do not reach a score.
+        Returns the final residual at ``where`` (None for 'set')."""
+        x_at, a_at = x[where], a[where]
+        base = x_at + a_at
+        m_in = x_at if self.arch.spec.parallel else base
+        if sink is not None:
+            m_in = m_in.view_as(m_in)  # only the MLP branch reads this view: its gradient is the receiver's
+            m_in.register_hook(sink.receiver(at.mlp_in, at.mlp_up, where))
+        out = self.arch.mlp(i, m_in)
+        row = buf[at.mlp]
+        if mode == "set":
+            row.zero_()
+            row[where] = out
+            return None
+        if mode == "subtract":
+            row[where] -= out.detach()
+        return base + out
 
     def _attention(self, i: int, x: Tensor, buf: Tensor, at: _LayerRows, mode: str, sink: _Scores | None) -> Tensor:
         """Attention's write into the residual stream (heads + ``b_O``); per-head results into
@@ -316,14 +367,15 @@ class FastEngine:
             out = out.view(B, P, d)
         return out if lw.b_O is None else out + lw.b_O
 
-    def _metric(self, resid: Float[Tensor, "b p d"], task: Task) -> Float[Tensor, " b"]:
+    def _metric(self, resid: Float[Tensor, "b *p d"], task: Task) -> Float[Tensor, " b"]:
         """Per-prompt metric from the final residual, read out by ``eap.arch.Readout`` (only the
         read-out logits with a task read-out, else all logits and ``task.metric``)."""
         readout = self.arch.readout
         if not task.has_readout:
             return task.metric(readout.logits(resid))
-        pos = task.per_prompt["readout_pos"].long()
-        at = resid[torch.arange(resid.shape[0], device=resid.device), pos]
+        at = resid
+        if resid.dim() == 3:  # all positions: take the read-out's
+            at = resid[torch.arange(resid.shape[0], device=resid.device), task.per_prompt["readout_pos"].long()]
         return task.readout(readout.selected(at, task.per_prompt["readout_tokens"].long()))
 
 

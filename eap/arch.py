@@ -399,18 +399,26 @@ class NormBackward:
         bias @ W``. In ``grad``'s dtype; written into ``result`` when given."""
         dt = grad.dtype
         d = W.shape[1]
-        Wt = W.transpose(1, 2)  # [S, e, d]
-        if self.weight is not None:
-            Wt = Wt * self.weight.to(dt)
-        if self.centred:
-            Wt = Wt - Wt.mean(-1, keepdim=True)
         g = grad * self.r.reshape(1, -1, 1).to(dt)
         xw_W = out if b is None else out - b[:, None]  # (x_hat * w) @ W
         if self.bias is not None:
             xw_W = xw_W - torch.einsum("d,sde->se", self.bias.to(dt), W)[:, None]
         dot = torch.linalg.vecdot(g, xw_W).unsqueeze(-1) / d  # [S, N, 1]: mean(v * x_hat)
-        v = torch.bmm(g, Wt, out=result)
+        v = torch.bmm(g, self._scaled_centred(W, dt).transpose(1, 2), out=result)
         return v.addcmul_(self.x_hat.reshape(1, -1, d).to(dt), dot, value=-1.0)
+
+    def _scaled_centred(self, W: Float[Tensor, "S d e"], dt: torch.dtype) -> Float[Tensor, "S d e"]:
+        """``W`` with each input row ``d`` scaled by the norm's weight and, for LayerNorm, centred
+        over ``d`` (so ``grad @ result^T`` is ``scale`` and the mean removal of ``grad @ W^T``).
+        Computed in ``W``'s own memory order: the per-head weights are strided views of the
+        model's fused projection, and a transposed copy of them costs as much as the product."""
+        w = None if self.weight is None else self.weight.to(dt)[:, None]  # [d, 1]
+        if not self.centred:
+            return W if w is None else W * w
+        if w is None:
+            return W - W.mean(1, keepdim=True)
+        mean = torch.einsum("sde,dk->ske", W, w) / W.shape[1]  # [S, 1, e]: mean over d of w * W
+        return torch.addcmul(-mean, W, w)
 
 
 def apply_rotary(

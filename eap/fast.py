@@ -39,6 +39,11 @@ How the fast engine computes one prompt batch
    receivers: a tensor hook on a view of the MLP input used only by the MLP branch; logits: on
    the final residual. Nothing is stored beyond what autograd keeps for the backward.
 
+With a task read-out (one position per prompt) the last block's MLP runs at the read-out
+positions only, in both passes: the metric reads the final residual there alone and the MLP is
+position-wise, so its output elsewhere (buffer row zero there) and its receiver's gradient
+elsewhere (zero) reach no score. The read-out floor runs that MLP everywhere.
+
 ``eap-ig`` shifts the leaf input toward the corrupted input; ``clean-corrupted`` adds a gradient
 point at the corrupted input. Both run steps 2-3 once per gradient point (buffer untouched after
 the first), as on the bridge.
@@ -144,34 +149,57 @@ def _layout(graph: Graph, n_layers: int, n_heads: int) -> tuple[list[_LayerRows]
     return rows, logits.start, logits.n_upstream
 
 
+#: (prompt rows, read-out position per prompt): one position per prompt, ``[b]`` each
+_Where = tuple[Tensor, Tensor]
+
+
 class _Scores:
     """Receiver gradients contracted with the difference buffer into the score matrix."""
 
     def __init__(self, buf: Float[Tensor, "n_senders b p d"], scores: Float[Tensor, "n_senders n_receivers"]) -> None:
         self.buf, self.scores, self.weight = buf, scores, 0.0
+        self._workspace: Tensor | None = None
 
-    def add(self, start: int, n_up: int, grads: Float[Tensor, "k b p d"]) -> None:
+    def workspace(self, k: int) -> Float[Tensor, "k b*p d"]:
+        """Room for ``k`` receiver gradients, one block shared by every layer of a backward (each
+        layer's are contracted before the next layer's are formed): a fresh ``[3H, b, p, d]``
+        block per layer would page-fault its memory in again every time (several ms each).
+        Kept until :meth:`release`."""
+        _, b, p, d = self.buf.shape
+        if self._workspace is None or self._workspace.shape[0] < k:
+            self._workspace = self.buf.new_empty(k, b * p, d)
+        return self._workspace[:k]
+
+    def release(self) -> None:
+        """Free the workspace (after a backward: the next forward keeps its activations there)."""
+        self._workspace = None
+
+    def add(self, start: int, n_up: int, grads: Float[Tensor, "k b *p d"], where: "_Where | None" = None) -> None:
         """``scores[:n_up, start:start+k] += weight * buf[:n_up] . grads[j]`` (summed over batch,
-        positions, features): one matrix product for ``k`` receivers."""
+        positions, features): one matrix product for ``k`` receivers. With ``where`` the
+        gradients ``[k, b, d]`` are those at one position per prompt (zero elsewhere)."""
         k = grads.shape[0]
-        block = grads.reshape(k, -1) @ self.buf[:n_up].reshape(n_up, -1).T  # [k, n_up]; faster than buf @ grads.T
+        senders = self.buf[:n_up] if where is None else self.buf[:n_up, where[0], where[1]]
+        block = grads.reshape(k, -1) @ senders.reshape(n_up, -1).T  # [k, n_up]; faster than buf @ grads.T
         self.scores[:n_up, start : start + k].add_(block.T.to(self.scores.dtype), alpha=self.weight)
 
-    def receiver(self, start: int, n_up: int) -> Callable[[Tensor], None]:
-        """A tensor hook for one receiver's input ``[b, p, d]``: adds its gradient's scores."""
-        return lambda grad: self.add(start, n_up, grad.unsqueeze(0))
+    def receiver(self, start: int, n_up: int, where: "_Where | None" = None) -> Callable[[Tensor], None]:
+        """A tensor hook for one receiver's input (``[b, p, d]``, or ``[b, d]`` at ``where``):
+        adds its gradient's scores."""
+        return lambda grad: self.add(start, n_up, grad.unsqueeze(0), where)
 
 
 class _HeadProjections(torch.autograd.Function):
     """``ln1`` and every head's q, k, v projection of the residual ``x`` (``Arch.qkv``, each
-    ``[B, H, P, dh]``), whose backward hands the 3H per-head input gradients ``[3H, B, P, d]``
-    (q heads, k heads, v heads) to ``receive`` and returns their sum as ``x``'s gradient."""
+    ``[B, H, P, dh]``), whose backward forms the 3H per-head input gradients ``[3H, B, P, d]``
+    (q heads, k heads, v heads) in ``sink``'s workspace, adds their scores at the layer's q/k/v
+    columns ``at`` and returns their sum as ``x``'s gradient."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, arch: Arch, layer: int, receive: Callable[[Tensor], None]) -> tuple[Tensor, ...]:
+    def forward(ctx: Any, x: Tensor, arch: Arch, layer: int, sink: "_Scores", at: _LayerRows) -> tuple[Tensor, ...]:
         q, k, v = arch.qkv(layer, arch.layers[layer].ln1(x))
         ctx.save_for_backward(x, q, k, v)  # v and (without rotary) q, k are kept by attention anyway
-        ctx.arch, ctx.layer, ctx.receive = arch, layer, receive
+        ctx.arch, ctx.layer, ctx.sink, ctx.at = arch, layer, sink, at
         return q, k, v
 
     @staticmethod
@@ -181,13 +209,13 @@ class _HeadProjections(torch.autograd.Function):
         B, P, d = x.shape
         H = ctx.arch.spec.n_heads
         back = lw.ln1.backward_at(x.reshape(B * P, d))  # closed form of ln1's backward at x
-        inputs = x.new_empty(3 * H, B * P, d)  # dmetric/d(receiver input) of q heads, k heads, v heads
+        inputs = ctx.sink.workspace(3 * H)  # dmetric/d(receiver input) of q heads, k heads, v heads
         for j, (g, out, W, b) in enumerate(zip(grads, outs, (lw.W_Q, lw.W_K, lw.W_V), (lw.b_Q, lw.b_K, lw.b_V))):
             heads = lambda t: t.transpose(0, 1).reshape(H, B * P, -1)  # noqa: E731  [B, H, P, dh] -> [H, B*P, dh]
             back.through_linear(heads(g), W, heads(out), b, result=inputs[j * H : (j + 1) * H])
         inputs = inputs.view(3 * H, B, P, d)
-        ctx.receive(inputs)
-        return inputs.sum(0), None, None, None
+        ctx.sink.add(ctx.at.qkv, ctx.at.qkv_up, inputs)
+        return inputs.sum(0), None, None, None, None
 
 
 # ------------------------------------------------------------------------------------ engine
@@ -226,9 +254,10 @@ class FastEngine:
         b, p = task.clean.shape
         buf = torch.empty(graph.n_senders, b, p, spec.d_model, device=scores.device, dtype=model_dtype(self.model))
         sink = _Scores(buf, scores)
+        where = self._readout_where(task)
         with torch.no_grad():
             buf[0] = self.embed(task.corrupted)
-            self._blocks(buf[0], buf, rows, "set", None)
+            self._blocks(buf[0], buf, rows, "set", None, where)
             clean = self.embed(task.clean)
         for i, (alpha, weight) in enumerate(points):
             if i == 0 and alpha != 1.0:
@@ -238,20 +267,35 @@ class FastEngine:
             if i == 0:
                 buf[0] -= clean
             x = x.detach().requires_grad_(True)
-            resid = self._blocks(x, buf, rows, "subtract" if i == 0 else "keep", sink)
+            resid = self._blocks(x, buf, rows, "subtract" if i == 0 else "keep", sink, where)
             resid = resid.view_as(resid)
-            resid.register_hook(sink.receiver(logits_col, n_all))
+            resid.register_hook(sink.receiver(logits_col, n_all, where))
             self._metric(resid, task).sum().backward()
+            sink.release()
 
     # -------------------------------------------------------------------------- passes
-    def _blocks(self, x: Tensor, buf: Tensor, rows: list[_LayerRows], mode: str, sink: _Scores | None) -> Tensor | None:
+    def _readout_where(self, task: Task) -> _Where | None:
+        """The read-out position of each prompt when the task has a read-out and the model an
+        MLP (where the last MLP can run there only, :meth:`_last_mlp`), else None."""
+        if not task.has_readout or self.arch.spec.attn_only:
+            return None
+        pos = task.per_prompt["readout_pos"].long()
+        return torch.arange(pos.shape[0], device=pos.device), pos
+
+    def _blocks(
+        self, x: Tensor, buf: Tensor, rows: list[_LayerRows], mode: str, sink: _Scores | None,
+        where: _Where | None = None,
+    ) -> Tensor | None:
         """Run every block on the residual ``x``. ``mode``: 'set' (write the senders' outputs
         into ``buf``; stop after the last sender, return None), 'subtract' (take them away) or
-        'keep'. With ``sink`` (a pass with grad) the receivers' gradients go into the scores."""
+        'keep'. With ``sink`` (a pass with grad) the receivers' gradients go into the scores.
+        Returns the final residual ``[b, p, d]``, or ``[b, d]`` at ``where`` when given."""
         arch, spec = self.arch, self.arch.spec
         for i, at in enumerate(rows):
             last = i == spec.n_layers - 1
             a = self._attention(i, x, buf, at, mode, sink)
+            if last and where is not None:
+                return self._last_mlp(i, x, a, buf, at, mode, sink, where)
             if spec.attn_only:
                 if last and mode == "set":
                     return None
@@ -270,6 +314,30 @@ class FastEngine:
             x = x + a + out if spec.parallel else x + out
         return x
 
+    def _last_mlp(
+        self, i: int, x: Float[Tensor, "b p d"], a: Float[Tensor, "b p d"], buf: Tensor, at: _LayerRows, mode: str,
+        sink: _Scores | None, where: _Where,
+    ) -> Float[Tensor, "b d"] | None:
+        """The last block's MLP at the read-out positions only. With a read-out the metric reads
+        the final residual there alone and the MLP is position-wise, so elsewhere its output
+        (its buffer row, zero there) and its receiver's gradient (zero) do not reach a score.
+        Returns the final residual at ``where`` (None for 'set')."""
+        x_at, a_at = x[where], a[where]
+        base = x_at + a_at
+        m_in = x_at if self.arch.spec.parallel else base
+        if sink is not None:
+            m_in = m_in.view_as(m_in)  # only the MLP branch reads this view: its gradient is the receiver's
+            m_in.register_hook(sink.receiver(at.mlp_in, at.mlp_up, where))
+        out = self.arch.mlp(i, m_in)
+        row = buf[at.mlp]
+        if mode == "set":
+            row.zero_()
+            row[where] = out
+            return None
+        if mode == "subtract":
+            row[where] -= out.detach()
+        return base + out
+
     def _attention(self, i: int, x: Tensor, buf: Tensor, at: _LayerRows, mode: str, sink: _Scores | None) -> Tensor:
         """Attention's write into the residual stream (heads + ``b_O``); per-head results into
         ``buf`` per ``mode``; with ``sink``, the q/k/v receivers' gradients in the backward."""
@@ -280,8 +348,7 @@ class FastEngine:
         if sink is None:
             q, k, v = arch.qkv(i, lw.ln1(x))
         else:
-            receive = lambda grads: sink.add(at.qkv, at.qkv_up, grads)  # noqa: E731
-            q, k, v = _HeadProjections.apply(x, arch, i, receive)
+            q, k, v = _HeadProjections.apply(x, arch, i, sink, at)
         if spec.positions == "rotary":
             cos, sin = arch.rope(P, x)
             q, k = arch.rotate(q, cos, sin), arch.rotate(k, cos, sin)
@@ -300,14 +367,15 @@ class FastEngine:
             out = out.view(B, P, d)
         return out if lw.b_O is None else out + lw.b_O
 
-    def _metric(self, resid: Float[Tensor, "b p d"], task: Task) -> Float[Tensor, " b"]:
+    def _metric(self, resid: Float[Tensor, "b *p d"], task: Task) -> Float[Tensor, " b"]:
         """Per-prompt metric from the final residual, read out by ``eap.arch.Readout`` (only the
         read-out logits with a task read-out, else all logits and ``task.metric``)."""
         readout = self.arch.readout
         if not task.has_readout:
             return task.metric(readout.logits(resid))
-        pos = task.per_prompt["readout_pos"].long()
-        at = resid[torch.arange(resid.shape[0], device=resid.device), pos]
+        at = resid
+        if resid.dim() == 3:  # all positions: take the read-out's
+            at = resid[torch.arange(resid.shape[0], device=resid.device), task.per_prompt["readout_pos"].long()]
         return task.readout(readout.selected(at, task.per_prompt["readout_tokens"].long()))
 
 

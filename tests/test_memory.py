@@ -95,7 +95,10 @@ def test_attribution_peak_within_budget_for_every_method(toy):
         for method in METHODS:
             _, peaks[method] = live_peak_bytes(lambda: eap.attribute(
                 model, graph, task, method, memory_budget=budget, progress=False, write_graph=False, engine=engine))
-            assert 0.5 * budget < peaks[method] <= budget, (engine, method, peaks[method], budget)
+            # the estimate is the bridge's; the fast engine keeps less (no per-head copies and, with a
+            # read-out, the last MLP at one position: a large share of this two-layer toy's activations)
+            loose = 0.35 if engine == "fast" else 0.5
+            assert loose * budget < peaks[method] <= budget, (engine, method, peaks[method], budget)
         assert max(peaks.values()) <= 1.05 * min(peaks.values()), (engine, peaks)
     _, whole = live_peak_bytes(lambda: eap.attribute(model, graph, task, "eap", batch_size=12, progress=False,
                                                      write_graph=False))

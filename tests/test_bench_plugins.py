@@ -288,8 +288,7 @@ def test_stale_truth_after_a_metric_code_change(tmp_path, monkeypatch):
     (d / "metricmod.py").write_text(src.replace("{BODY}", "logits[r, end, s] - logits[r, end, io]"))
     importlib.reload(metricmod)
     fp2 = validation.fingerprint(model, graph, metricmod.build(model, 4), edges)
-    if fp1 == fp2:
-        pytest.skip("validation.fingerprint does not cover the metric's code yet (engine's issue #8 item 6)")
+    assert fp1 != fp2, "validation.fingerprint must cover the metric's code"
     common = dict(models=["toy-gpt2-2l"], tasks=["metricmod:build"], sizes=[4], groups=1, edges="stratified:30",
                   repeats=0, bootstrap=0, methods=["eap"], isolate="model", progress=False, figures=False,
                   cache_dir=str(tmp_path / "cache"), threads=1)

@@ -25,7 +25,7 @@ bench: install
 	$(PY) -m bench run
 
 bench-pytest: install
-	$(PY) -m pytest --benchmark -q tests/test_benchmarks.py
+	$(PY) -m pytest --benchmark -q -s tests/test_benchmarks.py
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .benchmarks

@@ -2,8 +2,9 @@
 
     HF_HUB_OFFLINE=1 .venv/bin/python -m pytest --benchmark -s tests/test_benchmarks_ray.py
 
-``random:gpt2-small`` (float32), 8 IOI prompts, all incoming edges of drawn receivers (the
-whole-graph estimate of ``validation.throughput``), one torch thread in the driver and in each
+``random:gpt2-small`` (float32), 8 IOI prompts, ``stratified:200`` edges (spread over ~150
+receivers, so ~150 units to share out: a receiver's edges are one unit per prompt batch, and all
+incoming edges of two receivers would be two lopsided units), one torch thread in the driver and in each
 worker. One local Ray cluster; both executors' workers are made (and warmed up) before the
 timing, then local, 1 worker and 2 workers are timed in turn, ``ROUNDS`` times: wall time of
 ``patch_edges`` (worker start not included). Prints the medians and the speed-ups; the numbers
@@ -24,11 +25,10 @@ ray = pytest.importorskip("ray", reason="ray is not installed: pip install 'eap-
 import eap  # noqa: E402
 import validation  # noqa: E402
 from eap.graph import Graph  # noqa: E402
-from validation.bench import receiver_sample  # noqa: E402
 from validation.executor import RayExecutor  # noqa: E402
 
 ROUNDS = 2
-N_EDGES = 150
+EDGES = "stratified:200"
 
 
 @pytest.mark.benchmark
@@ -37,7 +37,7 @@ def test_ray_speedup_one_and_two_workers():
     model = eap.load_model("random:gpt2-small", device="cpu")
     graph = Graph.from_model(model)
     task = eap.tasks.ioi(model, 8, seed=0)
-    edges = receiver_sample(graph, N_EDGES, seed=0)
+    edges = graph.select_edges(EDGES)
     kw = dict(progress=False, memory_budget="1GiB")
     ray.init(num_cpus=3, include_dashboard=False, object_store_memory=200 * 2**20, log_to_driver=False)
     try:
@@ -57,7 +57,7 @@ def test_ray_speedup_one_and_two_workers():
     finally:
         ray.shutdown()
     med = {k: statistics.median(v) for k, v in times.items()}
-    print(f"\nexact patching, random:gpt2-small, 8 prompts, {len(edges)} edges, median of {ROUNDS} interleaved rounds:")
+    print(f"\nexact patching, random:gpt2-small, 8 prompts, {len(edges)} edges ({EDGES}), median of {ROUNDS} interleaved rounds:")
     for name, t in med.items():
         print(f"  {name:14s} {t:7.1f} s  speed-up over local {med['local'] / t:.2f}x   (all: {', '.join(f'{x:.1f}' for x in times[name])})")
     print(f"  1 -> 2 workers: {med['ray 1 worker'] / med['ray 2 workers']:.2f}x")

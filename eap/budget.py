@@ -35,6 +35,8 @@ from typing import Any
 
 import torch
 
+from eap.measure import proc_kib_field
+
 #: Share of the device's free memory used when no budget is given.
 DEFAULT_FRACTION = 0.5
 #: Exact patching on CPU: most bytes of activations one patched forward may touch. Larger
@@ -90,13 +92,9 @@ def free_memory(device: torch.device | str) -> int:
     device = torch.device(device)
     if device.type == "cuda":
         return int(torch.cuda.mem_get_info(device)[0])
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    available = proc_kib_field("/proc/meminfo", "MemAvailable")
+    if available is not None:
+        return available
     try:  # other POSIX systems: the physical pages not in use
         return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
     except (ValueError, OSError, AttributeError):

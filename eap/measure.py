@@ -68,15 +68,21 @@ def _reset_hwm() -> bool:
         return False
 
 
-def _hwm_bytes() -> int:
+def proc_kib_field(path: str, key: str) -> int | None:
+    """Bytes of a ``Key:  N kB`` line of a Linux /proc file (``/proc/meminfo``'s
+    ``MemAvailable``, ``/proc/self/status``'s ``VmHWM``); None where there is no such file or line."""
     try:
-        with open("/proc/self/status") as f:
+        with open(path) as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(key + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
-    return 0
+    return None
+
+
+def _hwm_bytes() -> int:
+    return proc_kib_field("/proc/self/status", "VmHWM") or 0
 
 
 def sync(device: torch.device | str) -> None:

@@ -19,6 +19,19 @@ Methods
 ``atp-graddrop``     EAP averaged over gradients with one layer's residual-stream gradient dropped
                      (AtP*'s GradDrop; magnitudes per the paper, signed; ``eap.atp``).
 ``atp*``             both fixes (Kramar et al. 2024, adapted to edges; see ``eap.atp``, docs/atp.md).
+``eap-ig-activations`` gradients averaged over runs in which one sender group's output (input,
+                     a layer's heads, a layer's MLP) lies on the straight line from its clean to
+                     its replacement output (``eap.ig_activations``; MIB's EAP-IG-activations).
+``information-flow-routes`` Ferrando & Voita's proximity of each sender's output to each
+                     receiver's input on the clean run, no gradient (``eap.flow_routes``): a
+                     contribution share in [0, 1], *not* an estimate of a patching effect.
+
+Interventions
+-------------
+``intervention=`` ('patching' | 'zero' | 'mean' | 'mean-positional', ``eap.interventions``) sets
+what "corrupted" means above: ``replacement_u`` takes ``out_u(corrupted)``'s place, so EAP is
+``(replacement_u - out_u(clean)) . d metric / d in_v``. The methods that need corrupted *inputs*
+(``eap-ig``, ``clean-corrupted``, the AtP variants) refuse the others.
 
 How it is computed (per prompt batch)
 -------------------------------------
@@ -56,6 +69,7 @@ from eap.arch import Readout
 from eap.budget import attribution_batch_size
 from eap.fast import ENGINES, FastEngine, engine_for
 from eap.graph import Graph, HookGroup
+from eap.interventions import Intervention, Replacement, replacement_for
 from eap.hooks import (
     StopForward, check_edge_hooks, leaf_input_hook, run_until_stop, sender_difference_hooks, stop_hook, with_grad_hook,
 )
@@ -64,7 +78,12 @@ from eap.task import Task, TaskError
 
 GRADIENT_METHODS = ("eap", "eap-ig", "clean-corrupted")
 ATP_METHODS = ("atp-qk", "atp-graddrop", "atp*")
-METHODS = GRADIENT_METHODS + ATP_METHODS
+#: MIB's other baselines: integrated gradients over sender activations (``eap.ig_activations``)
+#: and Ferrando & Voita's information flow routes (``eap.flow_routes``; not a patching estimate)
+MIB_METHODS = ("eap-ig-activations", "information-flow-routes")
+METHODS = GRADIENT_METHODS + ATP_METHODS + MIB_METHODS
+#: the methods that need the corrupted prompts themselves (refuse the other interventions)
+CORRUPTED_ONLY = ("eap-ig", "clean-corrupted") + ATP_METHODS
 
 class AttributionError(ValueError):
     """Bad arguments to ``attribute``."""
@@ -94,13 +113,22 @@ def auto_batch_size(
 
 
 @torch.no_grad()
-def _check_inputs(model: Any, graph: Graph, task: Task, method: str, level: str, engine: str = "auto") -> None:
+def _check_inputs(model: Any, graph: Graph, task: Task, method: str, level: str, engine: str = "auto",
+                  intervention: str = "patching") -> None:
     if engine not in ENGINES:
         raise AttributionError(f"unknown engine {engine!r}; choose one of {ENGINES}")
     if method not in METHODS:
         raise AttributionError(f"unknown attribution method {method!r}; choose one of {METHODS}")
     if level not in ("edge", "node"):
         raise AttributionError(f"level must be 'edge' or 'node', got {level!r}")
+    if Intervention.parse(intervention) is not Intervention.PATCHING and method in CORRUPTED_ONLY:
+        raise AttributionError(
+            f"{method!r} needs the corrupted prompts themselves (interpolated inputs or corrupted-run gradients), "
+            f"which the {intervention!r} intervention does not provide; use 'eap' or 'eap-ig-activations'")
+    if level == "node" and method == "information-flow-routes":
+        raise AttributionError("'information-flow-routes' scores edges only (level='edge'): its shares are per receiver")
+    if engine == "fast" and method in MIB_METHODS:
+        raise AttributionError(f"{method!r} runs on the bridge engine only; use engine='auto' or 'bridge'")
     if level == "node" and method in ATP_METHODS:
         raise AttributionError(
             f"{method!r} scores edges only (level='edge'): its QK-fix and GradDrop terms are not additive over a "
@@ -116,7 +144,8 @@ def attribute(
     model: Any,
     graph: Graph,
     task: Task,
-    method: Literal["eap", "eap-ig", "clean-corrupted", "atp-qk", "atp-graddrop", "atp*"] = "eap",
+    method: Literal["eap", "eap-ig", "clean-corrupted", "atp-qk", "atp-graddrop", "atp*", "eap-ig-activations",
+                    "information-flow-routes"] = "eap",
     *,
     level: Literal["edge", "node"] = "edge",
     batch_size: int | None = None,
@@ -125,6 +154,8 @@ def attribute(
     progress: bool = True,
     write_graph: bool = True,
     engine: Literal["auto", "fast", "bridge"] = "auto",
+    intervention: Literal["patching", "zero", "mean", "mean-positional"] = "patching",
+    reference: Tensor | None = None,
 ) -> Float[Tensor, " n"]:
     """Score every edge (``level='edge'``, a tensor ``[graph.n_edges]`` in the graph's edge order)
     or every sender (``level='node'``, ``[graph.n_senders]``).
@@ -147,13 +178,18 @@ def attribute(
     ``engine``: ``"auto"`` (the fast engine of ``eap.fast`` where the architecture adapter
     reproduces the model and no hooks are attached, else the bridge's hooks), ``"fast"`` (or
     ``eap.arch.UnsupportedModel``) or ``"bridge"``; the scores are the same.
+
+    ``intervention``: what a patched sender output is (``eap.interventions``: 'patching' the
+    corrupted run, 'zero', 'mean' or 'mean-positional' over ``reference`` prompts, default
+    ``task.reference``); the score is the estimate of patching with that replacement.
     """
-    _check_inputs(model, graph, task, method, level, engine)
+    _check_inputs(model, graph, task, method, level, engine, intervention)
     device, dtype = model_device(model), model_dtype(model)
     task = task.to(device)
+    replacement = replacement_for(model, graph, task, intervention, reference, memory_budget)
     # accumulate in at least float32 (a half-precision model would otherwise sum in half)
     scores = torch.zeros(graph.n_senders, graph.n_receivers, device=device, dtype=torch.promote_types(dtype, torch.float32))
-    strategy = _strategy(model, graph, method, ig_steps, scores, engine)
+    strategy = _strategy(model, graph, method, ig_steps, scores, engine, replacement)
     chosen = batch_size is not None
     if batch_size is None:
         batch_size = strategy.auto_batch_size(task, memory_budget)
@@ -184,12 +220,21 @@ def attribute(
 
 
 def _strategy(model: Any, graph: Graph, method: str, ig_steps: int,
-              scores: Float[Tensor, "n_senders n_receivers"], engine: str = "auto") -> "GradientMethod | Any":
-    """The strategy that computes ``method`` (explicit: gradient points on the chosen engine, or
-    an AtP variant on the bridge)."""
+              scores: Float[Tensor, "n_senders n_receivers"], engine: str = "auto",
+              replacement: Replacement | None = None) -> "GradientMethod | Any":
+    """The strategy that computes ``method`` (explicit: gradient points on the chosen engine, an
+    AtP variant or one of MIB's baselines on the bridge)."""
     if method in GRADIENT_METHODS:
         points = gradient_points(method, ig_steps)
-        return GradientMethod(model, graph, points, scores, engine_for(model, engine))
+        return GradientMethod(model, graph, points, scores, engine_for(model, engine), replacement)
+    if method == "eap-ig-activations":
+        from eap.ig_activations import IGActivations  # builds on this module's pieces
+
+        return IGActivations(model, graph, ig_steps, scores, replacement)
+    if method == "information-flow-routes":
+        from eap.flow_routes import FlowRoutes
+
+        return FlowRoutes(model, graph, scores)
     if engine == "fast":
         raise AttributionError(f"{method!r} runs on the bridge engine only (eap.atp); use engine='auto' or 'bridge'")
     from eap.atp import AtP, atp_options  # eap.atp builds on this module's pieces
@@ -202,9 +247,12 @@ class GradientMethod:
     (module docstring, steps 1-3); adds into ``scores`` [n_senders, n_receivers]."""
 
     def __init__(self, model: Any, graph: Graph, points: list[tuple[float, float]],
-                 scores: Float[Tensor, "n_senders n_receivers"], fast: FastEngine | None = None) -> None:
-        """``fast``: the fast engine (``eap.fast``), or None for the bridge's hooks."""
+                 scores: Float[Tensor, "n_senders n_receivers"], fast: FastEngine | None = None,
+                 replacement: Replacement | None = None) -> None:
+        """``fast``: the fast engine (``eap.fast``), or None for the bridge's hooks;
+        ``replacement``: the intervention's sender outputs (None: the corrupted run's)."""
         self.model, self.graph, self.points, self.scores, self.fast = model, graph, points, scores, fast
+        self.replacement = replacement
 
     def auto_batch_size(self, task: Task, budget: int | float | str | None) -> int:
         return auto_batch_size(self.model, self.graph, task, budget)
@@ -213,7 +261,7 @@ class GradientMethod:
         """Nothing to plan beyond the batch size the caller chose."""
 
     def accumulate(self, task: Task, prompt_weight: float) -> None:
-        _accumulate(self.model, self.graph, task, self.points, self.scores, prompt_weight, self.fast)
+        _accumulate(self.model, self.graph, task, self.points, self.scores, prompt_weight, self.fast, self.replacement)
 
     def result(self) -> Float[Tensor, "n_senders n_receivers"]:
         return self.scores
@@ -229,9 +277,14 @@ class ScoreSink:
         self.scores, self.weight = scores, weight
 
 
-def fill_corrupted(model: Any, graph: Graph, task: Task, buf: Float[Tensor, "n_senders batch pos d_model"]) -> None:
+def fill_corrupted(model: Any, graph: Graph, task: Task, buf: Float[Tensor, "n_senders batch pos d_model"],
+                   replacement: Replacement | None = None) -> None:
     """Step 1: a corrupted forward without grad writes every sender's output into ``buf``; it
-    stops after the last sender (no unembedding)."""
+    stops after the last sender (no unembedding). With ``replacement`` (an intervention other
+    than patching) its outputs are written instead, without a forward."""
+    if replacement is not None:
+        replacement.fill(buf)
+        return
     with torch.no_grad():
         fwd = sender_difference_hooks(graph, buf, subtract=False) + [(graph.sender_groups[-1].hook, stop_hook)]
         run_until_stop(model, task.corrupted, fwd)
@@ -273,18 +326,19 @@ def _accumulate(
     scores: Float[Tensor, "n_senders n_receivers"],
     prompt_weight: float,
     fast: FastEngine | None = None,
+    replacement: Replacement | None = None,
 ) -> None:
     """Add one batch's contribution (weighted by ``prompt_weight`` per prompt) into ``scores``:
     on the fast engine when given (``eap.fast``), else through the bridge's hooks (below)."""
     if fast is not None:
-        fast.accumulate(graph, task, points, scores, prompt_weight)
+        fast.accumulate(graph, task, points, scores, prompt_weight, replacement)
         return
     b, p = task.clean.shape
     d = model.cfg.d_model
     buf = torch.empty(graph.n_senders, b, p, d, device=scores.device, dtype=model_dtype(model))
 
     # 1. corrupted forward: buffer <- corrupted sender outputs; stop after the last sender.
-    fill_corrupted(model, graph, task, buf)
+    fill_corrupted(model, graph, task, buf, replacement)
 
     # 2.+3. clean forward with grad (buffer -= clean outputs), backward into the score matrix.
     sink = ScoreSink(scores)

@@ -244,11 +244,13 @@ class FastEngine:
 
     def accumulate(
         self, graph: Graph, task: Task, points: list[tuple[float, float]],
-        scores: Float[Tensor, "n_senders n_receivers"], prompt_weight: float,
+        scores: Float[Tensor, "n_senders n_receivers"], prompt_weight: float, replacement: Any = None,
     ) -> None:
         """Add one prompt batch's contribution into ``scores``: gradient point ``(alpha,
         weight)`` at input ``clean + (1 - alpha) (corrupted - clean)``, counted with ``weight *
-        prompt_weight`` (``eap.attribute.gradient_points``; the first point is the clean run)."""
+        prompt_weight`` (``eap.attribute.gradient_points``; the first point is the clean run).
+        ``replacement`` (``eap.interventions.Replacement``): its sender outputs instead of the
+        corrupted run's (only the clean point, EAP, makes sense then)."""
         spec = self.arch.spec
         rows, logits_col, n_all = _layout(graph, spec.n_layers, spec.n_heads)
         b, p = task.clean.shape
@@ -256,8 +258,11 @@ class FastEngine:
         sink = _Scores(buf, scores)
         where = self._readout_where(task)
         with torch.no_grad():
-            buf[0] = self.embed(task.corrupted)
-            self._blocks(buf[0], buf, rows, "set", None, where)
+            if replacement is None:
+                buf[0] = self.embed(task.corrupted)
+                self._blocks(buf[0], buf, rows, "set", None, where)
+            else:
+                replacement.fill(buf)
             clean = self.embed(task.clean)
         for i, (alpha, weight) in enumerate(points):
             if i == 0 and alpha != 1.0:

@@ -26,6 +26,8 @@ Conventions
   (the position) and ``readout_tokens`` ``[n, k]`` (the token ids), and
   ``readout(selected, **per_prompt)`` maps the gathered logits ``[n, k]`` to the same values
   as ``metric``. Exact patching uses it to skip the full unembedding.
+* Optional ``reference`` prompts ``[m, seq']``: what the ``mean`` and ``mean-positional``
+  interventions average sender outputs over (``eap.interventions``); kept whole by ``subset``.
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ class Task:
         readout: MetricFn | None = None,
         name: str = "custom",
         info: dict[str, Any] | None = None,
+        reference: Int[Tensor, "m seq_ref"] | None = None,
     ) -> None:
         if not isinstance(clean, Tensor) or not isinstance(corrupted, Tensor):
             raise TaskError("clean and corrupted must be torch tensors of token ids")
@@ -88,6 +91,11 @@ class Task:
         self.readout_fn = readout
         self.name = name
         self.info = dict(info or {})
+        if reference is not None and (not isinstance(reference, Tensor) or reference.ndim != 2
+                                      or reference.dtype.is_floating_point or reference.shape[0] == 0):
+            raise TaskError("reference must be a non-empty [m, seq] tensor of token ids")
+        # prompts the mean interventions average over (eap.interventions); all of them in every subset
+        self.reference = None if reference is None else reference.long()
 
     # ------------------------------------------------------------------ shape
     @property
@@ -191,6 +199,7 @@ class Task:
             readout=self.readout_fn,
             name=self.name,
             info=self.info,
+            reference=self.reference,
         )
 
     def batches(self, batch_size: int | None) -> Iterator["Task"]:
@@ -209,4 +218,5 @@ class Task:
             readout=self.readout_fn,
             name=self.name,
             info=self.info,
+            reference=None if self.reference is None else self.reference.to(device),
         )

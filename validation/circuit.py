@@ -61,6 +61,7 @@ from torch import Tensor
 from eap.budget import PatchPlan, held_bytes, plan_circuits, resolve_budget
 from eap.graph import Graph, GraphError
 from eap.hooks import as_nodes
+from eap.interventions import replacement_for
 from eap.measure import sync
 from eap.task import Task, TaskError
 from validation.patch import (
@@ -242,6 +243,8 @@ def evaluate_circuit(
     method: str = "auto",
     progress: bool = False,
     stats: dict | None = None,
+    intervention: str = "patching",
+    reference: Tensor | None = None,
 ) -> CircuitEval:
     """The task's metric when every edge *not* in ``circuit`` is patched at once (see module
     docstring for the exact semantics: MIB/EAP-IG ``evaluate_graph`` with patching).
@@ -256,6 +259,9 @@ def evaluate_circuit(
         ``n_circuits`` (evaluated, baselines included), ``n_forwards``, ``circuits_per_forward``,
         ``prompts_per_batch``, ``n_batches``, ``rows_per_forward``, ``memory_budget``,
         ``planned_peak_bytes``, ``path`` ('fast' | 'hooks'), ``readout``.
+    intervention, reference: what an out-of-circuit edge carries (``eap.interventions``; as for
+        ``patch_edges``): with 'zero'/'mean'/'mean-positional' the empty circuit (``corrupted``)
+        is the run with every sender's output replaced at every receiver.
     """
     _check_inputs(model, graph, task, 1.0)
     keep, single = circuit_masks(graph, circuit)
@@ -266,6 +272,7 @@ def evaluate_circuit(
     param = next(model.parameters())
     device = param.device
     budget = resolve_budget(memory_budget, device)
+    replacement = replacement_for(model, graph, task, intervention, reference, budget)
     plan: PatchPlan = plan_for_task(task, model.cfg.d_vocab, batch_size, lambda whole, nb: plan_circuits(
         model, graph.n_senders, task.n_prompts, task.seq_len, readout=use_readout, hooks=runner is None,
         max_circuits=keep.shape[0], budget=budget, prompts_per_batch=nb, whole_task=whole,
@@ -283,7 +290,7 @@ def evaluate_circuit(
             sync(device)
             t0 = time.perf_counter()
             with torch.no_grad():
-                cache = _collect(model, graph, t, residuals=False, differences=False)
+                cache = _collect(model, graph, t, residuals=False, differences=False, replacement=replacement)
             sync(device)
             setup_s += time.perf_counter() - t0
             t0 = time.perf_counter()

@@ -64,6 +64,7 @@ from torch import Tensor
 from eap.budget import BudgetError, PatchPlan, held_bytes, plan_patching, resolve_budget
 from eap.graph import Graph, GraphError
 from eap.hooks import StopForward, check_edge_hooks, run_until_stop, sender_difference_hooks, stop_hook
+from eap.interventions import Replacement, replacement_for
 from eap.measure import sync
 from eap.task import Task, TaskError
 from validation.runner import BlockRunner, UnsupportedModel
@@ -85,7 +86,8 @@ class _Cache:
     delta: Tensor  # [n_senders, nb, p, d] corrupted - clean sender outputs
 
 
-def _collect(model: Any, graph: Graph, task: Task, residuals: bool, differences: bool = True) -> _Cache:
+def _collect(model: Any, graph: Graph, task: Task, residuals: bool, differences: bool = True,
+             replacement: Replacement | None = None) -> _Cache:
     """One corrupted and one clean forward of ``task``'s prompts through the model's hooks.
 
     The corrupted forward writes the sender outputs into the difference buffer and stops after
@@ -94,13 +96,19 @@ def _collect(model: Any, graph: Graph, task: Task, residuals: bool, differences:
 
     ``differences=False`` (circuit evaluation): ``delta`` keeps the *corrupted* sender outputs
     themselves and the clean forward only records ``pre[0]``, the clean input embedding, and
-    stops there."""
+    stops there.
+
+    ``replacement`` (an intervention other than patching, ``eap.interventions``): its sender
+    outputs take the corrupted forward's place."""
     L = graph.spec.n_layers
     nb, p = task.clean.shape
     param = next(model.parameters())
     delta = torch.empty(graph.n_senders, nb, p, model.cfg.d_model, device=param.device, dtype=param.dtype)
     last_sender = graph.sender_groups[-1].hook
-    run_until_stop(model, task.corrupted, sender_difference_hooks(graph, delta, subtract=False) + [(last_sender, stop_hook)])
+    if replacement is None:
+        run_until_stop(model, task.corrupted, sender_difference_hooks(graph, delta, subtract=False) + [(last_sender, stop_hook)])
+    else:
+        replacement.fill(delta)
 
     if not differences:
         got: dict[str, Tensor] = {}
@@ -305,6 +313,7 @@ class PatchJob:
     scale: float
     item_sender: Int[Tensor, " n_items"]
     plan: PatchPlan
+    replacement: Replacement | None = None  # None: interchange patching (the corrupted run)
 
     @property
     def batches(self) -> list[slice]:
@@ -351,7 +360,7 @@ def prepare_batch(job: PatchJob, batch: int) -> _Evaluator:
     P = job.batches[batch]
     t = job.task if (P.start, P.stop) == (0, job.task.n_prompts) else job.task.subset(P)
     with torch.no_grad():
-        cache = _collect(job.model, job.graph, t, residuals=job.runner is not None)
+        cache = _collect(job.model, job.graph, t, residuals=job.runner is not None, replacement=job.replacement)
     return _Evaluator(job.model, job.graph, t, cache, job.readout, job.runner)
 
 
@@ -482,6 +491,7 @@ def _run(
     model: Any, graph: Graph, task: Task, kind: str, items: Tensor, n_items: int, item_sender: Tensor,
     *, scale: float, batch_size: int | None, memory_budget: Any, readout: bool | None,
     method: str, out: Any, shard: Any, progress: bool, stats: dict | None, executor: Any,
+    intervention: str = "patching", reference: Tensor | None = None,
 ) -> Float[Tensor, " n"]:
     # validation.executor builds on this module (prepare_batch, compute_unit), so it is imported here
     from validation.executor import resolve_executor
@@ -490,7 +500,8 @@ def _run(
     try:
         return _execute(model, graph, task, kind, items, n_items, item_sender, ex, scale=scale,
                         batch_size=batch_size, memory_budget=memory_budget, readout=readout, method=method,
-                        out=out, shard=shard, progress=progress, stats=stats)
+                        out=out, shard=shard, progress=progress, stats=stats,
+                        intervention=intervention, reference=reference)
     finally:
         if owned:
             ex.close()
@@ -500,6 +511,7 @@ def _execute(
     model: Any, graph: Graph, task: Task, kind: str, items: Tensor, n_items: int, item_sender: Tensor, ex: Any,
     *, scale: float, batch_size: int | None, memory_budget: Any, readout: bool | None,
     method: str, out: Any, shard: Any, progress: bool, stats: dict | None,
+    intervention: str = "patching", reference: Tensor | None = None,
 ) -> Float[Tensor, " n"]:
     """Plan the job, open the store, hand the units still to do to executor ``ex``, and report."""
     _check_inputs(model, graph, task, scale)
@@ -507,9 +519,12 @@ def _execute(
     shard = _parse_shard(shard)
     device = next(model.parameters()).device
     budget = resolve_budget(memory_budget, device)
+    replacement = replacement_for(model, graph, task, intervention, reference, budget)
 
     t0 = time.perf_counter()
     parts = fingerprint_parts(model, graph, task, items, scale, kind)
+    if replacement is not None:  # patching's fingerprints stay as they were
+        parts["intervention"] = replacement.fingerprint()
     fp = fingerprint_of(parts)
     fingerprint_s = time.perf_counter() - t0
 
@@ -521,7 +536,8 @@ def _execute(
     max_copies = int(keys.unique(return_counts=True)[1].max()) if len(assigned) else 1
     plan = _plan(model, graph, task, runner=runner, use_readout=use_readout, max_copies=max_copies,
                  batch_size=batch_size, budget=budget)
-    job = PatchJob(model, graph, task, kind, runner, use_readout, float(scale), item_sender.cpu().long(), plan)
+    job = PatchJob(model, graph, task, kind, runner, use_readout, float(scale), item_sender.cpu().long(), plan,
+                   replacement)
 
     t0 = time.perf_counter()
     meta = describe_request(model, graph, task, items, scale, kind)
@@ -617,6 +633,8 @@ def patch_edges(
     progress: bool = True,
     stats: dict | None = None,
     executor: Any = "local",
+    intervention: str = "patching",
+    reference: Tensor | None = None,
 ) -> Float[Tensor, " n_edges"]:
     """Exact effect of patching each requested edge, in graph edge order (float64, CPU).
 
@@ -649,6 +667,10 @@ def patch_edges(
         ``ray.init`` connected to), or an executor object (``LocalExecutor()``,
         ``RayExecutor(address=..., workers=...)``; reusable across calls). Every executor gives
         the same numbers bit for bit and the same results file (see ``validation.executor``).
+    intervention: what the patched sender output is (``eap.interventions``): 'patching' (its
+        corrupted output, the default), 'zero', 'mean' or 'mean-positional' (over ``reference``
+        prompts, default ``task.reference``); patched_e then adds ``scale * (replacement_u -
+        clean_u)``.
     """
     try:
         items = graph.select_edges(edges, scores, seed)
@@ -660,7 +682,7 @@ def patch_edges(
         model, graph, task, "edges", items, graph.n_edges, graph.edge_sender,
         scale=scale, batch_size=batch_size, memory_budget=memory_budget,
         readout=readout, method=method, out=out, shard=shard, progress=progress, stats=stats,
-        executor=executor,
+        executor=executor, intervention=intervention, reference=reference,
     )
 
 
@@ -680,6 +702,8 @@ def patch_nodes(
     progress: bool = True,
     stats: dict | None = None,
     executor: Any = "local",
+    intervention: str = "patching",
+    reference: Tensor | None = None,
 ) -> Float[Tensor, " n_senders"]:
     """Exact effect of patching each sender node's output in the residual stream (all its
     receivers at once, everything downstream recomputed), in ``graph.senders`` order (``executor``
@@ -687,12 +711,12 @@ def patch_nodes(
 
     ``result[u] = mean_prompts[metric(clean with out_u -> clean_u + scale*(corr_u - clean_u)) -
     metric(clean)]``, metric units; the truth for node-level attribution. ``nodes``: None/'all'
-    or a list of sender names/indices; NaN for senders not requested. Other arguments and
-    ``stats`` as for :func:`patch_edges`."""
+    or a list of sender names/indices; NaN for senders not requested. Other arguments
+    (``intervention``, ``reference`` included) and ``stats`` as for :func:`patch_edges`."""
     items = graph.select_senders(nodes)
     return _run(
         model, graph, task, "nodes", items, graph.n_senders, torch.arange(graph.n_senders),
         scale=scale, batch_size=batch_size, memory_budget=memory_budget,
         readout=readout, method=method, out=out, shard=shard, progress=progress, stats=stats,
-        executor=executor,
+        executor=executor, intervention=intervention, reference=reference,
     )

@@ -221,7 +221,8 @@ def build(
         per_prompt["m_corrupt"] = torch.full((n,), m_corrupt, device=dev)
         info.update(metric_clean=m_clean, metric_corrupt=m_corrupt)
         fn, readout = Normalized(raw), (Normalized(raw_readout) if raw_readout is not None else None)
-    return Task(clean, corrupted, fn, per_prompt=per_prompt, readout=readout, name=name, info=info)
+    # the mean interventions average over the corrupted prompts: same templates, other names/values
+    return Task(clean, corrupted, fn, per_prompt=per_prompt, readout=readout, name=name, info=info, reference=corrupted)
 
 
 def sample_table(task: Task, k: int = 5) -> str:

@@ -6,6 +6,7 @@
     python -m bench gate --run                          # compute the cells the thresholds need
     python -m bench gate runs/mine --min spearman=0.5 --min recall@10=0.6
     python -m bench gate runs/mine --min cpr_gap=-0.2 --max cmd=0.3   # circuit faithfulness
+    python -m bench gate runs/mine --intervention mean --min spearman=0.4   # thresholds per intervention
     python -m bench thresholds --run                    # = make thresholds (clean tree; see bench/gate.py)
     python -m bench sensitivity runs/gate               # smallest degradation the gate catches
     python -m bench floor --model random:gpt2-small     # EAP against the floors, interleaved
@@ -51,8 +52,11 @@ def _add_matrix_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="JSON or TOML file with Config keys (flags override it)")
     p.add_argument("--models", help="comma-separated: embedded names, random:<shape>[@seed], local dirs, HF names")
     p.add_argument("--sizes", help="comma-separated numbers of prompts, e.g. 16,64,256")
-    p.add_argument("--methods", help="comma-separated: eap, eap-ig, clean-corrupted, atp-qk, atp-graddrop, atp* "
+    p.add_argument("--methods", help="comma-separated: eap, eap-ig, clean-corrupted, atp-qk, atp-graddrop, atp*, "
+                   "eap-ig-activations, information-flow-routes "
                    "(quote it in a shell), module:function, or the name of an installed 'eap_bench.methods' entry point")
+    p.add_argument("--interventions", help="comma-separated: patching (default), zero, mean, mean-positional "
+                   "(eap.interventions): a matrix axis; methods that need corrupted prompts run under patching only")
     p.add_argument("--tasks", help="comma-separated tasks: built-in names (eap.tasks.TASKS), module:function "
                    "(called as fn(model, n, seed=..., **task_kwargs) -> eap.Task), or 'eap_bench.tasks' entry points")
     p.add_argument("--task", help="a single task (same as --tasks with one entry)")
@@ -95,6 +99,7 @@ def _config(args: argparse.Namespace, base: dict | None = None) -> Config:
         ig_steps=args.ig_steps, batch_size=args.batch_size, device=args.device, dtype=args.dtype, threads=args.threads,
         isolate=args.isolate, cache_dir=args.cache_dir, executor=args.executor, ray_address=args.ray_address,
         ray_workers=args.ray_workers, gpus_per_worker=args.gpus_per_worker,
+        interventions=_list(getattr(args, "interventions", None)),
     )
     if args.no_figures:
         over["figures"] = False
@@ -169,7 +174,10 @@ def cmd_gate(args: argparse.Namespace) -> int:
         thresholds = gate_mod.load_thresholds(args.thresholds)
         rules += thresholds["rules"]
     if adhoc:
-        rules.append({"min": _parse_pairs(args.min, "--min"), "max": _parse_pairs(args.max, "--max")})
+        rule = {"min": _parse_pairs(args.min, "--min"), "max": _parse_pairs(args.max, "--max")}
+        if args.intervention:  # thresholds per intervention
+            rule["intervention"] = args.intervention
+        rules.append(rule)
     if args.run_dir and not args.run:
         run_dir = Path(args.run_dir)
         if not (run_dir / "results.json").exists():
@@ -291,6 +299,8 @@ def main(argv: list[str] | None = None) -> int:
                    "e.g. spearman=0.5 or cpr_gap=-0.2 (circuit faithfulness gaps: higher is better, 0 = exact ranking)")
     p.add_argument("--max", action="append", metavar="STAT=VALUE", help="a maximum for every cell (repeatable), "
                    "e.g. cmd=0.3")
+    p.add_argument("--intervention", help="apply --min/--max only to cells of this intervention "
+                   "(patching, zero, mean, mean-positional)")
     p.add_argument("--run", action="store_true", help="compute the cells the thresholds file names (into run_dir)")
     p.add_argument("--bootstrap", type=int, help="bootstrap replicates with --run")
     p.add_argument("--quiet", action="store_true")

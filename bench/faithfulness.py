@@ -129,17 +129,18 @@ def curve_circuits(graph: Any, scores: torch.Tensor, direction: float) -> dict[s
 
 
 def compute_curves(model: Any, graph: Any, task: Any, rankings: dict[str, torch.Tensor], *,
-                   memory_budget: Any = None, progress: bool = False) -> dict[str, Any]:
+                   memory_budget: Any = None, progress: bool = False, intervention: str = "patching") -> dict[str, Any]:
     """Evaluate the curves of every ranking (``{name: scores [n_edges]}``, metric units, noising
     sign) in one ``validation.evaluate_circuit`` call (identical circuits once). Returns a JSON-able
     dict: per-prompt ``clean`` and ``corrupted`` metrics, ``direction``, per ranking and curve the
     sizes and per-prompt metrics of its circuits, the ranking's fingerprint, and the cost
     (``n_circuits`` evaluated, ``eval_s``, ``setup_s``, ``forward_s`` of one plain forward,
-    ``fwd_eq_per_circuit``)."""
+    ``fwd_eq_per_circuit``). ``intervention``: what out-of-circuit edges carry (``eap.interventions``)."""
     import validation
 
     t0 = time.perf_counter()
-    base = validation.evaluate_circuit(model, graph, task, [[]], memory_budget=memory_budget, stats=(st0 := {}))
+    base = validation.evaluate_circuit(model, graph, task, [[]], memory_budget=memory_budget, stats=(st0 := {}),
+                                       intervention=intervention)
     clean, corrupted = base.clean, base.corrupted
     direction = 1.0 if float(clean.mean()) >= float(corrupted.mean()) else -1.0
     plans = {name: curve_circuits(graph, s, direction) for name, s in rankings.items()}
@@ -151,7 +152,7 @@ def compute_curves(model: Any, graph: Any, task: Any, rankings: dict[str, torch.
                      else (todo, torch.zeros(0, dtype=torch.long)))
     st: dict[str, Any] = {}
     values = (validation.evaluate_circuit(model, graph, task, uniq, baselines=False, memory_budget=memory_budget,
-                                          progress=progress, stats=st).per_prompt
+                                          progress=progress, stats=st, intervention=intervention).per_prompt
               if len(uniq) else torch.zeros(0, task.n_prompts, dtype=torch.float64))
     per_row = torch.empty(len(allm), task.n_prompts, dtype=torch.float64)
     per_row[full] = clean

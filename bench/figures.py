@@ -57,15 +57,32 @@ def _save(fig: Any, out: Path, name: str) -> list[Path]:
     return paths
 
 
+def _iv(cell: dict) -> str:
+    return cell.get("intervention", "patching")
+
+
+def _by_intervention(cells: list[dict]) -> dict[str, list[dict]]:
+    """Cells per intervention (the panel rows), in the run's order."""
+    out: dict[str, list[dict]] = {}
+    for c in cells:
+        out.setdefault(_iv(c), []).append(c)
+    return out
+
+
 def scatter(cells: list[dict], run_dir: Path, out: Path, n_labels: int = 4) -> list[Path]:
-    """One figure per (model, task, n), one panel per method."""
+    """One figure per (model, task, n): one row of panels per intervention, one panel per method."""
     paths = []
     groups: dict[tuple, list[dict]] = {}
     for c in cells:
         groups.setdefault((c["model"], c["task"], c["n"]), []).append(c)
     for (model, task, n), cs in groups.items():
-        fig, axes = plt.subplots(1, len(cs), figsize=(3.3 * len(cs), 3.3), squeeze=False)
-        for ax, c in zip(axes[0], cs):
+        rows = _by_intervention(cs)
+        ncol = max(len(r) for r in rows.values())
+        fig, axes = plt.subplots(len(rows), ncol, figsize=(3.3 * ncol, 3.3 * len(rows)), squeeze=False)
+        for ax in axes.flat:
+            ax.axis("off")
+        for ax, c in ((ax, c) for row, rcs in zip(axes, rows.values()) for ax, c in zip(row, rcs)):
+            ax.axis("on")
             d = np.load(Path(run_dir) / "cells" / f"{c['id']}.npz")
             a, e, kinds, names = d["attribution"], d["exact"], d["kinds"], d["names"]
             for kd, col in KIND_COLORS.items():
@@ -82,12 +99,14 @@ def scatter(cells: list[dict], run_dir: Path, out: Path, n_labels: int = 4) -> l
             for i in np.argsort(-np.abs(a - e))[:n_labels]:
                 ax.annotate(str(names[i]), (e[i], a[i]), fontsize=6, xytext=(3, 3), textcoords="offset points")
             s = c["stats"]
-            ax.set_title(f"{c['method']}: ρ={s['spearman']['value']:.2f}  τ={s['kendall']['value']:.2f}")
+            iv = "" if len(rows) == 1 else f" [{_iv(c)}]"
+            ax.set_title(f"{c['method']}{iv}: ρ={s['spearman']['value']:.2f}  τ={s['kendall']['value']:.2f}", fontsize=9)
             ax.set_xlabel("exact patching effect (metric units)")
             ax.text(0.02, 0.98, f"edges: {edges_label(c)}\nn={c['n']} prompts", transform=ax.transAxes,
                     va="top", fontsize=7)
-        axes[0][0].set_ylabel("attribution score (metric units)")
-        axes[0][-1].legend(title="receiver", fontsize=7, title_fontsize=7, loc="lower right", markerscale=2)
+        for row in axes:
+            row[0].set_ylabel("attribution score (metric units)")
+        axes[0][len(next(iter(rows.values()))) - 1].legend(title="receiver", fontsize=7, title_fontsize=7, loc="lower right", markerscale=2)
         fig.suptitle(f"{model}, task {task}: attribution vs exact per edge", y=1.02)
         paths += _save(fig, out, f"scatter_{slug(model)}_{slug(task)}_n{n}")
     return paths
@@ -109,13 +128,13 @@ def _model_colors(cells: list[dict]) -> dict[str, Any]:
 
 
 def agreement_vs_n(cells: list[dict], out: Path) -> list[Path]:
-    """One row of panels per task; in each, one line per model (colour) and method (style)."""
+    """One row of panels per task and intervention; in each, one line per model (colour) and method (style)."""
     stats = [("spearman", "Spearman ρ"), ("kendall", "Kendall τ-b"), ("recall@1%", "top-1% recall")]
-    tasks = list(dict.fromkeys(c["task"] for c in cells))
-    fig, axes = plt.subplots(len(tasks), len(stats), figsize=(3.4 * len(stats), 3.0 * len(tasks)), squeeze=False)
+    tasks = list(dict.fromkeys((c["task"], _iv(c)) for c in cells))  # one row per task and intervention
     colors = _model_colors(cells)
-    for row, task in zip(axes, tasks):
-        tcells = [c for c in cells if c["task"] == task]
+    fig, axes = plt.subplots(len(tasks), len(stats), figsize=(3.4 * len(stats), 3.0 * len(tasks)), squeeze=False)
+    for row, (task, iv) in zip(axes, tasks):
+        tcells = [c for c in cells if (c["task"], _iv(c)) == (task, iv)]
         for ax, (key, label) in zip(row, stats):
             for (model, method), cs in _lines(tcells).items():
                 x = np.array([c["n"] for c in cs])
@@ -130,7 +149,8 @@ def agreement_vs_n(cells: list[dict], out: Path) -> list[Path]:
             _log_axes(ax, [c["n"] for c in cells], logy=False)
             ax.set_xlabel("prompts (n)")
             ax.set_ylabel(label)
-            ax.set_title(f"{label} — task {task}" if len(tasks) > 1 else label)
+            ax.set_title((f"{label} — task {task}" if len(tasks) > 1 else label) + ("" if iv == "patching" else f" [{iv}]"),
+                         fontsize=9)
         row[-1].legend(fontsize=6, loc="center left", bbox_to_anchor=(1.02, 0.5))
     fig.suptitle("agreement with exact patching vs dataset size (bands: 95% bootstrap CI over prompts)", y=1.01)
     fig.tight_layout()
@@ -194,19 +214,24 @@ def cost(cells: list[dict], out: Path, x_key: str) -> list[Path]:
 
 
 def faithfulness(cells: list[dict], out: Path) -> list[Path]:
-    """One panel per (model, task) at its largest n: faithfulness vs edges in the circuit."""
+    """One panel per (model, task) at its largest n, one row of panels per intervention:
+    faithfulness vs edges in the circuit (out-of-circuit edges carry that intervention)."""
     best: dict[tuple, int] = {}
     for c in cells:
         key = (c["model"], c["task"])
         best[key] = max(best.get(key, 0), c["n"])
-    panels = list(best)
-    cols = min(3, len(panels))
+    ivs = list(_by_intervention(cells))
+    panels = [(iv, m, t) for iv in ivs for (m, t) in best]
+    cols = len(best) if len(ivs) > 1 else min(3, len(panels))
     rows = -(-len(panels) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.8 * cols, 3.2 * rows), squeeze=False)
     methods = list(dict.fromkeys(c["method"] for c in cells))
     cmap = plt.get_cmap("tab10")
-    for ax, (model, task) in zip(axes.flat, panels):
-        cs = [c for c in cells if (c["model"], c["task"], c["n"]) == (model, task, best[(model, task)])]
+    for ax, (iv, model, task) in zip(axes.flat, panels):
+        cs = [c for c in cells if (c["model"], c["task"], c["n"], _iv(c)) == (model, task, best[(model, task)], iv)]
+        if not cs:
+            ax.axis("off")
+            continue
         oracle = None
         for c in cs:
             f, st = c["faithfulness"], c["stats"]
@@ -231,7 +256,7 @@ def faithfulness(cells: list[dict], out: Path) -> list[Path]:
         ax.xaxis.set_major_formatter(ScalarFormatter())
         ax.set_xlabel(f"edges in circuit (top-k by |score|, of {cs[0]['n_edges']:,})")
         ax.set_ylabel("faithfulness (1 = model, 0 = corrupted)")
-        ax.set_title(f"{model}, {task}, n={best[(model, task)]}")
+        ax.set_title(f"{model}, {task}, n={best[(model, task)]}" + (f", {iv}" if len(ivs) > 1 else ""), fontsize=9)
         ax.legend(fontsize=6, loc="upper left")
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")

@@ -21,8 +21,10 @@ clean git tree (``make thresholds`` = ``python -m bench thresholds --run``), whi
 dirty tree and refuses a cell already below the floor (``--allow-below-floor`` gates such a
 statistic by its band only and lists it under the rule's ``below_floor``).
 
-Matching: a rule field left out (``model``, ``method``, ``n``, ``task``, ``edges_spec``)
-matches every cell; every rule must match at least one cell, otherwise it fails ("missing").
+Matching: a rule field left out (``model``, ``method``, ``n``, ``task``, ``edges_spec``,
+``intervention``) matches every cell, so thresholds can be set per intervention (``gate
+--intervention mean --min spearman=0.4``; generated rules name theirs); every rule must match at
+least one cell, otherwise it fails ("missing").
 A statistic passes when its point estimate is >= the minimum (a rule's ``max``: <= the
 maximum; NaN fails). Flags ``--min stat=value`` and ``--max stat=value`` add a rule that applies
 to every cell. Circuit faithfulness statistics (``bench.faithfulness``: ``cpr``, ``cmd``,
@@ -48,7 +50,7 @@ import numpy as np
 
 DEFAULT_THRESHOLDS = Path(__file__).resolve().parent / "thresholds.json"
 SCHEMA_VERSION = 2
-MATCH_KEYS = ("model", "method", "n", "task", "edges_spec")
+MATCH_KEYS = ("model", "method", "n", "task", "edges_spec", "intervention")
 #: Gated statistics: rank agreement (signed and on |.|), size agreement, the top edges.
 GATED_STATS = ("spearman", "kendall_abs", "pearson_abs", "recall@10")
 #: Absolute quality floor: below these, attribution does not usefully track exact patching.
@@ -76,7 +78,12 @@ def load_thresholds(path: str | Path | None) -> dict[str, Any]:
 
 
 def _matches(rule: dict, cell: dict) -> bool:
-    return all(k not in rule or rule[k] == cell.get(k) for k in MATCH_KEYS)
+    return all(k not in rule or rule[k] == _field(cell, k) for k in MATCH_KEYS)
+
+
+def _field(cell: dict, key: str) -> Any:
+    """A cell's match field ('patching' for the intervention of cells from before that axis)."""
+    return cell.get(key, "patching") if key == "intervention" else cell.get(key)
 
 
 def check(cells: list[dict], rules: list[dict]) -> list[dict]:
@@ -101,7 +108,9 @@ def check(cells: list[dict], rules: list[dict]) -> list[dict]:
                 note = "statistic not in results" if s is None else ""
                 if stat in rule.get("below_floor", ()):
                     note = "below the quality floor when measured: gated by its band only"
-                rows.append({"model": c["model"], "task": c.get("task", "?"), "method": c["method"], "n": c["n"],
+                iv = _field(c, "intervention")
+                method = c["method"] if iv == "patching" else f"{c['method']} [{iv}]"
+                rows.append({"model": c["model"], "task": c.get("task", "?"), "method": method, "n": c["n"],
                              "stat": stat, "value": v, "lo": s["lo"] if s else float("nan"), kind: limit,
                              "ok": ok, "note": note})
     return rows
@@ -154,7 +163,8 @@ def make_thresholds(results: dict, stats: list[str] | tuple[str, ...] = GATED_ST
             else:
                 mins[s] = rule_min(v, floor[s], band[s])
         rule = {"model": c["model"], "task": c.get("task"), "method": c["method"], "n": c["n"],
-                "edges_spec": c["edges_spec"], "min": mins, "measured": measured}
+                "edges_spec": c["edges_spec"], "intervention": _field(c, "intervention"), "min": mins,
+                "measured": measured}  # per intervention: a patching rule does not gate the mean cells
         if low:
             rule["below_floor"] = low
         rules.append(rule)

@@ -45,7 +45,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.plugins import Plugin, eap_ig_method, resolve_method, resolve_task
+from bench.plugins import IG_STEPS_METHODS, Plugin, resolve_method, resolve_task, supports_intervention
 
 SCHEMA_VERSION = 2
 DEFAULT_MODELS = ["toy-gpt2-2l", "toy-gpt2-4l", "toy-llama-4l"]
@@ -112,6 +112,8 @@ class Config:
     ray_address: str | None = None
     ray_workers: int | None = None
     gpus_per_worker: float | None = None
+    interventions: list[str] = field(default_factory=lambda: ["patching"])
+    #: a built-in method that needs the corrupted prompts is left out of the other interventions
 
     def __post_init__(self) -> None:
         if self.task is not None:
@@ -163,6 +165,11 @@ class Config:
             raise ConfigError("sizes must be positive numbers of prompts")
         if not self.tasks or not self.methods or not self.models:
             raise ConfigError("a run needs at least one model, task and method")
+        from eap.interventions import INTERVENTIONS
+
+        bad = [i for i in self.interventions if i not in INTERVENTIONS]
+        if bad or not self.interventions:
+            raise ConfigError(f"unknown interventions {bad}; choose from {INTERVENTIONS}")
         tasks = {t: resolve_task(t) for t in self.tasks}
         methods = {m: resolve_method(m) for m in self.methods}
         return tasks, methods
@@ -170,7 +177,7 @@ class Config:
     def method_kwargs_for(self, plugin: Plugin) -> dict[str, Any]:
         """Keyword arguments a method is called with: ``batch_size`` (and ``ig_steps`` for
         ``eap-ig``) for built-ins, ``method_kwargs[spec]`` for plug-ins."""
-        if plugin.fn is eap_ig_method:
+        if plugin.fn in IG_STEPS_METHODS:
             return {"batch_size": self.batch_size, "ig_steps": self.ig_steps}
         if plugin.builtin:
             return {"batch_size": self.batch_size}
@@ -200,7 +207,7 @@ def _kw_tag(kwargs: dict[str, Any] | None) -> str:
     return "-" + hashlib.sha1(json.dumps(kwargs, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 
-def exact_key(cfg: Config, model: str, task: str, n: int) -> str:
+def exact_key(cfg: Config, model: str, task: str, n: int, intervention: str = "patching") -> str:
     """Cache directory name of the exact truth of one (model, task + kwargs, n, seed, edges,
     groups, device, dtype). Inside, the stored fingerprints decide whether it is still valid."""
     ident = {
@@ -214,8 +221,12 @@ def exact_key(cfg: Config, model: str, task: str, n: int) -> str:
         "device": cfg.device or "auto",
         "dtype": cfg.dtype or "float32",
     }
+    tag = ""
+    if intervention != "patching":  # patching's keys stay as they were
+        ident["intervention"] = intervention
+        tag = f"-{slug(intervention)}"
     h = hashlib.sha1(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:12]
-    return f"{slug(model)}-{slug(task)}-n{n}-s{cfg.seed}-{slug(cfg.edges)}-{h}"
+    return f"{slug(model)}-{slug(task)}-n{n}-s{cfg.seed}-{slug(cfg.edges)}{tag}-{h}"
 
 
 def _model_identity(model: str) -> str:
@@ -234,10 +245,11 @@ def _model_identity(model: str) -> str:
     return model
 
 
-def cell_id(cfg: Config, model: str, task: str, n: int, method: str) -> str:
+def cell_id(cfg: Config, model: str, task: str, n: int, method: str, intervention: str = "patching") -> str:
     t = slug(task) + _kw_tag(cfg.task_kwargs.get(task))
     m = slug(method) + _kw_tag(cfg.method_kwargs.get(method))
-    return f"{slug(model)}__{t}__n{n}__{m}__{slug(cfg.edges)}__s{cfg.seed}"
+    iv = "" if intervention == "patching" else f"__{slug(intervention)}"
+    return f"{slug(model)}__{t}__n{n}__{m}__{slug(cfg.edges)}__s{cfg.seed}{iv}"
 
 
 def environment(device: str | None = None) -> dict[str, Any]:
@@ -329,31 +341,34 @@ def run(cfg: Config, run_dir: str | Path) -> dict[str, Any]:
         for task in cfg.tasks:
             tp = task_plugins[task]
             tkw = cfg.task_kwargs.get(task, {})
-            for n in cfg.sizes:
-                edir = cache / "exact" / exact_key(cfg, model, task, n)
-                pending = [m for m in cfg.methods
-                           if not (run_dir / "cells" / f"{cell_id(cfg, model, task, n, m)}.json").exists()]
-                stats["cells_reused"] += len(cfg.methods) - len(pending)
+            for n, iv in ((n, iv) for n in cfg.sizes for iv in cfg.interventions):
+                edir = cache / "exact" / exact_key(cfg, model, task, n, iv)
+                usable = [m for m in cfg.methods if supports_intervention(method_plugins[m], iv)]
+                pending = [m for m in usable
+                           if not (run_dir / "cells" / f"{cell_id(cfg, model, task, n, m, iv)}.json").exists()]
+                stats["cells_reused"] += len(usable) - len(pending)
                 if not pending:
                     continue
                 exact_dirs.append(edir)
+                ivkw = {} if iv == "patching" else {"intervention": iv}
                 jobs.append(dict(kind="exact", dir=str(edir), task=task, task_target=tp.target, task_kwargs=tkw,
                                  n=n, seed=cfg.seed, edges=cfg.edges, groups=cfg.groups, repeats=cfg.repeats,
-                                 token=token))
+                                 token=token, **ivkw))
                 for m in pending:
                     mp = method_plugins[m]
-                    out = run_dir / "attr" / cell_id(cfg, model, task, n, m)
-                    todo.append((task, n, m, edir, out))
+                    out = run_dir / "attr" / cell_id(cfg, model, task, n, m, iv)
+                    todo.append((task, n, m, edir, out, iv))
                     if Path(str(out) + ".json").exists() and Path(str(out) + ".pt").exists():
                         continue  # measured before an interruption: only the agreement is missing
                     jobs.append(dict(kind="attr", out=str(out), task=task, task_target=tp.target, task_kwargs=tkw,
                                      n=n, seed=cfg.seed, groups=cfg.groups, method=m, method_target=mp.target,
-                                     method_kwargs=cfg.method_kwargs_for(mp), repeats=cfg.repeats))
+                                     method_kwargs={**cfg.method_kwargs_for(mp), **ivkw}, repeats=cfg.repeats))
                 if cfg.faithfulness:
                     jobs.append(dict(kind="faith", dir=str(edir), task=task, task_target=tp.target, task_kwargs=tkw,
-                                     n=n, seed=cfg.seed, methods=[
-                                         [m, str(run_dir / "attr" / cell_id(cfg, model, task, n, m)),
-                                          str(faith_path(run_dir, cell_id(cfg, model, task, n, m)))] for m in pending]))
+                                     n=n, seed=cfg.seed, **ivkw, methods=[
+                                         [m, str(run_dir / "attr" / cell_id(cfg, model, task, n, m, iv)),
+                                          str(faith_path(run_dir, cell_id(cfg, model, task, n, m, iv)))]
+                                         for m in pending]))
         if not todo:
             continue
         (run_dir / "attr").mkdir(exist_ok=True)
@@ -373,8 +388,8 @@ def run(cfg: Config, run_dir: str | Path) -> dict[str, Any]:
             else:
                 stats["exact_computed"] += 1
                 stats["exact_stale"] += int(bool(meta.get("replaced_stale")))
-        for task, n, m, edir, out in todo:
-            finish_cell(cfg, run_dir, model, task, n, m, edir, Path(str(out)))
+        for task, n, m, edir, out, iv in todo:
+            finish_cell(cfg, run_dir, model, task, n, m, edir, Path(str(out)), iv)
             stats["cells_computed"] += 1
     results = collect(cfg, run_dir, stats)
     return results
@@ -444,7 +459,7 @@ def cell_faithfulness(run_dir: Path, cid: str, method: str, edir: Path, attr_fil
 
 
 def finish_cell(cfg: Config, run_dir: Path, model: str, task: str, n: int, method: str, edir: Path,
-                out: Path) -> dict:
+                out: Path, intervention: str = "patching") -> dict:
     """Agreement statistics of one cell from its files; writes ``cells/<id>.json`` and ``.npz``."""
     import torch
 
@@ -462,7 +477,7 @@ def finish_cell(cfg: Config, run_dir: Path, model: str, task: str, n: int, metho
     boot = bootstrap(A, E, lambda a, e: statistics(a, e, kinds), n_boot=cfg.bootstrap, seed=cfg.seed)
     a, e = A.mean(0), E.mean(0)
     desc_path = run_dir / "models" / f"{slug(model)}.json"
-    cid = cell_id(cfg, model, task, n, method)
+    cid = cell_id(cfg, model, task, n, method, intervention)
     faith = cell_faithfulness(run_dir, cid, method, edir, Path(str(out) + ".pt"), cfg.bootstrap, cfg.seed)
     if faith is not None:
         boot.update(faith.pop("stats"))
@@ -476,6 +491,7 @@ def finish_cell(cfg: Config, run_dir: Path, model: str, task: str, n: int, metho
         "task_kwargs": cfg.task_kwargs.get(task, {}),
         "n": n,
         "method": method,
+        "intervention": intervention,
         "seed": cfg.seed,
         "edges_spec": cfg.edges,
         "n_edges": edges["n_edges"],
@@ -507,13 +523,23 @@ def rescore(cfg: Config, run_dir: str | Path) -> dict:
     for path in sorted((run_dir / "cells").glob("*.json")):
         c = json.loads(path.read_text())
         edir = Path(c["exact"]["cache"])
-        finish_cell(cfg, run_dir, c["model"], c["task"], c["n"], c["method"], edir, run_dir / "attr" / c["id"])
+        finish_cell(cfg, run_dir, c["model"], c["task"], c["n"], c["method"], edir, run_dir / "attr" / c["id"],
+                    intervention_of(c))
     return collect(cfg, run_dir)
 
 
+def intervention_of(cell: dict) -> str:
+    """A cell's intervention ('patching' for cells written before the intervention axis)."""
+    return cell.get("intervention", "patching")
+
+
 def load_cells(run_dir: str | Path) -> list[dict]:
+    from eap.interventions import INTERVENTIONS
+
     cells = [json.loads(p.read_text()) for p in sorted(Path(run_dir, "cells").glob("*.json"))]
-    return sorted(cells, key=lambda c: (c["model"], c["task"], c["n"],
+    for c in cells:
+        c.setdefault("intervention", "patching")
+    return sorted(cells, key=lambda c: (c["model"], c["task"], c["n"], INTERVENTIONS.index(c["intervention"]),
                                         METHODS.index(c["method"]) if c["method"] in METHODS else 9, c["method"]))
 
 

@@ -4,14 +4,17 @@
 A **task** is a callable ``builder(model, n, seed=0, **task_kwargs) -> eap.Task``. A **method**
 follows ``eap.attribute``'s contract: ``fn(model, graph, task, **kwargs) -> Tensor[n_edges]``,
 one score per edge in ``graph.edge_names`` order, in the metric's units with the noising sign
-(score ~= metric(edge patched) - metric(clean)).
+(score ~= metric(edge patched) - metric(clean)). Under an intervention other than 'patching'
+(``bench run --interventions``) it is also called with ``intervention=`` ('zero', 'mean',
+'mean-positional'; ``eap.interventions``) and scores patching with that replacement.
 
 A spec (what a user writes after ``--tasks`` / ``--methods``) is resolved in this order:
 
 1. ``module:function`` (``module`` a dotted import path on ``sys.path``/``PYTHONPATH``, or
    installed; ``function`` may be dotted, ``module:Class.method``);
 2. a built-in name: ``eap.tasks.TASKS`` for tasks; ``eap``, ``eap-ig``, ``clean-corrupted``,
-   ``atp-qk``, ``atp-graddrop``, ``atp*`` for methods (built-ins win over plug-ins of the same name);
+   ``atp-qk``, ``atp-graddrop``, ``atp*``, ``eap-ig-activations``, ``information-flow-routes`` for
+   methods (built-ins win over plug-ins of the same name);
 3. the name of an entry point in the group ``eap_bench.tasks`` / ``eap_bench.methods`` of an
    installed distribution, as pytest finds its ``pytest11`` plug-ins. A package registers one in
    its ``pyproject.toml``::
@@ -63,11 +66,13 @@ class Plugin:
 
 
 # ---------------------------------------------------------------------- built-in methods
-def eap_method(model: Any, graph: Any, task: Any, *, batch_size: int | None = None) -> Tensor:
+def eap_method(model: Any, graph: Any, task: Any, *, batch_size: int | None = None,
+               intervention: str = "patching") -> Tensor:
     """Built-in ``eap``: gradient at the clean run (``eap.attribute(method='eap')``)."""
     import eap
 
-    return eap.attribute(model, graph, task, method="eap", batch_size=batch_size, progress=False, write_graph=False)
+    return eap.attribute(model, graph, task, method="eap", batch_size=batch_size, progress=False, write_graph=False,
+                         intervention=intervention)
 
 
 def eap_ig_method(model: Any, graph: Any, task: Any, *, batch_size: int | None = None, ig_steps: int = 5) -> Tensor:
@@ -108,6 +113,38 @@ def atp_star_method(model: Any, graph: Any, task: Any, *, batch_size: int | None
     return eap.attribute(model, graph, task, method="atp*", batch_size=batch_size, progress=False, write_graph=False)
 
 
+def eap_ig_activations_method(model: Any, graph: Any, task: Any, *, batch_size: int | None = None, ig_steps: int = 5,
+                              intervention: str = "patching") -> Tensor:
+    """Built-in ``eap-ig-activations``: integrated gradients over sender activations (``eap.ig_activations``)."""
+    import eap
+
+    return eap.attribute(model, graph, task, method="eap-ig-activations", batch_size=batch_size, ig_steps=ig_steps,
+                         progress=False, write_graph=False, intervention=intervention)
+
+
+def information_flow_routes_method(model: Any, graph: Any, task: Any, *, batch_size: int | None = None,
+                                   intervention: str = "patching") -> Tensor:
+    """Built-in ``information-flow-routes`` (``eap.flow_routes``): contribution shares in [0, 1] on the
+    clean run, not a patching estimate; the same scores under every intervention."""
+    import eap
+
+    return eap.attribute(model, graph, task, method="information-flow-routes", batch_size=batch_size,
+                         progress=False, write_graph=False)
+
+
+#: built-in methods that take ``ig_steps``
+IG_STEPS_METHODS = (eap_ig_method, eap_ig_activations_method)
+
+
+def supports_intervention(plugin: Plugin, intervention: str) -> bool:
+    """Whether a method can be asked for ``intervention``: every method for 'patching'; the
+    built-ins unless they need the corrupted prompts (``eap.attribute.CORRUPTED_ONLY``); a plug-in
+    is asked (it gets ``intervention=`` and may refuse by raising)."""
+    from eap.attribute import CORRUPTED_ONLY
+
+    return intervention == "patching" or not plugin.builtin or plugin.spec not in CORRUPTED_ONLY
+
+
 BUILTIN_METHODS: dict[str, Callable[..., Tensor]] = {
     "eap": eap_method,
     "eap-ig": eap_ig_method,
@@ -115,6 +152,8 @@ BUILTIN_METHODS: dict[str, Callable[..., Tensor]] = {
     "atp-qk": atp_qk_method,
     "atp-graddrop": atp_graddrop_method,
     "atp*": atp_star_method,
+    "eap-ig-activations": eap_ig_activations_method,
+    "information-flow-routes": information_flow_routes_method,
 }
 
 

@@ -47,6 +47,11 @@ def _f(x: Any, digits: int = 3) -> str:
     return str(x)
 
 
+def _iv(cell: dict) -> str:
+    """The cell's intervention (``eap.interventions``; cells from before the axis: 'patching')."""
+    return cell.get("intervention", "patching")
+
+
 def _ci(s: dict) -> str:
     v, lo, hi = s["value"], s["lo"], s["hi"]
     if not math.isfinite(v):
@@ -73,7 +78,8 @@ def rows(results: dict) -> list[dict[str, Any]]:
         a, cost = c["attribution"], c["exact"]["cost"]
         cold = c["exact"].get("cold", {})
         row = {
-            "model": c["model"], "task": c["task"], "n": c["n"], "method": c["method"], "seed": c["seed"],
+            "model": c["model"], "task": c["task"], "n": c["n"], "method": c["method"], "intervention": _iv(c),
+            "seed": c["seed"],
             "edges_spec": c["edges_spec"], "n_edges": c["n_edges"], "n_edges_selected": c["n_edges_selected"],
             "groups": c["groups"], "attr_time_s": a["time_s"], "attr_repeats": a["repeats"],
             "attr_peak_mib": a["peak_mib"], "floor_kind": a.get("floor_kind"), "floor_s": a["floor_s"],
@@ -121,6 +127,35 @@ def _speedup(x: float) -> str:
     return f"{x:,.0f}×" if math.isfinite(x) and x >= 10 else (f"{x:.2g}×" if math.isfinite(x) else "–")
 
 
+def _best(cells: list[dict], stat: str, higher: bool) -> str:
+    got = [(c["stats"][stat]["value"], c["method"]) for c in cells if stat in c["stats"]
+           and math.isfinite(c["stats"][stat]["value"])]
+    if not got:
+        return "–"
+    v, m = (max if higher else min)(got)
+    return f"{m} ({v:.2f})"
+
+
+def best_by_intervention(cells: list[dict]) -> list[str]:
+    """For each intervention (and model, task, n): the method that agrees best with the exact truth
+    (Spearman ρ, recall of the exact top 1%) and the one whose circuits are most faithful (CPR
+    highest, CMD lowest). information-flow-routes is a contribution share, not a patching estimate:
+    it is ranked on the same footing (ranks, circuits) as MIB does."""
+    groups: dict[tuple, list[dict]] = {}
+    for c in cells:
+        groups.setdefault((c["model"], c["task"], c["n"], _iv(c)), []).append(c)
+    if not groups:
+        return []
+    body = [[m, t, str(n), iv, _best(cs, "spearman", True), _best(cs, "recall@1%", True), _best(cs, "cpr", True),
+             _best(cs, "cmd", False)] for (m, t, n, iv), cs in groups.items()]
+    return ["", "## Which method, per intervention", "",
+            "Best agreement with exact patching under the same intervention (Spearman ρ over edges; recall of "
+            "the exact top 1%) and most faithful circuits (CPR highest, CMD lowest; MIB). Point estimates; CIs "
+            "in the tables below.", "",
+            _table(["model", "task", "n", "intervention", "best Spearman", "best recall@1%", "best CPR", "best CMD"],
+                   body)]
+
+
 def markdown(results: dict, worst: int = 5) -> str:
     """The summary printed after a run and saved as ``summary.md``."""
     cells = results["cells"]
@@ -149,18 +184,19 @@ def markdown(results: dict, worst: int = 5) -> str:
     for c in cells:
         a, cost = c["attribution"], c["exact"]["cost"]
         body.append([
-            c["model"], c["task"], str(c["n"]), c["method"], edges_label(c), str(a.get("floor_kind", "–")),
+            c["model"], c["task"], str(c["n"]), c["method"], _iv(c), edges_label(c), str(a.get("floor_kind", "–")),
             _f(a["time_s"]), _f(a["floor_ratio"], 2), _f(_full(a, "floor_ratio"), 2), _f(a["peak_mib"]),
             _f(cost["compute_s"]), _f(cost["setup_io_s"]), _f(cost["fwd_eq_per_edge"], 2), _f(cost["peak_mib"]),
             _speedup(c["speedup"]),
         ])
-    parts.append(_table(["model", "task", "n", "method", "edges", "floor", "attr s", "×floor", "×floor full",
+    parts.append(_table(["model", "task", "n", "method", "intervention", "edges", "floor", "attr s", "×floor", "×floor full",
                          "attr MiB", "exact warm s", "exact setup+I/O s", "fwd-eq/edge", "exact MiB",
                          "speed-up (warm/warm)"], body))
+    parts += best_by_intervention(cells)
     parts += ["", "## Agreement with exact patching", ""]
-    body = [[c["model"], c["task"], str(c["n"]), c["method"], edges_label(c)] + [_ci(c["stats"][s]) for s in SUMMARY_STATS]
-            for c in cells]
-    parts.append(_table(["model", "task", "n", "method", "edges"] + list(SUMMARY_STATS), body))
+    body = [[c["model"], c["task"], str(c["n"]), c["method"], _iv(c), edges_label(c)]
+            + [_ci(c["stats"][s]) for s in SUMMARY_STATS] for c in cells]
+    parts.append(_table(["model", "task", "n", "method", "intervention", "edges"] + list(SUMMARY_STATS), body))
     faith = [c for c in cells if c.get("faithfulness")]
     if faith:
         parts += ["", "## Circuit faithfulness (MIB CPR / CMD; the exact ranking as reference)", "",
@@ -176,33 +212,34 @@ def markdown(results: dict, worst: int = 5) -> str:
             f = c["faithfulness"]
             cost = f.get("cost") or {}
             stale = " (stale)" if f.get("stale") else ""
-            body.append([c["model"], c["task"], str(c["n"]), c["method"] + stale, edges_label(c)]
+            body.append([c["model"], c["task"], str(c["n"]), c["method"] + stale, _iv(c), edges_label(c)]
                         + [_ci(c["stats"][s]) if s in c["stats"] else "–" for s in FAITH_STATS]
                         + [f"{f.get('n_circuits', '–')} × {_f(cost.get('fwd_eq_per_circuit'), 2)}"])
-        parts.append(_table(["model", "task", "n", "method", "edges", "CPR", "CMD", "CPR abs", "exact CPR",
+        parts.append(_table(["model", "task", "n", "method", "intervention", "edges", "CPR", "CMD", "CPR abs", "exact CPR",
                              "exact CMD", "CPR gap", "CMD gap", "curve gap", "cost (circuits × fwd-eq)"], body))
     parts += ["", "## Spearman ρ by receiver type", ""]
     kinds = ["q", "k", "v", "mlp", "logits"]
     body = []
     for c in cells:
-        body.append([c["model"], c["task"], str(c["n"]), c["method"]] + [
+        body.append([c["model"], c["task"], str(c["n"]), c["method"], _iv(c)] + [
             _ci(c["stats"][f"spearman[{k}]"]) + f" ({c['by_kind_n'].get(k, 0)})" if f"spearman[{k}]" in c["stats"] else "–"
             for k in kinds
         ])
-    parts.append(_table(["model", "task", "n", "method"] + [f"{k} (edges)" for k in kinds], body))
+    parts.append(_table(["model", "task", "n", "method", "intervention"] + [f"{k} (edges)" for k in kinds], body))
     if cells:
         parts += ["", "## Where attribution is most wrong (largest |attribution − exact|, largest n per model/task/method)", ""]
         best: dict[tuple, dict] = {}
         for c in cells:
-            key = (c["model"], c["task"], c["method"])
+            key = (c["model"], c["task"], c["method"], _iv(c))
             if key not in best or c["n"] > best[key]["n"]:
                 best[key] = c
         body = []
         for c in best.values():
             for w in c["worst"][:worst]:
-                body.append([c["model"], c["task"], c["method"], str(c["n"]), w["edge"], w["kind"],
+                body.append([c["model"], c["task"], c["method"], _iv(c), str(c["n"]), w["edge"], w["kind"],
                              f"{w['attribution']:+.3g}", f"{w['exact']:+.3g}", str(w["rank_exact"]),
                              str(w["rank_attribution"])])
-        parts.append(_table(["model", "task", "method", "n", "edge", "kind", "attribution", "exact", "rank exact",
+        parts.append(_table(["model", "task", "method", "intervention", "n", "edge", "kind", "attribution", "exact",
+                             "rank exact",
                              "rank attr"], body))
     return "\n".join(parts) + "\n"

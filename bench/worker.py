@@ -84,6 +84,11 @@ def _job_task(model: Any, job: dict) -> Any:
     return make_task(model, job.get("task_target", job["task"]), job["n"], job["seed"], job.get("task_kwargs"))
 
 
+def _iv(job: dict) -> dict:
+    """The job's intervention as keyword arguments (none for 'patching': calls as before)."""
+    return {"intervention": job["intervention"]} if job.get("intervention", "patching") != "patching" else {}
+
+
 def _stat(stats: dict, key: str) -> float | None:
     v = stats.get(key)
     return None if v is None else float(v)
@@ -161,13 +166,13 @@ def run_exact(model: Any, job: dict, progress: bool = True, executor: Any = "loc
                 t0 = time.perf_counter()
                 try:
                     res = validation.patch_edges(model, graph, sub, edges=edges, seed=job["seed"], out=str(path),
-                                                 progress=progress, stats=st, executor=executor)
+                                                 progress=progress, stats=st, executor=executor, **_iv(job))
                 except validation.StoreError as exc:  # a partial file from other inputs (an interrupted stale run)
                     if isinstance(exc, StoreLocked):  # another process writes it: never delete
                         raise
                     path.unlink()
                     res = validation.patch_edges(model, graph, sub, edges=edges, seed=job["seed"], out=str(path),
-                                                 progress=progress, stats=st, executor=executor)
+                                                 progress=progress, stats=st, executor=executor, **_iv(job))
                 cold["wall_s"] += time.perf_counter() - t0
             for key in ("setup_s", "patch_s", "fingerprint_s", "io_s"):  # contract 1; None where not reported
                 v = _stat(st, key)
@@ -209,7 +214,8 @@ def _warm_exact(model: Any, graph: Any, task: Any, edges: torch.Tensor, job: dic
     st: dict[str, Any] = {}
     with PeakMemory(device) as pm:
         t0 = time.perf_counter()
-        validation.patch_edges(model, graph, task, edges=edges, seed=job["seed"], out=None, progress=False, stats=st)
+        validation.patch_edges(model, graph, task, edges=edges, seed=job["seed"], out=None, progress=False, stats=st,
+                               **_iv(job))
         wall = time.perf_counter() - t0
     fwd = validation.forward_seconds(model, task)
     patch_s, n = _stat(st, "patch_s"), int(st.get("n_measured", len(edges)))
@@ -304,7 +310,7 @@ def run_faith(model: Any, job: dict, progress: bool = True) -> None:
     if not rankings:
         return
     _log(f"faithfulness curves {job['model']} {job['task']} n={job['n']}: {', '.join(rankings)}", progress)
-    curves = compute_curves(model, graph, _job_task(model, job), rankings, progress=progress)
+    curves = compute_curves(model, graph, _job_task(model, job), rankings, progress=progress, **_iv(job))
     for name, path in outs.items():
         path.parent.mkdir(parents=True, exist_ok=True)
         _write_json(path, {**curves, "rankings": {name: curves["rankings"][name]}})

@@ -2,6 +2,7 @@
 
     python -m validation --model toy-gpt2-4l --n 64 --seed 0 --edges all --out results/x.pt [--shard i/n]
     python -m validation --model random:gpt2-small --n 1024 --edges stratified:100 --memory-budget 2GiB
+    python -m validation --model toy-gpt2-4l --edges all --intervention mean   # zero, mean, mean-positional
     python -m validation merge results/x.0.pt results/x.1.pt --out results/x.pt
     python -m validation --model random:gpt2-small --edges all --executor ray [--address auto|ray://host:port]
         [--workers K] [--gpus-per-worker F]     # Ray workers (pip install 'eap-bench[ray]')
@@ -18,6 +19,8 @@ import argparse
 import sys
 
 import torch
+
+from eap.interventions import INTERVENTIONS
 
 
 def _dtype(name: str | None):
@@ -73,6 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scores", default=None, help="graph file (Graph.save / .json) whose scores rank topk:K")
     p.add_argument("--nodes", action="store_true", help="patch sender nodes instead of edges")
     p.add_argument("--scale", type=float, default=1.0)
+    p.add_argument("--intervention", default="patching", choices=list(INTERVENTIONS),
+                   help="what a patched sender output becomes: the corrupted run's (patching), zeros, or its mean "
+                        "over the task's reference prompts (IOI: its ABC prompts), overall or per position")
     p.add_argument("--out", default=None, help="results file (resumed if it exists); default: the cache path")
     p.add_argument("--shard", default=None, help="i/n: only part i of n (whole receivers)")
     p.add_argument("--batch-size", type=int, default=None, help="prompts per batch (default: from the memory budget)")
@@ -134,7 +140,7 @@ def _run(a: argparse.Namespace, executor) -> int:
 
     budget = parse_size(a.memory_budget) if a.memory_budget is not None else None
     kw = dict(scale=a.scale, batch_size=a.batch_size, memory_budget=budget, method=a.method, shard=a.shard,
-              progress=not a.no_progress, executor=executor)
+              progress=not a.no_progress, executor=executor, intervention=a.intervention)
     stats: dict = {}
     if a.nodes:
         items = graph.select_senders(None if a.edges == "all" else _edges_arg(a.edges))
@@ -145,9 +151,12 @@ def _run(a: argparse.Namespace, executor) -> int:
     out = a.out
     if out is None:
         out = validation.default_path(model, graph, task, items, a.scale, kind)
+        if a.intervention != "patching":
+            out = out.with_name(out.stem + f".{a.intervention}.pt")
         if a.shard:
             out = out.with_name(out.stem + f".shard{a.shard.replace('/', 'of')}.pt")
-    print(f"{a.model}: {graph}; task {task.name} n={task.n_prompts}; {len(items)} {kind} requested -> {out}")
+    print(f"{a.model}: {graph}; task {task.name} n={task.n_prompts}; intervention {a.intervention}; "
+          f"{len(items)} {kind} requested -> {out}")
     if a.nodes:
         values = validation.patch_nodes(model, graph, task, items, out=out, stats=stats, **kw)
     else:
@@ -180,11 +189,12 @@ def _cli() -> int:
     from eap.budget import BudgetError
     from validation.runner import UnsupportedModel
     from validation.store import StoreError
+    from eap.interventions import InterventionError
 
     try:
         return main()
     except (BudgetError, GraphError, HookError, ModelLoadError, TaskError, PatchError, StoreError,
-            UnsupportedModel) as exc:
+            UnsupportedModel, InterventionError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

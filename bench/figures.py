@@ -255,7 +255,7 @@ def faithfulness(cells: list[dict], out: Path) -> list[Path]:
 
         ax.xaxis.set_major_formatter(ScalarFormatter())
         ax.set_xlabel(f"edges in circuit (top-k by |score|, of {cs[0]['n_edges']:,})")
-        ax.set_ylabel("faithfulness (1 = model, 0 = corrupted)")
+        ax.set_ylabel("faithfulness (1 = model, 0 = all edges replaced)")
         ax.set_title(f"{model}, {task}, n={best[(model, task)]}" + (f", {iv}" if len(ivs) > 1 else ""), fontsize=9)
         ax.legend(fontsize=6, loc="upper left")
     for ax in list(axes.flat)[len(panels):]:

@@ -132,13 +132,16 @@ def _best(cells: list[dict], stat: str, higher: bool) -> str:
            and math.isfinite(c["stats"][stat]["value"])]
     if not got:
         return "–"
-    v, m = (max if higher else min)(got)
-    return f"{m} ({v:.2f})"
+    v = (max if higher else min)(g[0] for g in got)
+    tied = [m for x, m in got if round(x, 2) == round(v, 2)]
+    if len(tied) == len(got) > 1:
+        return f"all tie ({v:.2f})"
+    return f"{', '.join(tied)} ({v:.2f})"
 
 
 def best_by_intervention(cells: list[dict]) -> list[str]:
     """For each intervention (and model, task, n): the method that agrees best with the exact truth
-    (Spearman ρ, recall of the exact top 1%) and the one whose circuits are most faithful (CPR
+    (Spearman ρ, Kendall τ on |·|, recall of the exact top 10) and the one whose circuits are most faithful (CPR
     highest, CMD lowest). information-flow-routes is a contribution share, not a patching estimate:
     it is ranked on the same footing (ranks, circuits) as MIB does."""
     groups: dict[tuple, list[dict]] = {}
@@ -146,14 +149,16 @@ def best_by_intervention(cells: list[dict]) -> list[str]:
         groups.setdefault((c["model"], c["task"], c["n"], _iv(c)), []).append(c)
     if not groups:
         return []
-    body = [[m, t, str(n), iv, _best(cs, "spearman", True), _best(cs, "recall@1%", True), _best(cs, "cpr", True),
-             _best(cs, "cmd", False)] for (m, t, n, iv), cs in groups.items()]
+    body = [[m, t, str(n), iv, _best(cs, "spearman", True), _best(cs, "kendall_abs", True), _best(cs, "recall@10", True),
+             _best(cs, "cpr", True), _best(cs, "cmd", False)] for (m, t, n, iv), cs in groups.items()]
     return ["", "## Which method, per intervention", "",
-            "Best agreement with exact patching under the same intervention (Spearman ρ over edges; recall of "
-            "the exact top 1%) and most faithful circuits (CPR highest, CMD lowest; MIB). Point estimates; CIs "
-            "in the tables below.", "",
-            _table(["model", "task", "n", "intervention", "best Spearman", "best recall@1%", "best CPR", "best CMD"],
-                   body)]
+            "Best agreement with exact patching under the same intervention (signed Spearman ρ over edges; "
+            "Kendall τ on |score|; recall of the exact top 10) and most faithful circuits (CPR highest, CMD "
+            "lowest; MIB). Point estimates (ties to 2 decimals listed together); CIs in the tables below. "
+            "information-flow-routes is a share in [0, 1], not a patching estimate: only its |·| ranks compare.",
+            "",
+            _table(["model", "task", "n", "intervention", "best Spearman", "best Kendall (abs)", "best recall@10",
+                    "best CPR", "best CMD"], body)]
 
 
 def markdown(results: dict, worst: int = 5) -> str:

@@ -308,3 +308,37 @@ def test_mean_and_mean_positional_differ_on_positional_task(toy):
     mean = attribute(model, graph, task, intervention="mean", progress=False)
     positional = attribute(model, graph, task, intervention="mean-positional", progress=False)
     assert (mean - positional).abs().max() > 0.05 * mean.abs().max()
+
+
+# ------------------------------------------------------------------------------ bench axis
+def test_bench_intervention_axis(tmp_path):
+    """``bench run --interventions``: one exact truth per intervention (the same numbers as
+    patch_edges with it), methods needing corrupted prompts only under patching, the
+    intervention in every cell and table, gate rules per intervention."""
+    from bench import gate as gate_mod
+    from bench.matrix import Config, run
+    from bench.report import markdown
+    from bench.worker import groups_of
+
+    cfg = Config(models=["toy-gpt2-2l"], tasks=["ioi"], sizes=[4], groups=2, repeats=0, bootstrap=10,
+                 methods=["eap", "eap-ig", "information-flow-routes"], interventions=["patching", "zero"],
+                 isolate="none", figures=False, faithfulness=False, progress=False, threads=1)
+    res = run(cfg, tmp_path / "run")
+    got = {(c["method"], c["intervention"]) for c in res["cells"]}
+    assert got == {("eap", "patching"), ("eap-ig", "patching"), ("information-flow-routes", "patching"),
+                   ("eap", "zero"), ("information-flow-routes", "zero")}
+    zero = next(c for c in res["cells"] if c["intervention"] == "zero" and c["method"] == "eap")
+    patching = next(c for c in res["cells"] if c["intervention"] == "patching" and c["method"] == "eap")
+    assert zero["exact"]["cache"] != patching["exact"]["cache"]
+    model = load_model("toy-gpt2-2l")
+    graph = Graph.from_model(model)
+    task = ioi(model, 4, seed=0)
+    want = torch.stack([patch_edges(model, graph, task.subset(idx), intervention="zero", progress=False)
+                        for idx in groups_of(4, 2)]).float()
+    torch.testing.assert_close(torch.load(f"{zero['exact']['cache']}/exact.pt"), want)
+    assert "| zero |" in markdown(res) and "## Which method, per intervention" in markdown(res)
+    rows = gate_mod.check(res["cells"], [{"intervention": "zero", "min": {"spearman": 2.0}}])
+    assert len(rows) == 2 and not any(r["ok"] for r in rows)  # only the zero cells are gated
+    thresholds = gate_mod.make_thresholds(res, stats=["spearman"], floor={"spearman": -1.0}, band={"spearman": 0.05})
+    assert {r["intervention"] for r in thresholds["rules"]} == {"patching", "zero"}
+    assert all(r["ok"] for r in gate_mod.check(res["cells"], thresholds["rules"]))

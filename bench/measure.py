@@ -105,7 +105,7 @@ def full_logits(task: Task) -> Task:
     """The same task without its read-out: every pass computes all logits at every position
     (``task.metric``). Scores do not change; only the cost does."""
     return Task(task.clean, task.corrupted, task.metric_fn, per_prompt=task.per_prompt, name=task.name,
-                info=task.info)
+                info=task.info, reference=task.reference)
 
 
 def _final_norm(model: Any, bare: Any) -> torch.nn.Module:

@@ -118,6 +118,10 @@ def write_csv(results: dict, path: str | Path) -> None:
 
 
 def _table(header: list[str], body: list[list[str]]) -> str:
+    if "intervention" in header:  # shown once a run has another intervention than patching
+        j = header.index("intervention")
+        if all(r[j] == "patching" for r in body):
+            header, body = header[:j] + header[j + 1:], [r[:j] + r[j + 1:] for r in body]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in body]
     return "\n".join(lines)

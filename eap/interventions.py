@@ -99,6 +99,10 @@ class Replacement:
                                     f"the task's prompts {p}; use reference prompts at least as long")
         buf.copy_(self.values[:, None, :p, :].expand_as(buf))
 
+    def to(self, device: torch.device | str) -> "Replacement":
+        """The same replacement with its values on ``device`` (e.g. for another process)."""
+        return self if self.values is None else Replacement(self.intervention, self.values.to(device), self.reference)
+
     def fingerprint(self) -> str:
         """Names the replacement in results-file fingerprints: intervention and reference hash."""
         return f"{self.intervention.value}|{self.reference}"

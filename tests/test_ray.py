@@ -126,6 +126,18 @@ def test_ray_equals_local_bit_for_bit_with_the_same_file(executor, model, graph,
 
 
 @needs_ray
+def test_ray_under_mean_intervention_equals_local(executor, model, graph, task):
+    """The replacement (means over the task's reference prompts) travels to the workers."""
+    want = validation.patch_edges(model, graph, task, "stratified:30", intervention="mean", progress=False,
+                                  memory_budget=BUDGET)
+    got = validation.patch_edges(model, graph, task, "stratified:30", intervention="mean", progress=False,
+                                 memory_budget=BUDGET, executor=executor)
+    assert _identical(got, want)
+    patching = validation.patch_edges(model, graph, task, "stratified:30", progress=False, memory_budget=BUDGET)
+    assert not _identical(got, patching)
+
+
+@needs_ray
 def test_interrupted_driver_resumes_without_recomputing(executor, model, graph, task, tmp_path, monkeypatch):
     """The driver stops after 5 recorded units; the re-run computes exactly the other units."""
     items = graph.select_edges("sample:60", seed=1)

@@ -250,6 +250,7 @@ class JobSpec:
     plan: Any
     requested: Int[Tensor, " k"]
     parts: dict
+    replacement: Any = None  # eap.interventions.Replacement (None: interchange patching)
 
 
 class PatchWorker:
@@ -301,6 +302,9 @@ class PatchWorker:
         device = next(model.parameters()).device
         task = spec.task.to(device)
         mine = fingerprint_parts(model, spec.graph, task, spec.requested, spec.scale, spec.kind)
+        replacement = None if spec.replacement is None else spec.replacement.to(device)
+        if replacement is not None:
+            mine["intervention"] = replacement.fingerprint()
         differ = sorted(k for k in set(mine) | set(spec.parts) if mine.get(k) != spec.parts.get(k))
         if differ:
             raise ExecutorError(
@@ -315,7 +319,7 @@ class PatchWorker:
         if spec.fast and self.runner is None:
             self.runner = BlockRunner(model)
         self.job = PatchJob(model, spec.graph, task, spec.kind, self.runner if spec.fast else None, spec.readout,
-                            spec.scale, spec.item_sender, spec.plan)
+                            spec.scale, spec.item_sender, spec.plan, replacement)
         self.job_id = job_id
         return self.job
 
@@ -515,7 +519,8 @@ class RayExecutor(Executor):
         t_start = time.perf_counter()
         slots = self._pool(ray, job, parts, len(units))
         spec = JobSpec(job.graph, job.task.to("cpu"), job.kind, job.runner is not None, job.readout, job.scale,
-                       job.item_sender, job.plan, store.requested, parts)
+                       job.item_sender, job.plan, store.requested, parts,
+                       None if job.replacement is None else job.replacement.to("cpu"))
         box, job_id = [ray.put(spec)], uuid.uuid4().hex
         queues: dict[int, deque] = {}
         for u in units:

@@ -10,8 +10,10 @@ from eap.models import ModelLoadError, embedded_names, load_model, random_model
 from eap.task import Task, TaskError
 from eap import tasks
 from eap.attribute import METHODS, attribute
+from eap.interventions import INTERVENTIONS, Intervention, InterventionError
 
 __all__ = [
     "Graph", "GraphError", "GraphSpec", "ModelLoadError", "Task", "TaskError", "METHODS", "UnsupportedModel",
     "attribute", "embedded_names", "load_model", "random_model", "tasks",
+    "INTERVENTIONS", "Intervention", "InterventionError",
 ]

@@ -186,7 +186,9 @@ def attribute(
     _check_inputs(model, graph, task, method, level, engine, intervention)
     device, dtype = model_device(model), model_dtype(model)
     task = task.to(device)
-    replacement = replacement_for(model, graph, task, intervention, reference, memory_budget)
+    # information-flow-routes does not depend on the intervention: no means for it
+    replacement = (None if method == "information-flow-routes"
+                   else replacement_for(model, graph, task, intervention, reference, memory_budget))
     # accumulate in at least float32 (a half-precision model would otherwise sum in half)
     scores = torch.zeros(graph.n_senders, graph.n_receivers, device=device, dtype=torch.promote_types(dtype, torch.float32))
     strategy = _strategy(model, graph, method, ig_steps, scores, engine, replacement)

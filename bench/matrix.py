@@ -45,13 +45,16 @@ from typing import Any
 
 import numpy as np
 
-from bench.plugins import Plugin, eap_ig_method, resolve_method, resolve_task
+from bench.plugins import Plugin, resolve_method, resolve_task
+from eap.methods import REGISTRY as METHOD_REGISTRY
 
 SCHEMA_VERSION = 2
 DEFAULT_MODELS = ["toy-gpt2-2l", "toy-gpt2-4l", "toy-llama-4l"]
 #: Tasks of the default run: the first two of these that ``eap.tasks.TASKS`` has.
 PREFERRED_TASKS = ("ioi", "greater-than", "induction", "sva")
-METHODS = ("eap", "eap-ig", "clean-corrupted")
+#: Methods of the default run: the registry's methods marked ``bench_default`` (``eap.methods``).
+DEFAULT_METHODS = tuple(m.name for m in METHOD_REGISTRY if m.bench_default)
+METHODS = DEFAULT_METHODS  # the older name
 REPO = Path(__file__).resolve().parent.parent
 #: Settings a run directory is tied to (cells measured under other values would not be comparable).
 FIXED_KEYS = ("seed", "groups", "ig_steps", "batch_size", "device", "dtype")
@@ -87,7 +90,7 @@ class Config:
 
     models: list[str] = field(default_factory=lambda: list(DEFAULT_MODELS))
     sizes: list[int] = field(default_factory=lambda: [16, 32])
-    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
     tasks: list[str] | None = None
     task: str | None = None
     task_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -168,12 +171,12 @@ class Config:
         return tasks, methods
 
     def method_kwargs_for(self, plugin: Plugin) -> dict[str, Any]:
-        """Keyword arguments a method is called with: ``batch_size`` (and ``ig_steps`` for
-        ``eap-ig``) for built-ins, ``method_kwargs[spec]`` for plug-ins."""
-        if plugin.fn is eap_ig_method:
-            return {"batch_size": self.batch_size, "ig_steps": self.ig_steps}
+        """Keyword arguments a method is called with: for built-ins ``batch_size`` and every
+        option the method declares (``eap.methods.Option``) that this config sets under the same
+        name (``ig_steps`` for ``eap-ig``); ``method_kwargs[spec]`` for plug-ins."""
         if plugin.builtin:
-            return {"batch_size": self.batch_size}
+            own = {o.name: getattr(self, o.name) for o in plugin.method.options if hasattr(self, o.name)}
+            return {"batch_size": self.batch_size, **own}
         return dict(self.method_kwargs.get(plugin.spec, {}))
 
 
@@ -513,8 +516,8 @@ def rescore(cfg: Config, run_dir: str | Path) -> dict:
 
 def load_cells(run_dir: str | Path) -> list[dict]:
     cells = [json.loads(p.read_text()) for p in sorted(Path(run_dir, "cells").glob("*.json"))]
-    return sorted(cells, key=lambda c: (c["model"], c["task"], c["n"],
-                                        METHODS.index(c["method"]) if c["method"] in METHODS else 9, c["method"]))
+    order = {name: i for i, name in enumerate(DEFAULT_METHODS)}
+    return sorted(cells, key=lambda c: (c["model"], c["task"], c["n"], order.get(c["method"], 9), c["method"]))
 
 
 def collect(cfg: Config, run_dir: str | Path, stats: dict | None = None) -> dict:

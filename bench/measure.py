@@ -33,7 +33,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from eap.attribute import select_logits
+from eap.passes import select_logits
 from eap.hooks import StopForward
 from eap.measure import PeakMemory, median, sync, time_call, time_interleaved
 from eap.task import Task

@@ -69,7 +69,7 @@ class Method:
     options; ``bench_default``: part of bench's default run; ``builtin``: shipped with eap."""
 
     def __init__(self, name: str, summary: str, *, levels: tuple[str, ...] = LEVELS,
-                 options: tuple[Option, ...] = (), bench_default: bool = False, builtin: bool = True) -> None:
+                 options: tuple[Option, ...] = (), bench_default: bool = False, builtin: bool = False) -> None:
         self.name, self.summary, self.levels, self.options = name, summary, tuple(levels), tuple(options)
         self.bench_default, self.builtin = bench_default, builtin
 
@@ -129,8 +129,8 @@ class GradientPointsMethod(StrategyMethod):
     receiver (``eap.passes.GradientMethod``), on the fast engine or the bridge."""
 
     def __init__(self, name: str, summary: str, points: Callable[..., list[tuple[float, float]]], *,
-                 options: tuple[Option, ...] = (), bench_default: bool = True) -> None:
-        super().__init__(name, summary, options=options, bench_default=bench_default)
+                 options: tuple[Option, ...] = (), bench_default: bool = False, builtin: bool = False) -> None:
+        super().__init__(name, summary, options=options, bench_default=bench_default, builtin=builtin)
         self._points = points
 
     def points(self, **options: Any) -> list[tuple[float, float]]:
@@ -146,8 +146,8 @@ class GradientPointsMethod(StrategyMethod):
 class AtPMethod(StrategyMethod):
     """One of AtP*'s variants (``eap.atp``): edges only, on the bridge engine."""
 
-    def __init__(self, name: str, summary: str, atp: AtPOptions) -> None:
-        super().__init__(name, summary, levels=("edge",))
+    def __init__(self, name: str, summary: str, atp: AtPOptions, *, builtin: bool = False) -> None:
+        super().__init__(name, summary, levels=("edge",), builtin=builtin)
         self.atp = atp
 
     def check_level(self, level: str) -> None:
@@ -235,14 +235,17 @@ def _clean_corrupted_points() -> list[tuple[float, float]]:
 
 
 REGISTRY = Registry()
-REGISTRY.register(GradientPointsMethod("eap", "gradient at the clean run (the seed notebook's method)", _eap_points))
+REGISTRY.register(GradientPointsMethod(
+    "eap", "gradient at the clean run (the seed notebook's method)", _eap_points, bench_default=True, builtin=True))
 REGISTRY.register(GradientPointsMethod(
     "eap-ig", "gradients averaged over ig_steps inputs interpolated between corrupted and clean embeddings",
-    _ig_points, options=(Option("ig_steps", int, 5, "interpolation points (1 = EAP)", minimum=1),)))
+    _ig_points, options=(Option("ig_steps", int, 5, "interpolation points (1 = EAP)", minimum=1),),
+    bench_default=True, builtin=True))
 REGISTRY.register(GradientPointsMethod(
-    "clean-corrupted", "mean of the gradients at the clean and at the corrupted run", _clean_corrupted_points))
+    "clean-corrupted", "mean of the gradients at the clean and at the corrupted run", _clean_corrupted_points,
+    bench_default=True, builtin=True))
 for _name, (_fixes, _summary) in VARIANTS.items():
-    REGISTRY.register(AtPMethod(_name, _summary, _fixes))
+    REGISTRY.register(AtPMethod(_name, _summary, _fixes, builtin=True))
 
 
 def get_method(method: "str | Method") -> Method:

@@ -35,7 +35,6 @@ import hashlib
 import json
 import os
 import platform
-import re
 import subprocess
 import sys
 import time
@@ -46,6 +45,7 @@ from typing import Any
 import numpy as np
 
 from bench.plugins import Plugin, resolve_method, resolve_task
+from bench.report import slug
 from eap.methods import REGISTRY as METHOD_REGISTRY
 
 SCHEMA_VERSION = 2
@@ -191,10 +191,6 @@ def _per_key(kwargs: dict[str, Any] | None, keys: list[str], what: str) -> dict[
         return {keys[0]: kwargs}
     raise ConfigError(f"with several {what}s give {what}_kwargs per {what}: "
                      f"{{\"<{what}>\": {{...}}}} with <{what}> one of {keys}; got keys {sorted(kwargs)}")
-
-
-def slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", str(text)).strip("_")[:80]
 
 
 def _kw_tag(kwargs: dict[str, Any] | None) -> str:

@@ -59,13 +59,18 @@ class Plugin:
     module found through the parent's ``sys.path``, the location of an entry point's
     distribution); ``builtin``: True for the package's own tasks and methods."""
 
-    kind: str  # "task" | "method"
+    role: str  # "task" | "method"
     spec: str
     target: str
     fn: Callable[..., Any]
     builtin: bool
     paths: tuple[str, ...] = ()
     method: Method | None = None  # methods: the entry of eap.methods.REGISTRY
+
+    @property
+    def kind(self) -> str:
+        """The older name of ``role``."""
+        return self.role
 
 
 # ---------------------------------------------------------------------- built-in methods
@@ -108,9 +113,9 @@ def _root_of(module: Any) -> str | None:
     return str(p.parents[depth - 1])
 
 
-def import_target(target: str, kind: str, spec: str | None = None) -> tuple[Callable[..., Any], tuple[str, ...]]:
+def import_target(target: str, role: str, spec: str | None = None) -> tuple[Callable[..., Any], tuple[str, ...]]:
     """Import ``module:function`` and return (the callable, the module's root directory)."""
-    label = f"{kind} {spec or target!r}" if spec and spec != target else f"{kind} {target!r}"
+    label = f"{role} {spec or target!r}" if spec and spec != target else f"{role} {target!r}"
     mod_name, sep, attr = target.partition(":")
     if not sep or not mod_name or not attr:
         raise PluginError(f"{label}: {target!r} is not 'module:function'")
@@ -137,23 +142,23 @@ def _entry_points(group: str) -> dict[str, md.EntryPoint]:
     return {ep.name: ep for ep in md.entry_points(group=group)}
 
 
-def _resolve(spec: str, kind: str, builtins: dict[str, Callable[..., Any]], group: str) -> Plugin:
+def _resolve(spec: str, role: str, builtins: dict[str, Callable[..., Any]], group: str) -> Plugin:
     if not isinstance(spec, str) or not spec.strip():
-        raise PluginError(f"empty {kind} spec")
+        raise PluginError(f"empty {role} spec")
     spec = spec.strip()
     if ":" in spec:
-        fn, paths = import_target(spec, kind)
-        return Plugin(kind, spec, spec, fn, False, paths)
+        fn, paths = import_target(spec, role)
+        return Plugin(role, spec, spec, fn, False, paths)
     if spec in builtins:
-        return Plugin(kind, spec, spec, builtins[spec], True)
+        return Plugin(role, spec, spec, builtins[spec], True)
     eps = _entry_points(group)
     if spec in eps:
         ep = eps[spec]
-        fn, paths = import_target(ep.value, kind, spec=f"{spec!r} (entry point {group})")
+        fn, paths = import_target(ep.value, role, spec=f"{spec!r} (entry point {group})")
         dist_root = str(ep.dist.locate_file("")) if ep.dist is not None else None
-        return Plugin(kind, spec, ep.value, fn, False, tuple(dict.fromkeys(paths + ((dist_root,) if dist_root else ()))))
+        return Plugin(role, spec, ep.value, fn, False, tuple(dict.fromkeys(paths + ((dist_root,) if dist_root else ()))))
     raise PluginError(
-        f"unknown {kind} {spec!r}: not 'module:function', not built in ({', '.join(builtins) or 'none'}), "
+        f"unknown {role} {spec!r}: not 'module:function', not built in ({', '.join(builtins) or 'none'}), "
         f"and no installed entry point in group {group!r} "
         f"({', '.join(sorted(eps)) or 'none installed'})"
     )

@@ -474,18 +474,18 @@ class Graph:
         if spec is None or (isinstance(spec, str) and spec == "all"):
             return torch.arange(self.n_edges)
         if isinstance(spec, str):
-            kind, _, num = spec.partition(":")
-            if kind not in ("topk", "sample", "stratified") or not num.isdigit() or int(num) < 1:
+            how, _, num = spec.partition(":")
+            if how not in ("topk", "sample", "stratified") or not num.isdigit() or int(num) < 1:
                 raise GraphError(
                     f"bad edge spec {spec!r}: use 'all', 'topk:K', 'sample:K', 'stratified:K' or a list of edges"
                 )
             k = min(int(num), self.n_edges)
-            if kind == "topk":
+            if how == "topk":
                 if scores is None:
                     raise GraphError("'topk:K' needs scores to rank edges by")
                 return self.topk(k, scores).sort().values
             gen = torch.Generator().manual_seed(seed)
-            if kind == "sample":
+            if how == "sample":
                 return torch.randperm(self.n_edges, generator=gen)[:k].sort().values
             kinds = self.edge_kind
             chosen = []

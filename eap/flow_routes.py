@@ -30,7 +30,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from eap.attribute import auto_batch_size
+from eap.passes import auto_batch_size
 from eap.graph import Graph, HookGroup
 from eap.hooks import as_nodes, run_until_stop, sender_difference_hooks, stop_hook
 from eap.models import model_dtype

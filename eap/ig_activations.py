@@ -31,12 +31,11 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from eap.attribute import (
-    AttributionError, ScoreSink, auto_batch_size, fill_corrupted, metric_values, receiver_hooks,
+from eap.passes import (
+    AttributionError, Replacements, ScoreSink, auto_batch_size, fill_corrupted, metric_values, receiver_hooks,
 )
 from eap.graph import Graph, HookGroup
 from eap.hooks import leaf_input_hook, run_until_stop, sender_difference_hooks, stop_hook
-from eap.interventions import Replacement
 from eap.models import model_dtype
 from eap.task import Task
 
@@ -46,10 +45,11 @@ class IGActivations:
     ``scores`` [n_senders, n_receivers]."""
 
     def __init__(self, model: Any, graph: Graph, steps: int, scores: Float[Tensor, "n_senders n_receivers"],
-                 replacement: Replacement | None = None) -> None:
+                 intervention: str = "patching", reference: Tensor | None = None) -> None:
         if steps < 1:
             raise AttributionError(f"ig_steps must be >= 1, got {steps}")
-        self.model, self.graph, self.steps, self.scores, self.replacement = model, graph, steps, scores, replacement
+        self.model, self.graph, self.steps, self.scores = model, graph, steps, scores
+        self.replacements = Replacements(model, graph, intervention, reference)
 
     def auto_batch_size(self, task: Task, budget: int | float | str | None) -> int:
         return auto_batch_size(self.model, self.graph, task, budget)
@@ -65,7 +65,7 @@ class IGActivations:
         model, graph, m = self.model, self.graph, self.steps
         b, p = task.clean.shape
         buf = torch.empty(graph.n_senders, b, p, model.cfg.d_model, device=self.scores.device, dtype=model_dtype(model))
-        fill_corrupted(model, graph, task, buf, self.replacement)
+        fill_corrupted(model, graph, task, buf, self.replacements.of(task))
         with torch.no_grad():  # buf = replacement - clean
             run_until_stop(model, task.clean, sender_difference_hooks(graph, buf, subtract=True)
                            + [(graph.sender_groups[-1].hook, stop_hook)])

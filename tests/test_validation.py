@@ -337,6 +337,7 @@ def test_closure_metric_that_cannot_fit_the_budget_is_a_clear_error(tiny3_model)
 
 # ------------------------------------------------------------------------ fingerprint: no stale truth
 def test_fingerprint_keys_metric_code_closures_and_data(tiny_model, make_random_task, monkeypatch):
+    import validation.fingerprints as vf
     from validation import store as vs
 
     graph = Graph.from_model(tiny_model)
@@ -369,9 +370,9 @@ def test_fingerprint_keys_metric_code_closures_and_data(tiny_model, make_random_
     assert validation.fingerprint(tiny_model, graph, with_metric(task.metric_fn, per_prompt=moved), idx) != fp
     parts = vs.fingerprint_parts(tiny_model, graph, task, idx)
     assert parts["package"] == vs.package_version() and len(parts["code"]) == 16
-    monkeypatch.setattr(vs, "patching_code_hash", lambda: "another-version")  # a fix to the patching code
+    monkeypatch.setattr(vf, "patching_code_hash", lambda: "another-version")  # a fix to the patching code
     assert validation.fingerprint(tiny_model, graph, task, idx) != fp
-    monkeypatch.setattr(vs, "package_version", lambda: "9.9")
+    monkeypatch.setattr(vf, "package_version", lambda: "9.9")
     assert vs.fingerprint_parts(tiny_model, graph, task, idx)["package"] == "9.9"
 
 
@@ -403,12 +404,12 @@ def test_code_hash_follows_partials_objects_and_helpers():
 
 
 def test_fingerprint_once_per_call(tiny_model, make_random_task, monkeypatch, tmp_path):
-    from validation import store as vs
+    import validation.fingerprints as vf
 
     graph = Graph.from_model(tiny_model)
     task = make_random_task(tiny_model, n=3, seq=6)
-    real, calls = vs.weights_hash, []
-    monkeypatch.setattr(vs, "weights_hash", lambda model, *a: calls.append(1) or real(model, *a))
+    real, calls = vf.weights_hash, []
+    monkeypatch.setattr(vf, "weights_hash", lambda model, *a: calls.append(1) or real(model, *a))
     validation.patch_edges(tiny_model, graph, task, [0, 1], progress=False, out=tmp_path / "f.pt")
     assert len(calls) == 1
 
@@ -419,8 +420,8 @@ class _Interrupt(Exception):
 
 
 def _count_units(monkeypatch):
-    """Count the units computed (``validation.patch.compute_unit`` calls)."""
-    import validation.patch as vp
+    """Count the units computed (``validation.units.compute_unit`` calls)."""
+    import validation.units as vp
 
     real, calls = vp.compute_unit, []
 

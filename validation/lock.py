@@ -158,5 +158,5 @@ class WriterLock:
     def __del__(self) -> None:  # a store dropped without close()
         try:
             self.release()
-        except Exception:
+        except (OSError, TypeError, AttributeError):  # at interpreter exit ``os`` may already be torn down
             pass

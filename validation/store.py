@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import warnings
 from pathlib import Path
 from typing import Sequence
@@ -338,7 +339,7 @@ def load_file(path: str | os.PathLike) -> dict:
     path = Path(path)
     try:
         data = torch.load(path, weights_only=True)
-    except Exception as exc:
+    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as exc:  # missing, cut short, not ours
         raise StoreError(f"cannot read results file {path}: {exc}") from exc
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         found = data.get("format") if isinstance(data, dict) else None

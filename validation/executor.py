@@ -374,7 +374,8 @@ class RayExecutor(Executor):
 
         model = job.model
         param = next(model.parameters())
-        key = (id(model), parts["weights"], parts["model_cfg"], parts["dtype"])
+        threads = self.threads or torch.get_num_threads()  # the driver's: numbers bit-identical to local
+        key = (id(model), parts["weights"], parts["model_cfg"], parts["dtype"], threads)
         alive = [s for s in self._slots if s.state != "dead"]
         if self._pool_key == key and alive:
             return alive
@@ -390,7 +391,6 @@ class RayExecutor(Executor):
             source = Shipped([self._shipped], param.dtype)
         self.source = str(source)
         device = "cuda" if gpus > 0 else "cpu"
-        threads = self.threads or torch.get_num_threads()
         actor_cls = ray.remote(PatchWorker).options(num_cpus=self.cpus_per_worker, num_gpus=gpus,
                                                     max_restarts=self.max_restarts, max_task_retries=0)
         self._slots = [_Slot(actor_cls.remote(source, device, threads)) for _ in range(self._n_workers(ray, gpus, n_units))]

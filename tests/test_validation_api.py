@@ -257,3 +257,32 @@ def test_cli_ctrl_c_exits_130_with_the_message(capsys, monkeypatch, tmp_path):
     assert _cli() == 130
     err = capsys.readouterr().err
     assert "2 of" in err and "units are saved" in err and "Traceback" not in err
+
+
+# ------------------------------------------------------------------------------ bench run --memory-budget
+def test_bench_run_memory_budget_reaches_exact_patching(tiny_model, make_random_task, monkeypatch, tmp_path, capsys):
+    import bench.__main__ as bm
+    from eap.budget import BUDGET_ENV
+
+    monkeypatch.delenv(BUDGET_ENV, raising=False)
+    graph = Graph.from_model(tiny_model)
+    task = make_random_task(tiny_model, n=2, seq=5)
+    seen = {}
+
+    def fake_run(cfg, out):  # stands for the matrix: what a worker's exact patching would use
+        st = {}
+        validation.patch_edges(tiny_model, graph, task, [0], progress=False, stats=st)
+        seen.update(st)
+        (out / "summary.md").parent.mkdir(parents=True, exist_ok=True)
+        (out / "summary.md").write_text("ok")
+        return {"run_stats": {"cells_computed": 0, "cells_reused": 0, "exact_computed": 0, "exact_reused": 0}}
+
+    monkeypatch.setattr(bm, "run", fake_run)
+    assert bm.main(["run", "--models", "toy-gpt2-2l", "--memory-budget", "96MiB", "--out", str(tmp_path / "r")]) == 0
+    assert seen["memory_budget"] == 96 * 2**20
+    monkeypatch.delenv(BUDGET_ENV, raising=False)
+    assert bm.main(["run", "--models", "toy-gpt2-2l", "--memory-budget", "lots", "--out", str(tmp_path / "s")]) == 2
+    assert "--memory-budget" in capsys.readouterr().err
+    seen.clear()
+    assert bm.main(["run", "--models", "toy-gpt2-2l", "--out", str(tmp_path / "t")]) == 0
+    assert seen["memory_budget"] != 96 * 2**20  # negative control: without the flag, the default budget

@@ -40,7 +40,7 @@ one corrupted forward through the model's hooks (every sender's output) and the 
 embedding are cached; then ``circuits_per_forward`` circuits at a time are stacked along the
 batch and run by ``validation.runner.BlockRunner.run_circuits`` (the adapter's blocks in plain
 torch, every receiver with its own input correction) and read out exactly as ``patch_edges``
-does (``validation.patch.metric_of_final``: only the read-out logits with a read-out). One
+does (``validation.units.metric_of_final``: only the read-out logits with a read-out). One
 circuit costs about one forward of the prompts with per-head q/k/v inputs (see
 docs/faithfulness.md for measured costs). Architectures the block runner does not implement
 take the hook path through the bridge (a full forward per stack, receivers corrected at their

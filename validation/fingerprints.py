@@ -30,7 +30,7 @@ import json
 import os
 import types
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from jaxtyping import Int

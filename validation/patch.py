@@ -61,10 +61,8 @@ from validation.executor import resolve_executor
 from validation.options import PatchOptions, PatchStats, path_name, resolve_engine
 from validation.runner import BlockRunner, UnsupportedModel
 from validation.store import ResultStore, describe_request, fingerprint_of, fingerprint_parts
-from validation.units import (  # noqa: F401  (re-exported: the engine's names as they were)
-    PatchJob, Unit, _collect, _Evaluator, compute_unit, forwards_of, item_weights, metric_of_final, per_copy,
-    prepare_batch, readout_positions, unit_keys,
-)
+from validation.units import PatchJob, Unit, item_weights, unit_keys
+from validation.units import compute_unit, prepare_batch  # noqa: F401  (re-exported: where they used to live)
 
 
 # ------------------------------------------------------------------------------ planning

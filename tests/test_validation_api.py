@@ -167,17 +167,25 @@ def test_executor_from_spec_always_gives_an_executor():
 
     ex = LocalExecutor()
     assert validation.executor_from_spec(ex) is ex
-    for spec in ("local", None, {"kind": "local"}, SimpleNamespace(executor="local", ray_address=None)):
+    for spec in ("local", None, {"backend": "local"}, SimpleNamespace(backend="local", address=None),
+                 SimpleNamespace(executor="local", ray_address=None)):
         assert isinstance(validation.executor_from_spec(spec), LocalExecutor), spec
-    for bad in ("ray-cluster", 3, {"kind": "local", "adress": "x"}):
+    for bad in ("ray-cluster", 3, {"backend": "local", "adress": "x"}, {"kind": "local"},
+                SimpleNamespace(backend="slurm")):
         with pytest.raises(validation.PatchError):
             validation.executor_from_spec(bad)
     pytest.importorskip("ray")
-    ray_ex = validation.executor_from_spec({"kind": "ray", "address": "127.0.0.1:1", "workers": 2, "threads": 3})
+    ray_ex = validation.executor_from_spec({"backend": "ray", "address": "127.0.0.1:1", "workers": 2, "threads": 3})
     assert isinstance(ray_ex, Executor) and (ray_ex.address, ray_ex.workers, ray_ex.threads) == ("127.0.0.1:1", 2, 3)
-    cfg = SimpleNamespace(executor="ray", ray_address="auto", ray_workers=4, ray_gpus_per_worker=None)
+    from bench.matrix import Config
+    from bench.worker import ExecutorSpec
+
+    got = validation.executor_from_spec(ExecutorSpec(backend="ray", address="auto", workers=3, gpus_per_worker=0.5))
+    assert isinstance(got, validation.RayExecutor) and (got.address, got.workers, got.gpus_per_worker) == ("auto", 3, 0.5)
+    cfg = Config(models=["toy-gpt2-2l"], executor="ray", ray_address="auto", ray_workers=4, gpus_per_worker=0.25)
     got = validation.executor_from_spec(cfg)
-    assert isinstance(got, validation.RayExecutor) and (got.address, got.workers) == ("auto", 4)
+    assert isinstance(got, validation.RayExecutor) and (got.address, got.workers, got.gpus_per_worker) == ("auto", 4, 0.25)
+    assert isinstance(validation.executor_from_spec(Config(models=["toy-gpt2-2l"])), LocalExecutor)
 
 
 # ------------------------------------------------------------------------------ errors

@@ -21,12 +21,18 @@ ROOT = Path(__file__).resolve().parent.parent
 def _tree(tmp_path: Path, name: str) -> Path:
     """A copy of the modules the patching-code hash reads, plus the graph file reader's module."""
     root = tmp_path / name
-    reader = Path(inspect.getsourcefile(Graph.from_json)).resolve().relative_to(ROOT)
-    for rel in [Path(*m.split(".")).with_suffix(".py") for m in vf.PATCHING_MODULES] + [reader]:
+    for rel in [Path(*m.split(".")).with_suffix(".py") for m in vf.PATCHING_MODULES] + _readers():
         if (ROOT / rel).exists():
             (root / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(ROOT / rel, root / rel)
     return root
+
+
+def _readers() -> list[Path]:
+    """The graph file reader's module(s): where ``Graph.from_json`` is defined, and
+    ``eap/graph_io.py`` where the reading itself lives."""
+    found = [Path(inspect.getsourcefile(Graph.from_json)).resolve().relative_to(ROOT)]
+    return found + [Path("eap/graph_io.py")] * (ROOT / "eap/graph_io.py").exists()
 
 
 def _edit(path: Path, old: str, new: str) -> None:
@@ -47,11 +53,13 @@ def test_patching_code_hash_follows_patching_code_not_graph_io_or_docs(tmp_path)
     base = vf.patching_code_hash(_tree(tmp_path, "base"))
     assert base == vf.patching_code_hash()  # the copy hashes like the imported modules
 
-    reader = Path(inspect.getsourcefile(Graph.from_json)).resolve().relative_to(ROOT)
     io = _tree(tmp_path, "io")  # the graph file reader edited: code and docstring
-    text = (io / reader).read_text()
-    (io / reader).write_text(text + "\n\ndef _extra_reader_helper(path):\n    return open(path).read()\n")
-    _edit(io / reader, "def from_json(", "def from_json(  # reads EAP-IG files\n")
+    for reader in _readers():
+        text = (io / reader).read_text()
+        (io / reader).write_text(text + "\n\ndef _extra_reader_helper(path):\n    return open(path).read()\n")
+    _edit(io / _readers()[0], "def from_json(", "def from_json(  # reads EAP-IG files\n")
+    if len(_readers()) > 1:
+        _edit(io / "eap/graph_io.py", "def read_json(", "def read_json(  # the reader itself\n")
     assert vf.patching_code_hash(io) == base
 
     doc = _tree(tmp_path, "doc")  # a docstring and a comment in the patching code
@@ -167,17 +175,25 @@ def test_executor_from_spec_always_gives_an_executor():
 
     ex = LocalExecutor()
     assert validation.executor_from_spec(ex) is ex
-    for spec in ("local", None, {"kind": "local"}, SimpleNamespace(executor="local", ray_address=None)):
+    for spec in ("local", None, {"backend": "local"}, SimpleNamespace(backend="local", address=None),
+                 SimpleNamespace(executor="local", ray_address=None)):
         assert isinstance(validation.executor_from_spec(spec), LocalExecutor), spec
-    for bad in ("ray-cluster", 3, {"kind": "local", "adress": "x"}):
+    for bad in ("ray-cluster", 3, {"backend": "local", "adress": "x"}, {"kind": "local"},
+                SimpleNamespace(backend="slurm")):
         with pytest.raises(validation.PatchError):
             validation.executor_from_spec(bad)
     pytest.importorskip("ray")
-    ray_ex = validation.executor_from_spec({"kind": "ray", "address": "127.0.0.1:1", "workers": 2, "threads": 3})
+    ray_ex = validation.executor_from_spec({"backend": "ray", "address": "127.0.0.1:1", "workers": 2, "threads": 3})
     assert isinstance(ray_ex, Executor) and (ray_ex.address, ray_ex.workers, ray_ex.threads) == ("127.0.0.1:1", 2, 3)
-    cfg = SimpleNamespace(executor="ray", ray_address="auto", ray_workers=4, ray_gpus_per_worker=None)
+    from bench.matrix import Config
+    from bench.worker import ExecutorSpec
+
+    got = validation.executor_from_spec(ExecutorSpec(backend="ray", address="auto", workers=3, gpus_per_worker=0.5))
+    assert isinstance(got, validation.RayExecutor) and (got.address, got.workers, got.gpus_per_worker) == ("auto", 3, 0.5)
+    cfg = Config(models=["toy-gpt2-2l"], executor="ray", ray_address="auto", ray_workers=4, gpus_per_worker=0.25)
     got = validation.executor_from_spec(cfg)
-    assert isinstance(got, validation.RayExecutor) and (got.address, got.workers) == ("auto", 4)
+    assert isinstance(got, validation.RayExecutor) and (got.address, got.workers, got.gpus_per_worker) == ("auto", 4, 0.25)
+    assert isinstance(validation.executor_from_spec(Config(models=["toy-gpt2-2l"])), LocalExecutor)
 
 
 # ------------------------------------------------------------------------------ errors

@@ -253,7 +253,8 @@ def evaluate_circuit(
         its fields, as for ``patch_edges``: ``memory_budget``, ``batch_size``, ``readout``,
         ``engine`` (the deprecated ``method``), ``progress`` (default False here); ``eap.budget``
         plans the prompt batches and circuits per forward, the result does not depend on them.
-        ``scale``, ``out``, ``shard`` and ``executor`` do not apply (a ``CircuitError``).
+        ``edges`` (pass ``circuit``), ``scale``, ``out``, ``shard`` and ``executor`` do not
+        apply (a ``CircuitError``).
         ``intervention``, ``reference``: what an out-of-circuit edge carries (``eap.interventions``;
         as for ``patch_edges``): with 'zero'/'mean'/'mean-positional' the empty circuit
         (``corrupted``) is the run with every sender's output replaced at every receiver.
@@ -265,9 +266,9 @@ def evaluate_circuit(
     if options is None:
         kwargs.setdefault("progress", False)
     opts = resolve_options(model, options, kwargs)
-    extra = [k for k, v in (("scale", opts.scale != 1.0), ("out", opts.out is not None),
-                            ("shard", opts.shard is not None), ("executor", opts.executor not in ("local", None)))
-             if v]
+    given = {"edges": opts.edges is not None, "scale": opts.scale != 1.0, "out": opts.out is not None,
+             "shard": opts.shard is not None, "executor": opts.executor not in ("local", None)}
+    extra = [k for k, v in given.items() if v]
     if extra:
         raise CircuitError(f"evaluate_circuit does not take {', '.join(extra)} (circuit evaluation runs locally, "
                            "unscaled, without a results file)")

@@ -158,8 +158,11 @@ def resolve_executor(spec: Any) -> tuple[Executor, bool]:
     return executor_from_spec(spec), True
 
 
-#: Keys of a dict executor spec, as ``RayExecutor`` arguments (bench's ``Config`` has ``ray_<key>``).
+#: Keys of a dict (or object) executor spec besides ``backend``: ``RayExecutor`` arguments.
 _RAY_KEYS = ("address", "workers", "gpus_per_worker", "cpus_per_worker", "threads")
+#: bench ``Config`` fields -> ``RayExecutor`` arguments.
+_CONFIG_KEYS = {"ray_address": "address", "ray_workers": "workers", "gpus_per_worker": "gpus_per_worker",
+                "ray_gpus_per_worker": "gpus_per_worker"}
 
 
 def executor_from_spec(spec: Any = "local") -> Executor:
@@ -167,33 +170,38 @@ def executor_from_spec(spec: Any = "local") -> Executor:
 
     * an :class:`Executor`: itself;
     * None or 'local': a new :class:`LocalExecutor`; 'ray': a new :class:`RayExecutor`;
-    * a dict: ``{"kind": "local"}`` or ``{"kind": "ray", "address": ..., "workers": ...,
-      "gpus_per_worker": ..., "cpus_per_worker": ..., "threads": ...}`` (missing keys: defaults);
-    * an object with ``executor`` ('local' | 'ray') and ``ray_address``, ``ray_workers``,
-      ``ray_gpus_per_worker`` fields (bench's ``Config``).
+    * a dict ``{"backend": "local" | "ray", "address": ..., "workers": ..., "gpus_per_worker": ...,
+      "cpus_per_worker": ..., "threads": ...}`` (missing keys: defaults), or an object with those
+      attributes (bench's ``ExecutorSpec``);
+    * an object with an ``executor`` field ('local' | 'ray') and ``ray_address``, ``ray_workers``,
+      ``gpus_per_worker`` (bench's ``Config``).
 
     Anything else is a :class:`PatchError` naming what is accepted."""
     if isinstance(spec, Executor):
         return spec
+    backend: Any = None
+    kw: dict[str, Any] = {}
     if spec is None or isinstance(spec, str):
-        kind, kw = spec or "local", {}
+        backend = spec or "local"
     elif isinstance(spec, Mapping):
-        kind = spec.get("kind", "local")
-        unknown = sorted(set(spec) - {"kind", *_RAY_KEYS})
+        unknown = sorted(set(spec) - {"backend", *_RAY_KEYS})
         if unknown:
-            raise PatchError(f"unknown executor spec keys {unknown}; use 'kind' and {list(_RAY_KEYS)}")
+            raise PatchError(f"unknown executor spec keys {unknown}; use 'backend' and {list(_RAY_KEYS)}")
+        backend = spec.get("backend", "local")
         kw = {k: spec[k] for k in _RAY_KEYS if spec.get(k) is not None}
+    elif hasattr(spec, "backend"):
+        backend = spec.backend
+        kw = {k: getattr(spec, k) for k in _RAY_KEYS if getattr(spec, k, None) is not None}
     elif hasattr(spec, "executor"):
-        kind = spec.executor or "local"
-        kw = {k: getattr(spec, f"ray_{k}") for k in _RAY_KEYS if getattr(spec, f"ray_{k}", None) is not None}
-    else:
-        kind, kw = None, {}
-    if kind == "local":
+        backend = spec.executor or "local"
+        kw = {a: getattr(spec, f) for f, a in _CONFIG_KEYS.items() if getattr(spec, f, None) is not None}
+    if backend == "local":
         return LocalExecutor()
-    if kind == "ray":
+    if backend == "ray":
         return RayExecutor(**kw)
-    raise PatchError(f"executor must be 'local', 'ray', a dict spec ({{'kind': 'ray', 'address': ...}}), a Config "
-                     f"with an executor field, or an Executor (LocalExecutor(), RayExecutor(...)); got {spec!r}")
+    raise PatchError(f"executor must be 'local', 'ray', a spec with backend 'local' or 'ray' ({{'backend': 'ray', "
+                     f"'address': ...}}), a Config with an executor field, or an Executor (LocalExecutor(), "
+                     f"RayExecutor(...)); got {spec!r}")
 
 
 def _local_ips() -> set[str]:

@@ -172,6 +172,24 @@ def best_by_intervention(cells: list[dict]) -> list[str]:
                     "best CPR", "best CMD"], body)]
 
 
+def worst_section(cells: list[dict], worst: int) -> list[str]:
+    """The worst edges of the largest n per model/task/method (and intervention)."""
+    best: dict[tuple, dict] = {}
+    for c in cells:
+        key = (c["model"], c["task"], c["method"], _iv(c))
+        if key not in best or c["n"] > best[key]["n"]:
+            best[key] = c
+    body = []
+    for c in best.values():
+        for w in c["worst"][:worst]:
+            body.append([c["model"], c["task"], c["method"], _iv(c), str(c["n"]), w["edge"], w["kind"],
+                         f"{w['attribution']:+.3g}", f"{w['exact']:+.3g}", str(w["rank_exact"]),
+                         str(w["rank_attribution"])])
+    return ["", "## Where attribution is most wrong (largest |attribution − exact|, largest n per model/task/method)",
+            "", _table(["model", "task", "method", "intervention", "n", "edge", "kind", "attribution", "exact",
+                        "rank exact", "rank attr"], body)]
+
+
 def markdown(results: dict, worst: int = 5) -> str:
     """The summary printed after a run and saved as ``summary.md``."""
     cells = results["cells"]
@@ -243,19 +261,5 @@ def markdown(results: dict, worst: int = 5) -> str:
         ])
     parts.append(_table(["model", "task", "n", "method", "intervention"] + [f"{k} (edges)" for k in kinds], body))
     if cells:
-        parts += ["", "## Where attribution is most wrong (largest |attribution − exact|, largest n per model/task/method)", ""]
-        best: dict[tuple, dict] = {}
-        for c in cells:
-            key = (c["model"], c["task"], c["method"], _iv(c))
-            if key not in best or c["n"] > best[key]["n"]:
-                best[key] = c
-        body = []
-        for c in best.values():
-            for w in c["worst"][:worst]:
-                body.append([c["model"], c["task"], c["method"], _iv(c), str(c["n"]), w["edge"], w["kind"],
-                             f"{w['attribution']:+.3g}", f"{w['exact']:+.3g}", str(w["rank_exact"]),
-                             str(w["rank_attribution"])])
-        parts.append(_table(["model", "task", "method", "intervention", "n", "edge", "kind", "attribution", "exact",
-                             "rank exact",
-                             "rank attr"], body))
+        parts += worst_section(cells, worst)
     return "\n".join(parts) + "\n"

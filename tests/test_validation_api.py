@@ -5,6 +5,7 @@ from any spec, Ctrl-C during exact patching."""
 from __future__ import annotations
 
 import inspect
+import os
 import shutil
 from pathlib import Path
 
@@ -280,7 +281,8 @@ def test_bench_run_memory_budget_reaches_exact_patching(tiny_model, make_random_
     import bench.__main__ as bm
     from eap.budget import BUDGET_ENV
 
-    monkeypatch.delenv(BUDGET_ENV, raising=False)
+    monkeypatch.setenv(BUDGET_ENV, "")  # recorded, so that teardown restores the variable's absence
+    monkeypatch.delenv(BUDGET_ENV)
     graph = Graph.from_model(tiny_model)
     task = make_random_task(tiny_model, n=2, seq=5)
     seen = {}
@@ -296,9 +298,10 @@ def test_bench_run_memory_budget_reaches_exact_patching(tiny_model, make_random_
     monkeypatch.setattr(bm, "run", fake_run)
     assert bm.main(["run", "--models", "toy-gpt2-2l", "--memory-budget", "96MiB", "--out", str(tmp_path / "r")]) == 0
     assert seen["memory_budget"] == 96 * 2**20
-    monkeypatch.delenv(BUDGET_ENV, raising=False)
+    os.environ.pop(BUDGET_ENV)
     assert bm.main(["run", "--models", "toy-gpt2-2l", "--memory-budget", "lots", "--out", str(tmp_path / "s")]) == 2
     assert "--memory-budget" in capsys.readouterr().err
     seen.clear()
     assert bm.main(["run", "--models", "toy-gpt2-2l", "--out", str(tmp_path / "t")]) == 0
     assert seen["memory_budget"] != 96 * 2**20  # negative control: without the flag, the default budget
+    assert BUDGET_ENV not in os.environ

@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--metric", default="logit_diff")
     p.add_argument("--edges", default="all", help="all | topk:K (needs --scores) | sample:K | stratified:K | "
                    "comma-separated indices/names | file:PATH (one name per line)")
-    p.add_argument("--scores", default=None, help="graph file (Graph.save / .json) whose scores rank topk:K")
+    p.add_argument("--scores", default=None, help="graph file (.pt or .json) whose scores rank topk:K")
     p.add_argument("--nodes", action="store_true", help="patch sender nodes instead of edges")
     p.add_argument("--scale", type=float, default=1.0)
     p.add_argument("--intervention", default="patching", choices=list(INTERVENTIONS),
@@ -141,7 +141,8 @@ def _run(a: argparse.Namespace, executor) -> int:
     task = eap.tasks.ioi(model, a.n, seed=a.seed, prompt_type=a.prompt_type, metric=a.metric)
     scores = None
     if a.scores:
-        g = Graph.from_json(a.scores) if a.scores.endswith(".json") else Graph.load(a.scores)
+        read = Graph.from_json if a.scores.endswith(".json") else Graph.from_pt
+        g = read(a.scores, model)  # a file recorded for another model is refused
         g.check_model(model)  # a graph file (ours or EAP-IG's/MIB's) of another model is refused
         scores = g.edge_scores()
     from eap.budget import parse_size

@@ -98,15 +98,18 @@ def scatter(cells: list[dict], run_dir: Path, out: Path, n_labels: int = 4) -> l
             for i in np.argsort(-np.abs(a - e))[:n_labels]:
                 ax.annotate(str(names[i]), (e[i], a[i]), fontsize=6, xytext=(3, 3), textcoords="offset points")
             s = c["stats"]
-            iv = "" if len(rows) == 1 else f" [{_iv(c)}]"
-            ax.set_title(f"{c['method']}{iv}: ρ={s['spearman']['value']:.2f}  τ={s['kendall']['value']:.2f}", fontsize=9)
-            ax.set_xlabel("exact patching effect (metric units)")
+            ax.set_title(f"{c['method']}: ρ={s['spearman']['value']:.2f}  τ={s['kendall']['value']:.2f}", fontsize=9)
+            ax.set_xlabel("exact patching effect (metric units)" if len(rows) == 1 else "exact effect (metric units)",
+                          fontsize=8)
             ax.text(0.02, 0.98, f"edges: {edges_label(c)}\nn={c['n']} prompts", transform=ax.transAxes,
                     va="top", fontsize=7)
-        for row in axes:
-            row[0].set_ylabel("attribution score (metric units)")
+        for row, iv in zip(axes, rows):  # one row per intervention, named on its first panel
+            row[0].set_ylabel("attribution score (metric units)" if len(rows) == 1
+                              else f"{iv}\nattribution score (metric units)")
         axes[0][len(next(iter(rows.values()))) - 1].legend(title="receiver", fontsize=7, title_fontsize=7, loc="lower right", markerscale=2)
         fig.suptitle(f"{model}, task {task}: attribution vs exact per edge", y=1.02)
+        if len(rows) > 1:
+            fig.tight_layout()
         paths += _save(fig, out, f"scatter_{slug(model)}_{slug(task)}_n{n}")
     return paths
 

@@ -29,6 +29,7 @@ from bench.gate import ThresholdError
 from bench.matrix import REPO, Config, ConfigError, WorkerError, collect, default_tasks, rescore, run
 from bench.plugins import PluginError
 from eap.models import ModelLoadError
+from eap.task import TaskError
 
 
 def _list(text: str | None, conv=str):
@@ -329,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         return args.fn(args)
-    except (ConfigError, PluginError, ThresholdError, WorkerError, ModelLoadError) as exc:
+    except (ConfigError, PluginError, ThresholdError, WorkerError, ModelLoadError, TaskError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

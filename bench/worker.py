@@ -75,6 +75,18 @@ def groups_of(n: int, groups: int) -> list[torch.Tensor]:
     return [torch.arange(i * size, (i + 1) * size) for i in range(g)]
 
 
+def prompt_groups(model: Any, task: Any, job: dict) -> list[Any]:
+    """The task split into the job's prompt groups (:func:`groups_of`). Before any split, the
+    check ``eap.attribute`` makes for its batches: a metric closing over data of all prompts is a
+    ``TaskError`` naming ``per_prompt=`` and bench's way out, ``--groups 1``."""
+    groups = groups_of(job["n"], job["groups"])
+    if len(groups) > 1:
+        task.check_split(model.cfg.d_vocab, f"bench (--groups {job['groups']}: {len(groups)} prompt groups, for the "
+                         "bootstrap confidence intervals)", "run bench with --groups 1 (one prompt group: it works, "
+                         "but gives no confidence intervals)")
+    return [task.subset(idx) for idx in groups]
+
+
 def _log(msg: str, progress: bool) -> None:
     if progress:
         print(f"[bench] {msg}", file=sys.stderr, flush=True)
@@ -128,8 +140,7 @@ def run_exact(model: Any, job: dict, progress: bool = True, executor: Any = "loc
     graph = eap.Graph.from_model(model)
     task = _job_task(model, job)
     edges = graph.select_edges(job["edges"], seed=job["seed"])
-    groups = groups_of(job["n"], job["groups"])
-    subs = [task.subset(idx) for idx in groups]
+    subs = prompt_groups(model, task, job)
     fps = _fingerprints(model, graph, subs, edges)
     meta_path = out / "meta.json"
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else None
@@ -246,6 +257,8 @@ def run_attr(model: Any, job: dict, progress: bool = True) -> dict:
     def call(t: Any) -> torch.Tensor:
         return call_method(method, model, graph, t, kw)
 
+    groups = prompt_groups(model, task, job)  # checked before any timed call
+
     meta: dict[str, Any] = {"n_edges": graph.n_edges, "repeats": 0, "time_s": float("nan"), "times_s": [],
                             "floor_kind": floor_kind(task), "floor_s": float("nan"), "floor_ratio": float("nan"),
                             "full_logits": None, "peak_mib": float("nan"), "floor_peak_mib": float("nan")}
@@ -267,7 +280,7 @@ def run_attr(model: Any, job: dict, progress: bool = True) -> dict:
         with PeakMemory(device) as fpm:
             floor_pass(model, task)
         meta.update(peak_mib=pm.mib, floor_peak_mib=fpm.mib, memory_method=pm.method)
-    rows = [call(task.subset(idx)).float() for idx in groups_of(job["n"], job["groups"])]
+    rows = [call(sub).float() for sub in groups]
     torch.save(torch.stack(rows), job["out"] + ".pt")
     Path(job["out"] + ".json").write_text(json.dumps(meta, indent=1, allow_nan=True))
     return meta
@@ -342,6 +355,8 @@ def run_jobs(spec: dict, progress: bool = True) -> None:
 
 
 def main(argv: list[str]) -> int:
+    from eap.task import TaskError
+
     path = Path(argv[0])
     spec = json.loads(path.read_text())
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -349,7 +364,8 @@ def main(argv: list[str]) -> int:
         run_jobs(spec, progress=spec.get("progress", True))
     except Exception as exc:
         Path(str(path) + ".error").write_text(f"{type(exc).__name__}: {exc}")
-        traceback.print_exc()
+        if not isinstance(exc, TaskError):  # a task the user must fix: the message says it all
+            traceback.print_exc()
         return 1
     return 0
 

@@ -160,16 +160,9 @@ def attribute(
     else:
         strategy.plan(task, batch_size, memory_budget)
     if batch_size < task.n_prompts:
-        problem = task.subset_problem(model.cfg.d_vocab)
-        if problem is not None:
-            why = (f"batch_size={batch_size}" if chosen else
-                   f"the memory budget holds {batch_size} prompts per batch (eap.budget)")
-            raise TaskError(
-                f"{problem}: the metric seems to close over data of all {task.n_prompts} prompts, but {why} "
-                f"splits them. Pass the per-prompt data (answer ids, positions, ...) through "
-                f"Task(per_prompt=...) so the metric is called as metric(logits, **batch_data), or use "
-                f"batch_size >= {task.n_prompts} (a larger memory_budget)."
-            )
+        why = (f"batch_size={batch_size}" if chosen else
+               f"the memory budget holds {batch_size} prompts per batch (eap.budget)")
+        task.check_split(model.cfg.d_vocab, why, f"use batch_size >= {task.n_prompts} (a larger memory_budget)")
     batches = list(task.batches(batch_size))
     bar = tqdm(batches, desc=f"{method} attribution", unit="batch", disable=not progress or len(batches) == 1)
     for batch in bar:

@@ -184,6 +184,18 @@ class Task:
                 return f"the {what} returned shape {got} for {k} of the {n} prompts (expected [{k}])"
         return None
 
+    def check_split(self, d_vocab: int, splitter: str, way_out: str) -> None:
+        """A ``TaskError`` when the metric cannot be evaluated on a subset of the prompts
+        (:meth:`subset_problem`) although ``splitter`` (what splits them, e.g. "batch_size=4")
+        will; the message names ``per_prompt=`` and ``way_out``, the caller's other remedy."""
+        problem = self.subset_problem(d_vocab)
+        if problem is not None:
+            raise TaskError(
+                f"{problem}: the metric seems to close over data of all {self.n_prompts} prompts, but {splitter} "
+                f"splits them. Pass the per-prompt data (answer ids, positions, ...) through "
+                f"Task(per_prompt=...) so the metric is called as metric(logits, **batch_data), or {way_out}."
+            )
+
     def check_tokens(self, d_vocab: int, n_ctx: int | None = None) -> None:
         """Raise ``TaskError`` if a prompt holds a token id outside ``[0, d_vocab)`` or the prompts
         are longer than the model's context ``n_ctx`` (the one check attribution and exact

@@ -35,6 +35,7 @@ parent to report.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import sys
@@ -85,6 +86,39 @@ def prompt_groups(model: Any, task: Any, job: dict) -> list[Any]:
                          "bootstrap confidence intervals)", "run bench with --groups 1 (one prompt group: it works, "
                          "but gives no confidence intervals)")
     return [task.subset(idx) for idx in groups]
+
+
+class EngineLog(logging.Handler):
+    """The engines ``eap.attribute`` reports while the block runs (its INFO record's
+    ``eap_engine``/``eap_engine_reason``): :meth:`summary` is ``{"engine", "engine_reason"}`` for a
+    cell, "not reported" for a method that never calls ``eap.attribute``. The logger's level is
+    restored on exit."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.seen: dict[str, str] = {}
+        self.logger = logging.getLogger("eap.attribute")
+
+    def emit(self, record: logging.LogRecord) -> None:
+        name = getattr(record, "eap_engine", None)
+        if name:
+            self.seen.setdefault(name, getattr(record, "eap_engine_reason", ""))
+
+    def __enter__(self) -> "EngineLog":
+        self.old_level = self.logger.level
+        self.logger.addHandler(self)
+        if self.logger.getEffectiveLevel() > logging.INFO:
+            self.logger.setLevel(logging.INFO)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.logger.removeHandler(self)
+        self.logger.setLevel(self.old_level)
+
+    def summary(self) -> dict[str, str]:
+        if not self.seen:
+            return {"engine": "not reported", "engine_reason": "the method did not call eap.attribute"}
+        return {"engine": "+".join(sorted(self.seen)), "engine_reason": "; ".join(r for r in self.seen.values() if r)}
 
 
 def _log(msg: str, progress: bool) -> None:
@@ -280,7 +314,9 @@ def run_attr(model: Any, job: dict, progress: bool = True) -> dict:
         with PeakMemory(device) as fpm:
             floor_pass(model, task)
         meta.update(peak_mib=pm.mib, floor_peak_mib=fpm.mib, memory_method=pm.method)
-    rows = [call(sub).float() for sub in groups]
+    with EngineLog() as engines:
+        rows = [call(sub).float() for sub in groups]
+    meta.update(engines.summary())
     torch.save(torch.stack(rows), job["out"] + ".pt")
     Path(job["out"] + ".json").write_text(json.dumps(meta, indent=1, allow_nan=True))
     return meta

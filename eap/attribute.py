@@ -45,6 +45,7 @@ methods run on the bridge engine.
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Literal
 
 import torch
@@ -54,7 +55,7 @@ from tqdm.auto import tqdm
 
 from eap.arch import Readout
 from eap.budget import attribution_batch_size
-from eap.fast import ENGINES, FastEngine, engine_for
+from eap.fast import ENGINES, FastEngine, bridge_reason, engine_for
 from eap.graph import Graph, HookGroup
 from eap.hooks import (
     StopForward, check_edge_hooks, leaf_input_hook, run_until_stop, sender_difference_hooks, stop_hook, with_grad_hook,
@@ -65,6 +66,11 @@ from eap.task import Task, TaskError
 GRADIENT_METHODS = ("eap", "eap-ig", "clean-corrupted")
 ATP_METHODS = ("atp-qk", "atp-graddrop", "atp*")
 METHODS = GRADIENT_METHODS + ATP_METHODS
+
+#: ``eap.attribute`` logs the engine of each call at INFO here; the record carries ``eap_engine``
+#: ('fast' or 'bridge') and ``eap_engine_reason`` (why the bridge; '' for fast) for tools (bench).
+log = logging.getLogger(__name__)
+
 
 class AttributionError(ValueError):
     """Bad arguments to ``attribute``."""
@@ -146,7 +152,9 @@ def attribute(
 
     ``engine``: ``"auto"`` (the fast engine of ``eap.fast`` where the architecture adapter
     reproduces the model and no hooks are attached, else the bridge's hooks), ``"fast"`` (or
-    ``eap.arch.UnsupportedModel``) or ``"bridge"``; the scores are the same.
+    ``eap.arch.UnsupportedModel``) or ``"bridge"``; the scores are the same. Which engine ran,
+    and why the bridge where it did, is logged at INFO by the ``eap.attribute`` logger
+    (``logging.basicConfig(level=logging.INFO)`` shows it).
     """
     _check_inputs(model, graph, task, method, level, engine)
     device, dtype = model_device(model), model_dtype(model)
@@ -154,6 +162,9 @@ def attribute(
     # accumulate in at least float32 (a half-precision model would otherwise sum in half)
     scores = torch.zeros(graph.n_senders, graph.n_receivers, device=device, dtype=torch.promote_types(dtype, torch.float32))
     strategy = _strategy(model, graph, method, ig_steps, scores, engine)
+    used, reason = _engine_used(model, strategy, method, engine)
+    log.info("eap.attribute %s: %s engine%s", method, used, f" ({reason})" if reason else "",
+             extra={"eap_engine": used, "eap_engine_reason": reason})
     chosen = batch_size is not None
     if batch_size is None:
         batch_size = strategy.auto_batch_size(task, memory_budget)
@@ -188,6 +199,15 @@ def _strategy(model: Any, graph: Graph, method: str, ig_steps: int,
     from eap.atp import AtP, atp_options  # eap.atp builds on this module's pieces
 
     return AtP(model, graph, atp_options(method), scores)
+
+
+def _engine_used(model: Any, strategy: Any, method: str, engine: str) -> tuple[str, str]:
+    """('fast' | 'bridge', why the bridge: '' for fast) for one ``attribute`` call."""
+    if not isinstance(strategy, GradientMethod):
+        return "bridge", f"{method!r} runs on the bridge engine only (eap.atp)"
+    if strategy.fast is not None:
+        return "fast", ""
+    return "bridge", bridge_reason(model, engine)
 
 
 class GradientMethod:

@@ -63,17 +63,29 @@ def test_n_params_is_the_checkpoints_count():
     assert gpt2["n_params"] == gpt2["n_params_ungrouped"]
 
 
-def test_embedded_cards_carry_the_checkpoint_count():
+def test_embedded_cards_and_sample_results_carry_the_checkpoint_count():
     import json
+    import math
+    from pathlib import Path
 
     from safetensors import safe_open
 
+    sample = json.loads((Path(__file__).resolve().parents[1] / "docs" / "sample" / "results.json").read_text())
     for name in ("toy-gpt2-2l", "toy-llama-4l"):
         with safe_open(str(EMBEDDED_DIR / name / "model.safetensors"), "pt") as f:
-            in_file = sum(f.get_slice(k).get_shape().numel() if hasattr(f.get_slice(k).get_shape(), "numel")
-                          else torch.Size(f.get_slice(k).get_shape()).numel() for k in f.keys())
+            in_file = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
         card = json.loads((EMBEDDED_DIR / name / "card.json").read_text())
         assert card["config"]["n_params"] == in_file == describe(load_model(name, device="cpu"))["n_params"]
+        assert {c["model_info"]["n_params"] for c in sample["cells"] if c["model"] == name} == {in_file}
+
+
+def test_no_private_transformer_lens_attributes():
+    """Issue 20: eap.models reads the bridge's public ``original_component``, never the private
+    ``_original_component`` (a checked-in source scan; the round trip is tested below)."""
+    import eap.models
+
+    source = open(eap.models.__file__).read()
+    assert "._original_component" not in source and '"_original_component"' not in source
 
 
 @pytest.fixture

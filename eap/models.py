@@ -394,7 +394,11 @@ def load_model(
 ) -> Any:
     """Load a model ready for edge work (see module docstring for what names mean).
 
-    ``device=None`` means CUDA when available, else CPU; ``dtype=None`` means float32.
+    ``device=None`` means CUDA when available, else CPU; ``dtype=None`` means float32. Quiet: the
+    messages of transformers and TransformerLens are silenced for this call only. Grouped-query
+    models are ungrouped in the transformers model loaded here (nothing you hold is changed; see
+    :func:`wrap_hf_model` for a model you pass in). A directory without a tokenizer loads with
+    ``model.tokenizer = None``.
     """
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or torch.float32

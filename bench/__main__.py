@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -26,7 +27,7 @@ from pathlib import Path
 
 from bench import gate as gate_mod
 from bench.gate import ThresholdError
-from bench.matrix import REPO, Config, ConfigError, WorkerError, collect, default_tasks, rescore, run
+from bench.matrix import DEFAULT_METHODS, METHOD_REGISTRY, REPO, Config, ConfigError, WorkerError, collect, default_tasks, rescore, run
 from bench.plugins import PluginError
 from eap.models import ModelLoadError
 from eap.task import TaskError
@@ -52,8 +53,9 @@ def _add_matrix_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="JSON or TOML file with Config keys (flags override it)")
     p.add_argument("--models", help="comma-separated: embedded names, random:<shape>[@seed], local dirs, HF names")
     p.add_argument("--sizes", help="comma-separated numbers of prompts, e.g. 16,64,256")
-    p.add_argument("--methods", help="comma-separated: eap, eap-ig, clean-corrupted, atp-qk, atp-graddrop, atp* "
-                   "(quote it in a shell), module:function, or the name of an installed 'eap_bench.methods' entry point")
+    p.add_argument("--methods", help="comma-separated: " + ", ".join(m.describe() for m in METHOD_REGISTRY if m.builtin)
+                   + " (quote atp* in a shell), module:function, or the name of an installed 'eap_bench.methods' "
+                   "entry point; default " + ",".join(DEFAULT_METHODS))
     p.add_argument("--tasks", help="comma-separated tasks: built-in names (eap.tasks.TASKS), module:function "
                    "(called as fn(model, n, seed=..., **task_kwargs) -> eap.Task), or 'eap_bench.tasks' entry points")
     p.add_argument("--task", help="a single task (same as --tasks with one entry)")
@@ -67,6 +69,8 @@ def _add_matrix_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bootstrap", type=int, help="bootstrap replicates (default 200)")
     p.add_argument("--ig-steps", type=int)
     p.add_argument("--batch-size", type=int)
+    p.add_argument("--memory-budget", help="bytes or a size such as 2GiB for attribution and exact patching in the "
+                   "workers (default: half of the free device memory; eap.budget)")
     p.add_argument("--device", help="default: the model's (CUDA when available)")
     p.add_argument("--dtype", help="e.g. float32, float64, bfloat16")
     p.add_argument("--threads", type=int, help="torch CPU threads in the workers (1: steadier timings under load)")
@@ -111,6 +115,14 @@ def _config(args: argparse.Namespace, base: dict | None = None) -> Config:
 
 def cmd_run(args: argparse.Namespace) -> int:
     cfg = _config(args)
+    if getattr(args, "memory_budget", None):
+        from eap.budget import BUDGET_ENV, BudgetError, parse_size
+
+        try:
+            parse_size(args.memory_budget)  # a bad size fails here, not in a worker
+        except BudgetError as exc:
+            raise ConfigError(f"--memory-budget: {exc}") from None
+        os.environ[BUDGET_ENV] = args.memory_budget  # the workers (this process or children) resolve it
     out = Path(args.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
     t0 = time.perf_counter()
     results = run(cfg, out)

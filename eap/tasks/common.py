@@ -27,6 +27,9 @@ from torch import Tensor
 
 from eap.task import Task, TaskError
 
+#: Punctuation the task templates use and the word-level tokenizer isolates.
+PUNCTUATION: tuple[str, ...] = (",", ".")
+
 
 @dataclass
 class Prompts:

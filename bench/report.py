@@ -146,9 +146,9 @@ def markdown(results: dict, worst: int = 5) -> str:
         "",
         "## Cost",
         "",
-        "Engine: the one `eap.attribute` reported for the method (fast or bridge; results.json says why "
-        "the bridge). Times in s (attribution: median of interleaved repeats; ×floor: against the bare model's corrupted "
-        "forward + clean forward + backward with the same read-out; ×floor full: both with full logits). "
+        "Engine: the one `eap.attribute` reported (fast or bridge; results.json says why the bridge). Times in s "
+        "(attribution: median of interleaved repeats; ×floor: against the bare model's corrupted forward + clean "
+        "forward + backward with the same read-out; ×floor full: both with full logits). "
         "Exact: warm patched forwards of the selected edges; setup+I/O: caching forwards, fingerprint and "
         "results files; speed-up: warm exact for all edges / warm attribution. MiB over the pre-call baseline.",
         "",
@@ -158,10 +158,9 @@ def markdown(results: dict, worst: int = 5) -> str:
         a, cost = c["attribution"], c["exact"]["cost"]
         body.append([
             c["model"], c["task"], str(c["n"]), c["method"], edges_label(c), str(a.get("engine", "–")),
-            str(a.get("floor_kind", "–")),
-            _f(a["time_s"]), _f(a["floor_ratio"], 2), _f(_full(a, "floor_ratio"), 2), _f(a["peak_mib"]),
-            _f(cost["compute_s"]), _f(cost["setup_io_s"]), _f(cost["fwd_eq_per_edge"], 2), _f(cost["peak_mib"]),
-            _speedup(c["speedup"]),
+            str(a.get("floor_kind", "–")), _f(a["time_s"]), _f(a["floor_ratio"], 2), _f(_full(a, "floor_ratio"), 2),
+            _f(a["peak_mib"]), _f(cost["compute_s"]), _f(cost["setup_io_s"]), _f(cost["fwd_eq_per_edge"], 2),
+            _f(cost["peak_mib"]), _speedup(c["speedup"]),
         ])
     parts.append(_table(["model", "task", "n", "method", "edges", "engine", "floor", "attr s", "×floor", "×floor full",
                          "attr MiB", "exact warm s", "exact setup+I/O s", "fwd-eq/edge", "exact MiB",

@@ -152,6 +152,7 @@ def check_edges(model: Any) -> ArchSpec:
     """Raise ``UnsupportedModel`` unless the edge graph (per-head senders, per-query-head q/k/v
     receivers, additive residual stream) is right for ``model``; returns its :class:`ArchSpec`."""
     cfg = model.cfg
+    spec = arch_spec(model)  # first: a family eap.arch does not describe is refused as such, MHA or GQA
     n_kv = getattr(cfg, "n_key_value_heads", None)
     if n_kv not in (None, cfg.n_heads):
         raise UnsupportedModel(
@@ -159,7 +160,6 @@ def check_edges(model: Any) -> ArchSpec:
             "the edge graph has q, k and v receivers per query head (as MIB and EAP-IG); load the model with "
             "eap.load_model, which ungroups the key/value heads (same function, one k/v input per query head)"
         )
-    spec = arch_spec(model)
     if spec.post_norms:
         raise UnsupportedModel(
             f"{spec.family}: a norm after attention (post_attention_layernorm) acts on the sum of all heads, so "

@@ -38,7 +38,7 @@ from torch import Tensor
 
 from eap.budget import attribution_batch_size
 from eap.graph import Graph
-from eap.hooks import run_until_stop, sender_difference_hooks, stop_hook
+from eap.hooks import edge_hooks_unavailable, run_until_stop, sender_difference_hooks, stop_hook
 
 
 class InterventionError(ValueError):
@@ -144,6 +144,10 @@ def replacement_for(
             "has none (Task(reference=...)); pass reference= (a [m, seq] token tensor)")
     if not isinstance(ref, Tensor) or ref.dim() != 2 or ref.dtype.is_floating_point or ref.shape[0] == 0:
         raise InterventionError("reference prompts must be a non-empty [m, seq] tensor of token ids")
+    why = edge_hooks_unavailable(model)
+    if why is not None:
+        raise InterventionError(f"intervention {iv.value!r} takes its means through the model's per-head hooks, "
+                                f"which its TransformerLens adapter lacks: {why}")
     d_vocab = model.cfg.d_vocab
     if bool(((ref < 0) | (ref >= d_vocab)).any()):
         raise InterventionError(f"reference prompts hold token ids outside the model's vocabulary [0, {d_vocab})")

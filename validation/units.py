@@ -32,8 +32,10 @@ from torch import Tensor
 
 from eap.budget import PatchPlan
 from eap.graph import Graph, GraphError
-from eap.hooks import StopForward, run_until_stop, sender_difference_hooks, stop_hook
-from eap.interventions import Replacement
+from eap.hooks import (
+    StopForward, edge_hooks_unavailable, require_edge_hooks, run_until_stop, sender_difference_hooks, stop_hook,
+)
+from eap.interventions import InterventionError, Replacement
 from eap.task import Task
 from validation.runner import BlockRunner
 
@@ -50,7 +52,7 @@ class _Cache:
 
 
 def _collect(model: Any, graph: Graph, task: Task, residuals: bool, differences: bool = True,
-             replacement: Replacement | None = None) -> _Cache:
+             runner: BlockRunner | None = None, replacement: Replacement | None = None) -> _Cache:
     """One corrupted and one clean forward of ``task``'s prompts through the model's hooks.
 
     The corrupted forward writes the sender outputs into the difference buffer and stops after
@@ -62,7 +64,18 @@ def _collect(model: Any, graph: Graph, task: Task, residuals: bool, differences:
     stops there.
 
     ``replacement`` (an intervention other than patching, ``eap.interventions``): its sender
-    outputs take the corrupted forward's place."""
+    outputs take the corrupted forward's place.
+
+    A model whose TransformerLens adapter has no per-head hooks (``eap.hooks.edge_hooks_unavailable``,
+    GPT-J) gets the same cache from ``runner`` (``BlockRunner.collect``: the adapter's blocks; the
+    model computes only the input embeddings)."""
+    if edge_hooks_unavailable(model) is not None:
+        if replacement is not None:  # the means are taken through the hooks too
+            raise InterventionError(f"intervention {replacement.intervention.value!r} needs the model's per-head hooks, "
+                                    f"which its TransformerLens adapter lacks: {edge_hooks_unavailable(model)}")
+        if runner is None:
+            require_edge_hooks(model, "exact patching was asked for on the hook path")
+        return _Cache(*runner.collect(model, graph, task.clean, task.corrupted, residuals, differences))
     L = graph.spec.n_layers
     nb, p = task.clean.shape
     param = next(model.parameters())
@@ -323,7 +336,8 @@ def prepare_batch(job: PatchJob, batch: int) -> _Evaluator:
     P = job.batches[batch]
     t = job.task if (P.start, P.stop) == (0, job.task.n_prompts) else job.task.subset(P)
     with torch.no_grad():
-        cache = _collect(job.model, job.graph, t, residuals=job.runner is not None, replacement=job.replacement)
+        cache = _collect(job.model, job.graph, t, residuals=job.runner is not None, runner=job.runner,
+                         replacement=job.replacement)
     return _Evaluator(job.model, job.graph, t, cache, job.readout, job.runner)
 
 

@@ -23,10 +23,10 @@ from conftest import random_task
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 F64 = dict(device="cpu", dtype=torch.float64)
-FAMILIES = ["gpt2-tiny", "pythia-tiny", "llama-tiny"]  # GPT-2-, NeoX- and Llama-shaped
+FAMILIES = ["gpt2-tiny", "pythia-tiny", "llama-tiny", "qwen-tiny"]  # the fast path's families (tests/test_fast.py)
 REPLACING = ["zero", "mean", "mean-positional"]
 #: fast path vs bridge: Llama-like models run softmax in float32 inside HF (see test_fast.py)
-TOL = {"gpt2-tiny": 1e-9, "pythia-tiny": 1e-9, "llama-tiny": 1e-6}
+TOL = {"gpt2-tiny": 1e-9, "pythia-tiny": 1e-9, "llama-tiny": 1e-6, "qwen-tiny": 1e-6}
 
 
 def with_reference(task: Task, reference: torch.Tensor) -> Task:

@@ -23,13 +23,7 @@ import sys
 import torch
 
 
-def _dtype(name: str | None):
-    if name is None:
-        return None
-    table = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if name not in table:
-        raise SystemExit(f"unknown --dtype {name!r}; use one of {sorted(table)}")
-    return table[name]
+from validation.cli_commands import dtype_arg as _dtype
 
 
 def _edges_arg(spec: str):
@@ -134,8 +128,11 @@ def _run(a: argparse.Namespace, executor) -> int:
 
     model = eap.load_model(a.model, device=a.device, dtype=_dtype(a.dtype))
     graph = Graph.from_model(model)
+    from eap.task import TaskError
     from validation.cli_commands import make_task
 
+    if a.prompt_type is not None and a.task != "ioi":
+        raise TaskError(f"--prompt-type is an IOI option; for --task {a.task!r} use --task-kwargs")
     extra = {k: v for k, v in (("prompt_type", a.prompt_type), ("metric", a.metric)) if v is not None}
     task = make_task(model, a, extra)
     scores = None

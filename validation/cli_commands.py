@@ -20,6 +20,16 @@ from typing import Any
 import torch
 
 
+def dtype_arg(name: str | None):
+    """The torch dtype a ``--dtype`` value names (None: the model's default)."""
+    if name is None:
+        return None
+    table = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if name not in table:
+        raise SystemExit(f"unknown --dtype {name!r}; use one of {sorted(table)}")
+    return table[name]
+
+
 def add_task_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", default="ioi", help="built-in task name (ioi, greater-than, induction, sva) or "
                    "module:function returning an eap.Task (builder(model, n, seed=0, **kwargs))")
@@ -83,11 +93,9 @@ def _common(p: argparse.ArgumentParser) -> None:
 def _load(a: argparse.Namespace):
     import eap
     from eap.graph import Graph
-    from validation.__main__ import _dtype
-
     if a.threads:
         torch.set_num_threads(a.threads)
-    model = eap.load_model(a.model, device=a.device, dtype=_dtype(a.dtype))
+    model = eap.load_model(a.model, device=a.device, dtype=dtype_arg(a.dtype))
     return model, Graph.from_model(model), make_task(model, a)
 
 

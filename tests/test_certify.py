@@ -88,6 +88,8 @@ def test_bad_input_is_refused(setup):
         validation.certify(model, graph, task, bad, budget=5, threshold=tau)
     with pytest.raises(CertifyError, match="threshold"):
         validation.run_certificate(scores, lambda e: truth[e], budget=5, threshold=-1.0)
+    with pytest.raises(CertifyError, match="P%"):
+        validation.run_certificate(scores, lambda e: truth[e], budget=5, threshold="x%")
     with pytest.raises(CertifyError, match="confidence"):
         validation.run_certificate(scores, lambda e: truth[e], budget=5, threshold=tau, confidence=1.5)
 

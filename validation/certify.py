@@ -170,7 +170,12 @@ def resolve_threshold(threshold: float | str, first_effects: Float[Tensor, " k"]
     """``threshold``: a number (|effect| in metric units) or ``'P%'``: P percent of the largest
     |effect| in the first verified block (fixed before any edge is sampled)."""
     if isinstance(threshold, str) and threshold.strip().endswith("%"):
-        frac = float(threshold.strip()[:-1]) / 100
+        try:
+            frac = float(threshold.strip()[:-1]) / 100
+        except ValueError:
+            raise CertifyError(f"threshold {threshold!r}: 'P%' wants a number P") from None
+        if not 0 <= frac < 1:
+            raise CertifyError(f"threshold {threshold!r}: P must be in [0, 100)")
         return frac * float(first_effects.abs().max()) if first_effects.numel() else 0.0
     tau = float(threshold)
     if not math.isfinite(tau) or tau < 0:

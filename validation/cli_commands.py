@@ -127,14 +127,18 @@ def certify_main(argv: list[str]) -> int:
     a = p.parse_args(argv)
     import eap
     from validation.certify import certify
+    from validation.certify_stats import CertifyError
 
+    try:
+        threshold = a.threshold if a.threshold.strip().endswith("%") else float(a.threshold)
+    except ValueError:
+        raise CertifyError(f"--threshold wants a number (|effect|, metric units) or P%, got {a.threshold!r}") from None
     model, graph, task = _load(a)
     if a.scores:
         scores = {path: _graph_file(path, model).edge_scores() for path in a.scores.split(",")}
     else:
         scores = {m: eap.attribute(model, graph, task, method=m, batch_size=a.batch_size, progress=False,
                                    write_graph=False) for m in a.methods.split(",")}
-    threshold = a.threshold if a.threshold.strip().endswith("%") else float(a.threshold)
     print(f"{a.model}: {graph}; task {task.name} n={task.n_prompts}; scores from {', '.join(scores)}")
     cert = certify(model, graph, task, scores, budget=a.budget, threshold=threshold, confidence=a.confidence,
                    seed=a.sample_seed, patience=a.patience, verify_share=a.verify_share, out=a.out,

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -26,9 +27,10 @@ from pathlib import Path
 
 from bench import gate as gate_mod
 from bench.gate import ThresholdError
-from bench.matrix import REPO, Config, ConfigError, WorkerError, collect, default_tasks, rescore, run
+from bench.matrix import DEFAULT_METHODS, METHOD_REGISTRY, REPO, Config, ConfigError, WorkerError, collect, default_tasks, rescore, run
 from bench.plugins import PluginError
 from eap.models import ModelLoadError
+from eap.task import TaskError
 
 
 def _list(text: str | None, conv=str):
@@ -51,8 +53,9 @@ def _add_matrix_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="JSON or TOML file with Config keys (flags override it)")
     p.add_argument("--models", help="comma-separated: embedded names, random:<shape>[@seed], local dirs, HF names")
     p.add_argument("--sizes", help="comma-separated numbers of prompts, e.g. 16,64,256")
-    p.add_argument("--methods", help="comma-separated: eap, eap-ig, clean-corrupted, atp-qk, atp-graddrop, atp* "
-                   "(quote it in a shell), module:function, or the name of an installed 'eap_bench.methods' entry point")
+    p.add_argument("--methods", help="comma-separated: " + ", ".join(m.describe() for m in METHOD_REGISTRY if m.builtin)
+                   + " (quote atp* in a shell), module:function, or the name of an installed 'eap_bench.methods' "
+                   "entry point; default " + ",".join(DEFAULT_METHODS))
     p.add_argument("--tasks", help="comma-separated tasks: built-in names (eap.tasks.TASKS), module:function "
                    "(called as fn(model, n, seed=..., **task_kwargs) -> eap.Task), or 'eap_bench.tasks' entry points")
     p.add_argument("--task", help="a single task (same as --tasks with one entry)")
@@ -66,6 +69,8 @@ def _add_matrix_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bootstrap", type=int, help="bootstrap replicates (default 200)")
     p.add_argument("--ig-steps", type=int)
     p.add_argument("--batch-size", type=int)
+    p.add_argument("--memory-budget", help="bytes or a size such as 2GiB for attribution and exact patching in the "
+                   "workers (default: half of the free device memory; eap.budget)")
     p.add_argument("--device", help="default: the model's (CUDA when available)")
     p.add_argument("--dtype", help="e.g. float32, float64, bfloat16")
     p.add_argument("--threads", type=int, help="torch CPU threads in the workers (1: steadier timings under load)")
@@ -110,6 +115,14 @@ def _config(args: argparse.Namespace, base: dict | None = None) -> Config:
 
 def cmd_run(args: argparse.Namespace) -> int:
     cfg = _config(args)
+    if getattr(args, "memory_budget", None):
+        from eap.budget import BUDGET_ENV, BudgetError, parse_size
+
+        try:
+            parse_size(args.memory_budget)  # a bad size fails here, not in a worker
+        except BudgetError as exc:
+            raise ConfigError(f"--memory-budget: {exc}") from None
+        os.environ[BUDGET_ENV] = args.memory_budget  # the workers (this process or children) resolve it
     out = Path(args.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
     t0 = time.perf_counter()
     results = run(cfg, out)
@@ -132,13 +145,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def _parse_pairs(items: list[str] | None, flag: str) -> dict[str, float]:
-    mins = {}
-    for item in items or []:
-        stat, sep, val = item.partition("=")
-        if not sep:
-            raise SystemExit(f"{flag} wants stat=value, got {item!r}")
-        mins[stat] = float(val)
-    return mins
+    """--min/--max/--floor/--band items, checked (``bench.gate.parse_bounds``; bad input exits 2)."""
+    return gate_mod.parse_bounds(items, flag)
 
 
 def _gate_run_spec(thresholds: dict | None) -> dict:
@@ -195,6 +203,8 @@ def cmd_gate(args: argparse.Namespace) -> int:
             return 2
         cells = _run_gate_cells(thresholds["run"], Path(args.run_dir or "runs/gate"), args.quiet, args.bootstrap,
                                 rules)["cells"]
+    if not adhoc:
+        gate_mod.require_matches(cells, rules, f"the thresholds file {args.thresholds or gate_mod.DEFAULT_THRESHOLDS}")
     rows = gate_mod.check(cells, rules)
     print(gate_mod.table(rows))
     return 0 if all(r["ok"] for r in rows) else 1
@@ -350,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         return args.fn(args)
-    except (ConfigError, PluginError, ThresholdError, WorkerError, ModelLoadError) as exc:
+    except (ConfigError, PluginError, ThresholdError, WorkerError, ModelLoadError, TaskError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

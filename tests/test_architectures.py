@@ -268,7 +268,7 @@ def test_gemma2_edges_are_refused_not_approximated():
     with pytest.raises(UnsupportedModel, match="post_attention_layernorm"):
         attribute(model, g, task, progress=False)
     with pytest.raises(UnsupportedModel, match="not additive"):
-        validation.patch_edges(model, g, task, [0, 1], progress=False, method="hooks")
+        validation.patch_edges(model, g, task, [0, 1], progress=False, engine="bridge")
 
 
 def test_grouped_bridge_is_refused_with_a_clear_message(tmp_path):

@@ -6,7 +6,7 @@
 verified |effect|: wall time and forward-equivalents (seconds over one plain forward of the 8
 prompts) of a certificate at K = 500 and 2,000 exactly patched edges, against exhaustive truth's
 estimated cost: edges x forward-equivalents per edge of docs/scaling.md's model
-(``validation.scaling.fe_per_edge``, measured on GPT-2 small's shape). One torch thread.
+(``bench.scaling.fe_per_edge``, measured on GPT-2 small's shape). One torch thread.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ pytestmark = [pytest.mark.benchmark, pytest.mark.usefixtures("one_thread")]
 def test_certify_gpt2_small_cost():
     import eap
     import validation
-    from validation.bench import forward_seconds
-    from validation.scaling import CONFIGS, fe_per_edge
+    from validation.speed import forward_seconds
+    from bench.scaling import CONFIGS, fe_per_edge
 
     torch.manual_seed(0)
     model = eap.load_model("random:gpt2-small", device="cpu")

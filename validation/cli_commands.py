@@ -102,7 +102,8 @@ def _load(a: argparse.Namespace):
 def _graph_file(path: str, model: Any):
     from eap.graph import Graph
 
-    g = Graph.from_json(path) if path.endswith(".json") else Graph.load(path)
+    read = Graph.from_json if path.endswith(".json") else Graph.from_pt
+    g = read(path, model)  # a file recorded for another model is refused
     g.check_model(model)
     return g
 

@@ -23,7 +23,7 @@ import sys
 import torch
 
 
-from validation.cli_commands import dtype_arg as _dtype
+from validation.cli_commands import SUBCOMMANDS, add_task_args, dtype_arg as _dtype
 
 
 def _edges_arg(spec: str):
@@ -49,10 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     import validation
 
-    if argv[:1] in (["certify"], ["circuit"]):
-        from validation.cli_commands import certify_main, circuit_main
-
-        return (certify_main if argv[0] == "certify" else circuit_main)(argv[1:])
+    if argv[:1] and argv[0] in SUBCOMMANDS:  # certify, circuit (validation.cli_commands)
+        return SUBCOMMANDS[argv[0]](argv[1:])
     if argv[:1] == ["merge"]:
         p = argparse.ArgumentParser(prog="python -m validation merge", description="merge shard results files")
         p.add_argument("paths", nargs="+")
@@ -67,8 +65,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="toy-gpt2-4l")
     p.add_argument("--n", type=int, default=64, help="number of prompts")
     p.add_argument("--seed", type=int, default=0, help="seed of the prompts and of sampled edge selections")
-    from validation.cli_commands import add_task_args
-
     add_task_args(p)
     p.add_argument("--prompt-type", default=None, help="IOI only (default: mixed)")
     p.add_argument("--metric", default=None, help="the task's metric (default: the task's raw metric)")

@@ -173,3 +173,7 @@ def circuit_main(argv: list[str]) -> int:
     for path, m, mean, faith in zip(a.graph, masks, res.mean.reshape(-1).tolist(), res.faithfulness.reshape(-1).tolist()):
         print(f"{path}: {int(m.sum())} of {graph.n_edges} edges; metric {mean:.5f}; faithfulness {faith:.4f}")
     return 0
+
+
+#: ``python -m validation <name> ...``: the subcommands beside the default (patching) and ``merge``.
+SUBCOMMANDS = {"certify": certify_main, "circuit": circuit_main}

@@ -31,6 +31,7 @@ from torch import Tensor
 from eap.atp import VARIANTS, AtP, AtPOptions
 from eap.fast import engine_for
 from eap.graph import Graph
+from eap.hooks import require_edge_hooks
 from eap.passes import LEVELS, AttributionError, GradientMethod, Strategy, run_strategy
 from eap.task import Task
 
@@ -163,6 +164,7 @@ class AtPMethod(StrategyMethod):
         if engine == "fast":
             raise AttributionError(f"{self.name!r} runs on the bridge engine only (eap.atp); use engine='auto' "
                                    "or 'bridge'")
+        require_edge_hooks(model, f"{self.name!r} runs on the bridge engine only (eap.atp)")  # GPT-J: no such engine
         return AtP(model, graph, self.atp, scores)
 
 

@@ -4,6 +4,7 @@
   (a) the name of an embedded model (``toy-gpt2-2l``, ...; shipped in ``eap/embedded/``),
   (b) ``random:<shape>`` or ``random:<shape>@<seed>``: a randomly initialised model of a named
       shape (``gpt2-small``, ``llama-3.2-1b``, ``qwen2.5-0.5b``, ``pythia-160m``, ``gemma-2-2b``,
+      ``qwen3-0.6b``, ``phi-3-mini``, ``gemma-2b``, ``gpt-j-6b``,
       and a ``-tiny`` variant of each family; see ``RANDOM_SHAPES``), built offline, seedable,
       with the embedded word-level IOI tokenizer,
   (c) a local directory with a transformers model saved with ``save_pretrained``, and its
@@ -39,65 +40,10 @@ from typing import Any
 
 import torch
 
+from eap.random_shapes import RANDOM_SHAPES  # the table of named random shapes (eap/random_shapes.py)
+
 EMBEDDED_DIR = Path(__file__).resolve().parent / "embedded"
 DEFAULT_MODEL = "toy-gpt2-4l"
-
-_LLAMA3_ROPE = dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                    original_max_position_embeddings=8192)
-
-#: Named shapes of randomly initialised models: (family, HuggingFace config fields). The full-size
-#: entries are the layer/width/head/KV-head/MLP numbers and the rope/norm facts of the published
-#: configs (HF ``config.json``); the ``-tiny`` entries keep each family's features (GQA, rope
-#: scaling, biases, partial rotary, softcaps, sliding windows) at test size. The vocabulary size of
-#: the real config is kept (the unembedding costs what it really costs); only the first ids are
-#: used, by the embedded word-level IOI tokenizer.
-RANDOM_SHAPES: dict[str, tuple[str, dict[str, Any]]] = {
-    "gpt2-small": ("gpt2", dict(n_layer=12, n_embd=768, n_head=12, vocab_size=50257, n_positions=1024)),
-    "gpt2-medium": ("gpt2", dict(n_layer=24, n_embd=1024, n_head=16, vocab_size=50257, n_positions=1024)),
-    "gpt2-large": ("gpt2", dict(n_layer=36, n_embd=1280, n_head=20, vocab_size=50257, n_positions=1024)),
-    "gpt2-tiny": ("gpt2", dict(n_layer=2, n_embd=32, n_head=4, vocab_size=512, n_positions=64)),
-    # meta-llama/Llama-3.2-1B
-    "llama-3.2-1b": ("llama", dict(
-        num_hidden_layers=16, hidden_size=2048, num_attention_heads=32, num_key_value_heads=8, head_dim=64,
-        intermediate_size=8192, hidden_act="silu", rms_norm_eps=1e-5, rope_theta=500000.0, rope_scaling=_LLAMA3_ROPE,
-        max_position_embeddings=131072, tie_word_embeddings=True, attention_bias=False, mlp_bias=False,
-        vocab_size=128256)),
-    "llama-tiny": ("llama", dict(
-        num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-        intermediate_size=64, hidden_act="silu", rms_norm_eps=1e-5, rope_theta=500000.0,
-        rope_scaling=dict(_LLAMA3_ROPE, original_max_position_embeddings=16), max_position_embeddings=64,
-        tie_word_embeddings=True, vocab_size=64)),
-    # Qwen/Qwen2.5-0.5B (q/k/v biases are part of the Qwen2 architecture)
-    "qwen2.5-0.5b": ("qwen2", dict(
-        num_hidden_layers=24, hidden_size=896, num_attention_heads=14, num_key_value_heads=2, intermediate_size=4864,
-        hidden_act="silu", rms_norm_eps=1e-6, rope_theta=1000000.0, max_position_embeddings=32768,
-        sliding_window=32768, max_window_layers=24, use_sliding_window=False, tie_word_embeddings=True,
-        vocab_size=151936)),
-    "qwen-tiny": ("qwen2", dict(
-        num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
-        hidden_act="silu", rms_norm_eps=1e-6, rope_theta=1000000.0, max_position_embeddings=64,
-        use_sliding_window=False, tie_word_embeddings=True, vocab_size=64)),
-    # EleutherAI/pythia-160m (parallel attention/MLP, rotary on a quarter of each head)
-    "pythia-160m": ("gpt-neox", dict(
-        num_hidden_layers=12, hidden_size=768, num_attention_heads=12, intermediate_size=3072, hidden_act="gelu",
-        rotary_pct=0.25, rotary_emb_base=10000, layer_norm_eps=1e-5, use_parallel_residual=True,
-        max_position_embeddings=2048, tie_word_embeddings=False, vocab_size=50304)),
-    "pythia-tiny": ("gpt-neox", dict(
-        num_hidden_layers=2, hidden_size=32, num_attention_heads=4, intermediate_size=128, hidden_act="gelu",
-        rotary_pct=0.5, rotary_emb_base=10000, layer_norm_eps=1e-5, use_parallel_residual=True,
-        max_position_embeddings=64, tie_word_embeddings=False, vocab_size=64)),
-    # google/gemma-2-2b (norms with 1 + w, post-norms, softcaps, sliding window on every other layer)
-    "gemma-2-2b": ("gemma2", dict(
-        num_hidden_layers=26, hidden_size=2304, num_attention_heads=8, num_key_value_heads=4, head_dim=256,
-        intermediate_size=9216, hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=256,
-        rms_norm_eps=1e-6, rope_theta=10000.0, attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
-        sliding_window=4096, max_position_embeddings=8192, tie_word_embeddings=True, vocab_size=256000)),
-    "gemma-2-tiny": ("gemma2", dict(
-        num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-        intermediate_size=64, hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=16, rms_norm_eps=1e-6,
-        rope_theta=10000.0, attn_logit_softcapping=50.0, final_logit_softcapping=30.0, sliding_window=4,
-        max_position_embeddings=64, tie_word_embeddings=True, vocab_size=64)),
-}
 
 #: GPT-2-style shape names accepted in a dict shape for any family (translated to its config fields).
 _GPT2_STYLE = ("n_layer", "n_embd", "n_head", "n_inner", "n_positions")
@@ -159,9 +105,17 @@ def model_dtype(model: Any) -> torch.dtype:
 
 def prepare_for_edges(bridge: Any) -> Any:
     """Compatibility mode with raw weights, edge hooks on, frozen, eval mode."""
+    from eap.hooks import mark_without_edge_hooks
+
     bridge.enable_compatibility_mode(no_processing=True)
-    bridge.set_use_split_qkv_input(True)
-    bridge.set_use_attn_result(True)
+    missing = []
+    for switch in (bridge.set_use_split_qkv_input, bridge.set_use_attn_result):
+        try:
+            switch(True)
+        except NotImplementedError as exc:  # TransformerLens 4 has no such hooks for this family (GPT-J)
+            missing.append(str(exc).split(".")[0])
+    if missing:
+        mark_without_edge_hooks(bridge, "; ".join(missing))
     bridge.set_use_hook_mlp_in(True)
     if getattr(getattr(bridge.original_model, "config", None), "attn_only", False):
         # eap-bench's attention-only models: MLPs removed (zero output weights), config says so;

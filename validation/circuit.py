@@ -313,7 +313,7 @@ def _evaluate(model: Any, graph: Graph, task: Task, keep: Bool[Tensor, "c n_edge
             sync(device)
             t0 = time.perf_counter()
             with torch.no_grad():
-                cache = _collect(model, graph, t, residuals=False, differences=False)
+                cache = _collect(model, graph, t, residuals=False, differences=False, runner=runner)
             sync(device)
             st.setup_s += time.perf_counter() - t0
             t0 = time.perf_counter()

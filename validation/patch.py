@@ -54,7 +54,7 @@ from torch import Tensor
 
 from eap.budget import BudgetError, PatchPlan, held_bytes, plan_patching, resolve_budget
 from eap.graph import Graph
-from eap.hooks import check_edge_hooks
+from eap.hooks import check_edge_hooks, require_edge_hooks
 from eap.task import Task, TaskError
 from validation.errors import PatchError
 from validation.executor import resolve_executor
@@ -125,7 +125,10 @@ def prepare_call(model: Any, task: Task, engine: str, batch_size: int | None, re
         except UnsupportedModel as exc:
             if engine == "fast":
                 raise
+            require_edge_hooks(model, str(exc))  # a model without edge hooks has no hook path to fall back to
             warnings.warn(f"{exc}; using the (slower) hook-based {what} path")
+    else:
+        require_edge_hooks(model)
     return task, runner, use_readout and runner is not None
 
 

@@ -34,6 +34,7 @@ from torch import Tensor
 
 from eap.arch import Arch, UnsupportedModel
 from eap.graph import Graph, HookGroup
+from eap.hooks import StopForward, run_until_stop
 
 __all__ = ["BlockRunner", "UnsupportedModel"]
 
@@ -133,6 +134,74 @@ class BlockRunner:
         if kind == "mlp":
             return ("post", layer)
         raise ValueError(f"unknown sender kind {kind!r}")
+
+    # ----------------------------------------------------------------- sender outputs
+    @torch.no_grad()
+    def collect(
+        self, model: Any, graph: Graph, clean: Int[Tensor, "nb p"], corrupted: Int[Tensor, "nb p"],
+        residuals: bool = True, differences: bool = True,
+    ) -> tuple[list[Tensor], list[Tensor], list[Tensor], Float[Tensor, "n_senders nb p d"]]:
+        """What ``validation.patch`` caches per prompt batch, computed by the adapter (the model
+        computes only the input embeddings): ``(resid_pre, mlp_in, resid_post, delta)`` with
+        ``delta`` = corrupted - clean sender outputs; with ``differences=False`` (circuits) the
+        corrupted outputs themselves, and ``resid_pre`` holds only the clean embedding."""
+        x_corr, x_clean = self.embed(model, corrupted), self.embed(model, clean)
+        delta, _, _, _ = self.sender_outputs(graph, x_corr, residuals=False)
+        if not differences:
+            return [x_clean], [], [], delta
+        out, pre, mlp_in, post = self.sender_outputs(graph, x_clean, residuals=residuals)
+        return pre, mlp_in, post, delta.sub_(out)
+
+    @staticmethod
+    def embed(model: Any, tokens: Int[Tensor, "nb p"]) -> Float[Tensor, "nb p d"]:
+        """The input residual (``blocks.0.hook_resid_pre``), computed by the model itself."""
+        got: list[Tensor] = []
+
+        def grab(x: Tensor, hook: Any = None) -> Tensor:
+            got.append(x.detach().clone())
+            raise StopForward
+
+        run_until_stop(model, tokens, [("blocks.0.hook_resid_pre", grab)])
+        return got[0]
+
+    def sender_outputs(
+        self, graph: Graph, embed: Float[Tensor, "nb p d"], residuals: bool = True
+    ) -> tuple[Float[Tensor, "n_senders nb p d"], list[Tensor], list[Tensor], list[Tensor]]:
+        """Every sender's output (the input residual, each head's result without ``b_O``, each
+        MLP's output) of one forward from the input residual ``embed``, in the graph's sender
+        order, and (with ``residuals``) the clean residuals ``resid_pre[L]``, ``mlp_in[L]`` and
+        ``resid_post[L]``: what validation reads through the bridge's hooks, computed by the
+        adapter instead (for models whose TransformerLens adapter has no per-head hooks, GPT-J).
+        Stops after the last sender without ``residuals``."""
+        arch, spec = self.arch, self.arch.spec
+        if spec.post_norms:
+            raise UnsupportedModel(f"{spec.family}: sender outputs before a post-norm are not computed here")
+        out = embed.new_empty(graph.n_senders, *embed.shape)
+        at = {(g.kind, g.layer): g.start for g in graph.sender_groups}
+        out[at["input", 0]] = embed
+        pre: list[Tensor] = []
+        mlp_in: list[Tensor] = []
+        x = embed
+        for layer in range(self.n_layers):
+            pre.append(x)
+            res = arch.head_results(layer, *arch.head_inputs(layer, "qkv", x))  # [nb, H, p, d]
+            out[at["head", layer] : at["head", layer] + self.n_heads] = res.transpose(0, 1)
+            attn = res.sum(1)
+            if arch.layers[layer].b_O is not None:
+                attn = attn + arch.layers[layer].b_O
+            if self.attn_only:
+                x = x + attn
+                continue
+            mid = x if self.parallel else x + attn
+            mlp_in.append(mid)
+            mlp = arch.mlp(layer, mid)
+            out[at["mlp", layer]] = mlp
+            if not residuals and layer == self.n_layers - 1:
+                break
+            x = mid + mlp + (attn if self.parallel else 0)
+        if not residuals:
+            return out, [], [], []
+        return out, pre, mlp_in, pre[1:] + [x]
 
     # ----------------------------------------------------------------- circuits
     def run_circuits(

@@ -32,7 +32,9 @@ from torch import Tensor
 
 from eap.budget import PatchPlan
 from eap.graph import Graph, GraphError
-from eap.hooks import StopForward, run_until_stop, sender_difference_hooks, stop_hook
+from eap.hooks import (
+    StopForward, edge_hooks_unavailable, require_edge_hooks, run_until_stop, sender_difference_hooks, stop_hook,
+)
 from eap.task import Task
 from validation.runner import BlockRunner
 
@@ -48,7 +50,8 @@ class _Cache:
     delta: Tensor  # [n_senders, nb, p, d] corrupted - clean sender outputs
 
 
-def _collect(model: Any, graph: Graph, task: Task, residuals: bool, differences: bool = True) -> _Cache:
+def _collect(model: Any, graph: Graph, task: Task, residuals: bool, differences: bool = True,
+             runner: BlockRunner | None = None) -> _Cache:
     """One corrupted and one clean forward of ``task``'s prompts through the model's hooks.
 
     The corrupted forward writes the sender outputs into the difference buffer and stops after
@@ -57,7 +60,15 @@ def _collect(model: Any, graph: Graph, task: Task, residuals: bool, differences:
 
     ``differences=False`` (circuit evaluation): ``delta`` keeps the *corrupted* sender outputs
     themselves and the clean forward only records ``pre[0]``, the clean input embedding, and
-    stops there."""
+    stops there.
+
+    A model whose TransformerLens adapter has no per-head hooks (``eap.hooks.edge_hooks_unavailable``,
+    GPT-J) gets the same cache from ``runner`` (``BlockRunner.collect``: the adapter's blocks; the
+    model computes only the input embeddings)."""
+    if edge_hooks_unavailable(model) is not None:
+        if runner is None:
+            require_edge_hooks(model, "exact patching was asked for on the hook path")
+        return _Cache(*runner.collect(model, graph, task.clean, task.corrupted, residuals, differences))
     L = graph.spec.n_layers
     nb, p = task.clean.shape
     param = next(model.parameters())
@@ -314,7 +325,7 @@ def prepare_batch(job: PatchJob, batch: int) -> _Evaluator:
     P = job.batches[batch]
     t = job.task if (P.start, P.stop) == (0, job.task.n_prompts) else job.task.subset(P)
     with torch.no_grad():
-        cache = _collect(job.model, job.graph, t, residuals=job.runner is not None)
+        cache = _collect(job.model, job.graph, t, residuals=job.runner is not None, runner=job.runner)
     return _Evaluator(job.model, job.graph, t, cache, job.readout, job.runner)
 
 

@@ -54,7 +54,7 @@ from tqdm.auto import tqdm
 
 from eap.arch import Readout
 from eap.budget import attribution_batch_size
-from eap.fast import ENGINES, FastEngine, engine_for
+from eap.fast import ENGINES, FastEngine, engine_for, refuse_bridge_for_post_norms
 from eap.graph import Graph, HookGroup
 from eap.hooks import (
     StopForward, check_edge_hooks, leaf_input_hook, run_until_stop, sender_difference_hooks, stop_hook, with_grad_hook,
@@ -192,6 +192,7 @@ def _strategy(model: Any, graph: Graph, method: str, ig_steps: int,
         return GradientMethod(model, graph, points, scores, engine_for(model, engine))
     if engine == "fast":
         raise AttributionError(f"{method!r} runs on the bridge engine only (eap.atp); use engine='auto' or 'bridge'")
+    refuse_bridge_for_post_norms(model)  # the AtP methods run on the bridge (no post-norm Jacobian)
     from eap.atp import AtP, atp_options  # eap.atp builds on this module's pieces
 
     return AtP(model, graph, atp_options(method), scores)

@@ -60,7 +60,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from eap.arch import Arch, UnsupportedModel
+from eap.arch import Arch, UnsupportedModel, arch_spec
+from eap.arch.postnorm import post_norm_jvp
 from eap.graph import Graph
 from eap.hooks import StopForward, run_until_stop
 from eap.models import model_device, model_dtype
@@ -92,6 +93,7 @@ def engine_for(model: Any, engine: str = "auto") -> "FastEngine | None":
     if engine not in ENGINES:
         raise ValueError(f"unknown engine {engine!r}; choose one of {ENGINES}")
     if engine == "bridge":
+        refuse_bridge_for_post_norms(model)
         return None
     if hooks_attached(model):
         if engine == "fast":
@@ -99,6 +101,7 @@ def engine_for(model: Any, engine: str = "auto") -> "FastEngine | None":
                 "the model has TransformerLens hooks attached; the fast engine does not run them "
                 "(use engine='auto' or 'bridge', which attribute through the bridge with its hooks)"
             )
+        refuse_bridge_for_post_norms(model)
         return None
     verdicts = _VERDICTS.setdefault(model, {})
     key = (model_dtype(model), model_device(model))
@@ -114,10 +117,26 @@ def engine_for(model: Any, engine: str = "auto") -> "FastEngine | None":
         verdicts[key] = str(exc)
         if engine == "fast":
             raise
+        refuse_bridge_for_post_norms(model, exc)
         if not known:
             warnings.warn(f"{exc}; attributing through the bridge's hooks (same scores, slower)", stacklevel=3)
         return None
     return fast
+
+
+def refuse_bridge_for_post_norms(model: Any, why: Exception | None = None) -> None:
+    """Raise ``UnsupportedModel`` for a post-norm family (Gemma-2, ...): the bridge's hooks
+    contract a head's *pre-norm* difference with the receiver gradient, which is not the
+    first-order term of patching the edge (``eap.arch.postnorm``); only the fast engine applies
+    the post-norm's Jacobian. ``why``: the reason the fast engine cannot run."""
+    spec = arch_spec(model)
+    if spec.post_norms:
+        reason = f" ({why})" if why is not None else ""
+        raise UnsupportedModel(
+            f"{spec.family}: a post-norm acts on the sum of heads; attribution there needs the fast engine "
+            f"(it applies the post-norm's Jacobian to each head's difference), which cannot run{reason}. The "
+            "bridge's hooks would silently drop that Jacobian (EAP-IG's variant: FastEngine(post_norm='ignore'))"
+        )
 
 
 # ------------------------------------------------------------------------------------ layout
@@ -224,11 +243,16 @@ class FastEngine:
     from views of the model's weights (no copies); raises ``UnsupportedModel`` where the adapter
     does not describe the model."""
 
-    def __init__(self, model: Any) -> None:
+    def __init__(self, model: Any, post_norm: str = "jacobian") -> None:
+        """``post_norm`` (post-norm families only): 'jacobian' (the default: a head's difference
+        reaches its receivers through the post-norm's Jacobian at the clean run, the first-order
+        term of exact patching) or 'ignore' (EAP-IG's ``attribute.py``: the raw pre-norm
+        difference; for reproducing MIB numbers, not the first-order term)."""
+        if post_norm not in ("jacobian", "ignore"):
+            raise ValueError(f"post_norm must be 'jacobian' or 'ignore', got {post_norm!r}")
         self.model = model
         self.arch = Arch(model, fused_qkv=False)
-        if self.arch.spec.post_norms:
-            raise UnsupportedModel(f"{self.arch.spec.family}: post-norms (per-head outputs not additive)")
+        self.post_norm = post_norm
 
     def embed(self, tokens: Tensor) -> Float[Tensor, "b p d"]:
         """The input residual (``blocks.0.hook_resid_pre``), computed by the bridge itself."""
@@ -365,7 +389,13 @@ class FastEngine:
                 results -= per_head.detach()
                 out = per_head.sum(0)
             out = out.view(B, P, d)
-        return out if lw.b_O is None else out + lw.b_O
+        out = out if lw.b_O is None else out + lw.b_O
+        if lw.ln1_post is None:
+            return out
+        if mode == "subtract" and self.post_norm == "jacobian":  # head rows: J_PN(S) (corrupted - clean)
+            rows = buf[at.heads : at.heads + H]
+            rows.copy_(post_norm_jvp(lw.ln1_post, out.detach(), rows))
+        return lw.ln1_post(out)
 
     def _metric(self, resid: Float[Tensor, "b *p d"], task: Task) -> Float[Tensor, " b"]:
         """Per-prompt metric from the final residual, read out by ``eap.arch.Readout`` (only the

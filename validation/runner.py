@@ -33,6 +33,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from eap.arch import Arch, UnsupportedModel
+from eap.arch.postnorm import post_normed_difference
 from eap.graph import Graph, HookGroup
 
 __all__ = ["BlockRunner", "UnsupportedModel"]
@@ -124,6 +125,21 @@ class BlockRunner:
             dr = post(full.unsqueeze(0) + dr) - post(full).unsqueeze(0)
         return self.sender_point("head", layer), dr
 
+    def post_normed_difference(
+        self, layer: int, S: Float[Tensor, "nb p d"], D: Float[Tensor, "m nb p d"]
+    ) -> Float[Tensor, "m nb p d"]:
+        """Post-norm families: the change ``PN_L(S + D) - PN_L(S)`` of layer ``layer``'s
+        attention write when its pre-norm sum ``S`` moves by ``D`` (``eap.arch.postnorm``)."""
+        return post_normed_difference(self.arch.layers[layer].ln1_post, S, D)
+
+    def head_layers(self, graph: Graph) -> Int[Tensor, " n_senders"]:
+        """The layer of every sender that is a head, -1 for the others (input, MLPs)."""
+        layer = torch.full((graph.n_senders,), -1, dtype=torch.long)
+        for g in graph.sender_groups:
+            if g.kind == "head":
+                layer[g.start : g.start + g.size] = g.layer
+        return layer
+
     def sender_point(self, kind: str, layer: int) -> Point:
         """Where a sender ('input', 'head' or 'mlp' of ``layer``) writes into the residual stream."""
         if kind == "input":
@@ -153,10 +169,13 @@ class BlockRunner:
         correction ``sum_u patched[i, u, r] * (corrupted_u - current_u)``, with ``current_u``
         sender u's output in this row's run so far (EAP-IG's ``evaluate_graph``): each head's
         q, k and v input, each MLP input and the logits get their own input; the residual
-        stream itself is the sum of the current outputs."""
-        spec = self.arch.spec
-        if spec.post_norms:
-            raise UnsupportedModel(f"{spec.family}: per-head outputs pass a norm on their sum; circuits are not defined")
+        stream itself is the sum of the current outputs.
+
+        Post-norm families (EAP-IG's ``evaluate_graph`` with normalisation before and after): a
+        head's output is its pre-norm result, and a receiver's correction from layer L's heads is
+        ``PN_L(S_L + sum_h patched * (corrupted_h - current_h)) - PN_L(S_L)`` with ``S_L`` layer
+        L's current pre-norm attention sum (all heads + ``b_O``) in this row's run
+        (:class:`_PostNormCorrection`); MLP and input senders stay additive."""
         c, S = patched.shape[0], graph.n_senders
         _, nb, p, d = corrupted.shape
         H = self.n_heads
@@ -165,9 +184,13 @@ class BlockRunner:
         dif[:, 0] = corrupted[0] - embed
         x = embed.repeat(c, 1, 1)
 
+        post = _PostNormCorrection(self, graph, dif) if self.arch.spec.post_norms else None
+
         def correction(g: HookGroup) -> Float[Tensor, "c r nb p d"]:
             up = g.n_upstream
             m = patched[:, :up, g.start : g.start + g.size].transpose(1, 2)  # [c, r, up]
+            if post is not None:
+                return post(m)
             return torch.matmul(m, dif[:, :up].reshape(c, up, nb * p * d)).view(c, g.size, nb, p, d)
 
         def record(start: int, out: Float[Tensor, "c k nb p d"]) -> None:
@@ -191,6 +214,8 @@ class BlockRunner:
             b_O = self.arch.layers[layer].b_O
             if b_O is not None:
                 attn = attn + b_O
+            if post is not None:
+                attn = post.attention_write(layer, attn)
             if self.attn_only:
                 x = x + attn
                 continue
@@ -199,3 +224,33 @@ class BlockRunner:
             record(mlp_at[layer], out.view(c, 1, nb, p, d))
             x = mid + out + (attn if self.parallel else 0)
         return x + correction(by_layer[self.n_layers]["logits"]).view(c * nb, p, d)
+
+
+class _PostNormCorrection:
+    """Receiver corrections in a post-norm family (``BlockRunner.run_circuits``): additive for
+    the input and MLP senders, through each earlier layer's recomputed post-norm for its heads."""
+
+    def __init__(self, runner: BlockRunner, graph: Graph, dif: Float[Tensor, "c n_senders nb p d"]) -> None:
+        self.runner, self.dif = runner, dif
+        self.heads = {g.layer: g.start for g in graph.sender_groups if g.kind == "head"}
+        self.additive = (runner.head_layers(graph) < 0).to(device=dif.device, dtype=dif.dtype)  # [n_senders]
+        self.sums: dict[int, Tensor] = {}  # layer -> current pre-norm attention sum [c nb, p, d]
+
+    def attention_write(self, layer: int, attn: Float[Tensor, "c_nb p d"]) -> Float[Tensor, "c_nb p d"]:
+        """Keep layer ``layer``'s current pre-norm sum; return its post-normed write."""
+        self.sums[layer] = attn
+        return self.runner.arch.layers[layer].ln1_post(attn)
+
+    def __call__(self, m: Float[Tensor, "c r up"]) -> Float[Tensor, "c r nb p d"]:
+        c, r, up = m.shape
+        _, _, nb, p, d = self.dif.shape
+        H = self.runner.n_heads
+        flat = self.dif[:, :up].reshape(c, up, nb * p * d)
+        out = torch.matmul(m * self.additive[:up], flat).view(c, r, nb, p, d)
+        for layer, start in self.heads.items():
+            if start + H > up:
+                continue
+            A = torch.matmul(m[:, :, start : start + H], flat[:, start : start + H]).view(c, r, nb, p, d)
+            S = self.sums[layer].view(c, 1, nb, p, d)
+            out += self.runner.post_normed_difference(layer, S, A)
+        return out

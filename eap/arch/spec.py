@@ -143,7 +143,8 @@ def _spec_from_model(model: Any) -> ArchSpec:
 
 def check_edges(model: Any) -> ArchSpec:
     """Raise ``UnsupportedModel`` unless the edge graph (per-head senders, per-query-head q/k/v
-    receivers, additive residual stream) is right for ``model``; returns its :class:`ArchSpec`."""
+    receivers) is right for ``model``; returns its :class:`ArchSpec`. Post-norm families pass:
+    their head edges are defined through the recomputed post-norm (``eap.arch.postnorm``)."""
     cfg = model.cfg
     n_kv = getattr(cfg, "n_key_value_heads", None)
     if n_kv not in (None, cfg.n_heads):
@@ -153,11 +154,4 @@ def check_edges(model: Any) -> ArchSpec:
             "eap.load_model, which ungroups the key/value heads (same function, one k/v input per query head)"
         )
     spec = arch_spec(model)
-    if spec.post_norms:
-        raise UnsupportedModel(
-            f"{spec.family}: a norm after attention (post_attention_layernorm) acts on the sum of all heads, so "
-            "per-head outputs are not additive into the residual stream and a single head->receiver edge has no "
-            "exact meaning there; eap-bench refuses edge and node work on this family rather than approximate it "
-            "(see docs/architectures.md)"
-        )
     return spec

@@ -39,6 +39,14 @@ How the fast engine computes one prompt batch
    receivers: a tensor hook on a view of the MLP input used only by the MLP branch; logits: on
    the final residual. Nothing is stored beyond what autograd keeps for the backward.
 
+Post-norm families (Gemma-2; ``eap.arch.postnorm``): the residual stream gets each layer's
+post-normed attention sum; a head's row of the buffer is its pre-norm difference ``d_u`` until the
+clean pass reaches its layer, which replaces it by ``J_PN(S) d_u`` (``S`` the clean pre-norm sum):
+the first-order term of exact patching's ``PN(S + d_u) - PN(S)``. ``FastEngine(post_norm='ignore')``
+keeps the raw ``d_u`` (EAP-IG's ``attribute.py``), on request only. The bridge's hooks cannot
+apply the Jacobian, so post-norm families never fall back to the bridge
+(:func:`refuse_bridge_for_post_norms`).
+
 With a task read-out (one position per prompt) the last block's MLP runs at the read-out
 positions only, in both passes: the metric reads the final residual there alone and the MLP is
 position-wise, so its output elsewhere (buffer row zero there) and its receiver's gradient
@@ -363,8 +371,10 @@ class FastEngine:
         return base + out
 
     def _attention(self, i: int, x: Tensor, buf: Tensor, at: _LayerRows, mode: str, sink: _Scores | None) -> Tensor:
-        """Attention's write into the residual stream (heads + ``b_O``); per-head results into
-        ``buf`` per ``mode``; with ``sink``, the q/k/v receivers' gradients in the backward."""
+        """Attention's write into the residual stream (heads + ``b_O``, then any post-norm);
+        per-head results into ``buf`` per ``mode`` (post-norms, 'subtract': then through the
+        post-norm's Jacobian, module docstring); with ``sink``, the q/k/v receivers' gradients in
+        the backward."""
         arch, spec = self.arch, self.arch.spec
         lw = arch.layers[i]
         B, P, d = x.shape

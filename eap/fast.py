@@ -69,6 +69,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from eap.arch import Arch, UnsupportedModel, arch_spec
+from eap.arch.mixednorm import own_block_backward, whole_normed
 from eap.arch.postnorm import post_norm_jvp
 from eap.graph import Graph
 from eap.hooks import StopForward, run_until_stop
@@ -245,6 +246,60 @@ class _HeadProjections(torch.autograd.Function):
         return inputs.sum(0), None, None, None, None
 
 
+def _mixed_projections(x: Tensor, arch: Arch, layer: int, sink: "_Scores | None", at: _LayerRows) -> tuple[Tensor, ...]:
+    """q, k (through the q/k norms over all heads) and v of every head; with ``sink`` the
+    receivers' gradients are formed in the backward (:class:`_MixedHeadProjections`)."""
+    if sink is not None:
+        return _MixedHeadProjections.apply(x, arch, layer, sink, at)
+    lw = arch.layers[layer]
+    q, k, v = arch.qkv(layer, lw.ln1(x))
+    return whole_normed(lw.q_norm_whole, q), whole_normed(lw.k_norm_whole, k), v
+
+
+class _MixedHeadProjections(torch.autograd.Function):
+    """:class:`_HeadProjections` for q/k norms over all heads (OLMo-2): head H's q receiver
+    gradient goes through the diagonal block ``J_HH`` of the q norm's Jacobian (its own view,
+    ``eap.arch.mixednorm``), while the residual's gradient goes through the whole Jacobian, so
+    it is formed separately (it is not the sum of the receivers' gradients)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, arch: Arch, layer: int, sink: "_Scores", at: _LayerRows) -> tuple[Tensor, ...]:
+        lw = arch.layers[layer]
+        q, k, v = arch.qkv(layer, lw.ln1(x))
+        ctx.save_for_backward(x, q, k, v)
+        ctx.arch, ctx.layer, ctx.sink, ctx.at = arch, layer, sink, at
+        return whole_normed(lw.q_norm_whole, q), whole_normed(lw.k_norm_whole, k), v
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Tensor) -> tuple[Tensor | None, ...]:
+        x, *raws = ctx.saved_tensors
+        lw = ctx.arch.layers[ctx.layer]
+        B, P, d = x.shape
+        H = ctx.arch.spec.n_heads
+        back = lw.ln1.backward_at(x.reshape(B * P, d))
+        inputs = ctx.sink.workspace(3 * H)
+        resid = x.new_zeros(B * P, d, dtype=grads[0].dtype)
+        heads = lambda t: t.transpose(0, 1).reshape(H, B * P, -1)  # noqa: E731  [B, H, P, dh] -> [H, B*P, dh]
+        flat = lambda t: t.transpose(1, 2).reshape(B * P, -1)  # noqa: E731  [B, H, P, dh] -> [B*P, H dh]
+        kinds = zip(grads, raws, (lw.W_Q, lw.W_K, lw.W_V), (lw.b_Q, lw.b_K, lw.b_V),
+                    (lw.q_norm_whole, lw.k_norm_whole, None))
+        for j, (g, raw, W, b, norm) in enumerate(kinds):
+            rows = inputs[j * H : (j + 1) * H]
+            if norm is None:  # v: the receivers' gradients add up to the residual's
+                back.through_linear(heads(g), W, heads(raw), b, result=rows)
+                resid += rows.sum(0)
+                continue
+            full, own = own_block_backward(norm, flat(raw), flat(g), H)  # [B*P, H dh] each
+            own = own.view(B * P, H, -1).transpose(0, 1)
+            back.through_linear(own, W, heads(raw), b, result=rows)
+            Hd = W.shape[0] * W.shape[2]
+            W_flat = W.permute(1, 0, 2).reshape(1, d, Hd)
+            b_flat = None if b is None else b.reshape(1, Hd)
+            resid += back.through_linear(full.unsqueeze(0), W_flat, flat(raw).unsqueeze(0), b_flat)[0]
+        ctx.sink.add(ctx.at.qkv, ctx.at.qkv_up, inputs.view(3 * H, B, P, d))
+        return resid.view(B, P, d), None, None, None, None
+
+
 # ------------------------------------------------------------------------------------ engine
 class FastEngine:
     """EAP's passes on the adapter's blocks (module docstring). Built per ``attribute`` call
@@ -379,7 +434,9 @@ class FastEngine:
         lw = arch.layers[i]
         B, P, d = x.shape
         H, dh = spec.n_heads, spec.d_head
-        if sink is None:
+        if lw.q_norm_whole is not None:  # OLMo-2: q/k norms over all heads (eap.arch.mixednorm)
+            q, k, v = _mixed_projections(x, arch, i, sink, at)
+        elif sink is None:
             q, k, v = arch.qkv(i, lw.ln1(x))
         else:
             q, k, v = _HeadProjections.apply(x, arch, i, sink, at)

@@ -92,6 +92,15 @@ RANDOM_SHAPES: dict[str, tuple[str, dict[str, Any]]] = {
         intermediate_size=64, hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=16, rms_norm_eps=1e-6,
         rope_theta=10000.0, attn_logit_softcapping=50.0, final_logit_softcapping=30.0, sliding_window=4,
         max_position_embeddings=64, tie_word_embeddings=True, vocab_size=64)),
+    # allenai/OLMo-2-0425-1B (no pre-norms, post-norms, q/k RMSNorm over all heads, untied unembedding)
+    "olmo-2-1b": ("olmo2", dict(
+        num_hidden_layers=16, hidden_size=2048, num_attention_heads=16, num_key_value_heads=16,
+        intermediate_size=8192, hidden_act="silu", rms_norm_eps=1e-6, rope_theta=500000.0,
+        max_position_embeddings=4096, tie_word_embeddings=False, attention_bias=False, vocab_size=100352)),
+    "olmo-2-tiny": ("olmo2", dict(
+        num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=4, intermediate_size=64,
+        hidden_act="silu", rms_norm_eps=1e-6, rope_theta=500000.0, max_position_embeddings=64,
+        tie_word_embeddings=False, vocab_size=64)),
 }
 
 #: GPT-2-style shape names accepted in a dict shape for any family (translated to its config fields).
@@ -284,6 +293,10 @@ def random_model(
     special = dict(bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
                    pad_token_id=tokenizer.pad_token_id)
     config = AutoConfig.for_model(fam.model_types[0], **fields, **special)
+    if not getattr(config, "architectures", None):  # TransformerLens picks its adapter by this name (OLMo-2)
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+        config.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[fam.model_types[0]]]
     if attn_only:
         config.attn_only = True
     device = torch.device(device) if device is not None else default_device()

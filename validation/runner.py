@@ -114,9 +114,11 @@ class BlockRunner:
             return ("post", layer), new - arch.mlp(layer, x_in).unsqueeze(0)
         if kind not in ("q", "k", "v") or head is None:
             raise ValueError(f"unknown receiver kind {kind!r} (head {head})")
-        clean = {k: arch.head_input(layer, head, k, x_in) for k in "qkv"}
+        whole = arch.spec.whole_qk_norm  # OLMo-2: the other heads' q/k slices stay clean (eap.arch.mixednorm)
+        clean = {k: arch.head_input(layer, head, k, x_in, context=x_in if whole else None) for k in "qkv"}
         r0 = arch.head_result(layer, head, clean["q"], clean["k"], clean["v"])
-        patched = arch.head_input(layer, head, kind, (x_in.unsqueeze(0) + D).flatten(0, 1))
+        patched = arch.head_input(layer, head, kind, (x_in.unsqueeze(0) + D).flatten(0, 1),
+                                  context=x_in.repeat(m, 1, 1) if whole else None)
         qkv = {k: (patched if k == kind else v.repeat(m, 1, 1)) for k, v in clean.items()}
         dr = arch.head_result(layer, head, qkv["q"], qkv["k"], qkv["v"]).view_as(D) - r0.unsqueeze(0)
         post = arch.layers[layer].ln1_post
@@ -207,7 +209,8 @@ class BlockRunner:
             for kind in "qkv":
                 x_in = x.view(c, 1, nb, p, d) + correction(groups[kind])  # [c, H, nb, p, d]
                 x_in = x_in.transpose(1, 2).reshape(c * nb, H, p, d)
-                qkv.append(self.arch.own_head_inputs(layer, kind, x_in))
+                ctx = x if self.arch.spec.whole_qk_norm else None  # OLMo-2: other heads' slices from the residual
+                qkv.append(self.arch.own_head_inputs(layer, kind, x_in, context=ctx))
             res = self.arch.head_results(layer, *qkv)  # [c * nb, H, p, d]
             record(heads_at[layer], res.view(c, nb, H, p, d).transpose(1, 2))
             attn = res.sum(1)

@@ -44,6 +44,8 @@ class Family:
     gated_mlp: bool = True
     parallel: bool | str = False
     post_norms: bool = False  # Gemma-2: a norm after attention (on the sum of heads) and after the MLP
+    pre_norms: bool = True  # OLMo-2: no norm before attention and MLP (only the post-norms)
+    whole_qk_norm: bool = False  # OLMo-2: one RMSNorm over all heads' q (and k) features (eap.arch.mixednorm)
     # read-out
     final_softcap: str | None = None
 
@@ -65,7 +67,9 @@ GEMMA2 = Family(
     windows="layer_types", attn_softcap="attn_logit_softcapping", post_norms=True,
     final_softcap="final_logit_softcapping",
 )
-FAMILIES: tuple[Family, ...] = (GPT2, GPT_NEOX, LLAMA, MISTRAL, QWEN2, GEMMA2)
+#: OLMo-2: post-norms without pre-norms, q/k RMSNorm over the whole projected q and k (couples heads)
+OLMO2 = Family("olmo2", ("olmo2",), post_norms=True, pre_norms=False, whole_qk_norm=True)
+FAMILIES: tuple[Family, ...] = (GPT2, GPT_NEOX, LLAMA, MISTRAL, QWEN2, GEMMA2, OLMO2)
 _BY_MODEL_TYPE = {t: f for f in FAMILIES for t in f.model_types}
 
 

@@ -41,6 +41,8 @@ class ArchSpec:
     attn_only: bool
     final_softcap: float | None
     grouped_kv_heads: int | None = None  # KV heads before ungrouping (None if never grouped)
+    pre_norms: bool = True  # False: no norm before attention / MLP (OLMo-2)
+    whole_qk_norm: bool = False  # q/k norm over all heads' features (OLMo-2; eap.arch.mixednorm)
     problems: tuple[str, ...] = field(default=())  # features the block runner does not implement
 
     def graph_spec(self) -> GraphSpec:
@@ -118,6 +120,7 @@ def _spec_from_config(cfg: Any, d_vocab: int | None = None) -> ArchSpec:
         parallel=parallel, post_norms=fam.post_norms, attn_only=bool(_get(cfg, "attn_only", False)),
         final_softcap=float(final_cap) if final_cap else None,
         grouped_kv_heads=int(grouped) if grouped else None, problems=tuple(problems),
+        pre_norms=fam.pre_norms, whole_qk_norm=fam.whole_qk_norm,
     )
 
 
@@ -134,6 +137,8 @@ def _spec_from_model(model: Any) -> ArchSpec:
     kv = getattr(cfg, "n_key_value_heads", None) or spec.n_heads
     problems = list(spec.problems)
     for flag, what in (("use_qk_norm", "q/k norm"), ("use_local_attn", "local attention (TransformerLens)")):
+        if flag == "use_qk_norm" and spec.whole_qk_norm:
+            continue
         if getattr(cfg, flag, False):
             problems.append(what)
     if getattr(cfg, "num_experts", None):

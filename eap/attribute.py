@@ -109,6 +109,12 @@ def _check_inputs(model: Any, graph: Graph, task: Task, method: str, level: str,
     if not isinstance(task, Task):
         raise AttributionError(f"task must be an eap.Task, got {type(task).__name__}")
     spec = check_edge_hooks(model, graph)  # hooks, and the architecture adapter's checks (eap.arch)
+    if level == "node" and spec.whole_qk_norm:
+        raise AttributionError(
+            f"{spec.family}: a q/k norm over all heads couples the heads, so a node's first-order effect is not the "
+            "sum of its edges' (each head's own view, eap.arch.mixednorm); node-level attribution is not offered "
+            "for this family (validation.patch_nodes gives exact node effects)"
+        )
     task.check_tokens(spec.d_vocab, model.cfg.n_ctx)
 
 

@@ -57,7 +57,8 @@ from eap.budget import attribution_batch_size
 from eap.fast import ENGINES, FastEngine, engine_for, refuse_bridge_for_post_norms
 from eap.graph import Graph, HookGroup
 from eap.hooks import (
-    StopForward, check_edge_hooks, leaf_input_hook, run_until_stop, sender_difference_hooks, stop_hook, with_grad_hook,
+    StopForward, check_edge_hooks, leaf_input_hook, require_edge_hooks, run_until_stop, sender_difference_hooks,
+    stop_hook, with_grad_hook,
 )
 from eap.models import model_device, model_dtype
 from eap.task import Task, TaskError
@@ -201,6 +202,7 @@ def _strategy(model: Any, graph: Graph, method: str, ig_steps: int,
     refuse_bridge_for_post_norms(model)  # the AtP methods run on the bridge (no post-norm Jacobian)
     from eap.atp import AtP, atp_options  # eap.atp builds on this module's pieces
 
+    require_edge_hooks(model, f"{method!r} runs on the bridge engine only (eap.atp)")
     return AtP(model, graph, atp_options(method), scores)
 
 

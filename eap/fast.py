@@ -72,7 +72,7 @@ from eap.arch import Arch, UnsupportedModel, arch_spec
 from eap.arch.mixednorm import own_block_backward, whole_normed
 from eap.arch.postnorm import post_norm_jvp
 from eap.graph import Graph
-from eap.hooks import StopForward, run_until_stop
+from eap.hooks import StopForward, require_edge_hooks, run_until_stop
 from eap.models import model_device, model_dtype
 from eap.task import Task
 
@@ -102,6 +102,7 @@ def engine_for(model: Any, engine: str = "auto") -> "FastEngine | None":
     if engine not in ENGINES:
         raise ValueError(f"unknown engine {engine!r}; choose one of {ENGINES}")
     if engine == "bridge":
+        require_edge_hooks(model)  # GPT-J: TransformerLens has no per-head hooks, the fast engine is the only one
         refuse_bridge_for_post_norms(model)
         return None
     if hooks_attached(model):
@@ -126,6 +127,7 @@ def engine_for(model: Any, engine: str = "auto") -> "FastEngine | None":
         verdicts[key] = str(exc)
         if engine == "fast":
             raise
+        require_edge_hooks(model, str(exc))
         refuse_bridge_for_post_norms(model, exc)
         if not known:
             warnings.warn(f"{exc}; attributing through the bridge's hooks (same scores, slower)", stacklevel=3)
@@ -440,6 +442,7 @@ class FastEngine:
             q, k, v = arch.qkv(i, lw.ln1(x))
         else:
             q, k, v = _HeadProjections.apply(x, arch, i, sink, at)
+        q, k = arch.qk_normed(i, q, k)  # per-head q/k norms (Qwen3): plain autograd after the projections
         if spec.positions == "rotary":
             cos, sin = arch.rope(P, x)
             q, k = arch.rotate(q, cos, sin), arch.rotate(k, cos, sin)

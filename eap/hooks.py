@@ -8,13 +8,14 @@ hook functions both sides need.
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, Callable
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from eap.arch import ArchSpec, check_edges
+from eap.arch import ArchSpec, UnsupportedModel, check_edges
 from eap.graph import Graph, GraphError, HookGroup
 
 
@@ -23,6 +24,38 @@ class HookError(RuntimeError):
 
 
 REQUIRED_FLAGS = ("use_split_qkv_input", "use_attn_result", "use_hook_mlp_in")
+
+
+#: bridges whose TransformerLens 4 adapter cannot switch the edge hooks on (GPT-J): model -> why
+_WITHOUT_EDGE_HOOKS: "weakref.WeakKeyDictionary[Any, str]" = weakref.WeakKeyDictionary()
+
+
+def mark_without_edge_hooks(model: Any, reason: str) -> None:
+    """Record that TransformerLens cannot give ``model`` its edge hooks (``reason``: its words);
+    only the plain-torch fast paths (``eap.fast``, ``validation.runner``) serve such a model."""
+    _WITHOUT_EDGE_HOOKS[model] = reason
+
+
+def edge_hooks_unavailable(model: Any) -> str | None:
+    """Why TransformerLens cannot give ``model`` its edge hooks, or None where it can."""
+    try:
+        return _WITHOUT_EDGE_HOOKS.get(model)
+    except TypeError:  # not weak-referenceable: not one of ours
+        return None
+
+
+def require_edge_hooks(model: Any, why_not_fast: str | None = None) -> None:
+    """Raise ``UnsupportedModel`` if the bridge path (hooks) cannot serve ``model``: its
+    TransformerLens adapter has no per-head q/k/v input or result hooks, so the fast path is the
+    only one (``why_not_fast``: why that one did not serve either)."""
+    reason = edge_hooks_unavailable(model)
+    if reason is None:
+        return
+    family = getattr(getattr(getattr(model, "original_model", None), "config", None), "model_type", "this model")
+    msg = (f"TransformerLens 4 has no per-head q/k/v input or per-head result hooks for {family!r} ({reason}), "
+           "so the bridge's hook path cannot compute edges here; eap-bench's plain-torch fast path "
+           "(attribute engine 'fast', patching method 'fast') is the only path for this family")
+    raise UnsupportedModel(msg + (f"; it did not serve: {why_not_fast}" if why_not_fast else ""))
 
 
 class StopForward(Exception):
@@ -44,7 +77,7 @@ def check_edge_hooks(model: Any, graph: Graph | None = None) -> ArchSpec:
             f"{type(model).__name__} is not a TransformerLens model with hooks; load it with eap.load_model"
         )
     off = [flag for flag in REQUIRED_FLAGS if not getattr(cfg, flag, False)]
-    if off:
+    if off and edge_hooks_unavailable(model) is None:
         raise HookError(
             f"model has {', '.join(off)} switched off: edge attribution needs split q/k/v inputs, "
             "per-head results and hook_mlp_in (use eap.load_model, or call set_use_split_qkv_input(True), "

@@ -4,6 +4,7 @@
   (a) the name of an embedded model (``toy-gpt2-2l``, ...; shipped in ``eap/embedded/``),
   (b) ``random:<shape>`` or ``random:<shape>@<seed>``: a randomly initialised model of a named
       shape (``gpt2-small``, ``llama-3.2-1b``, ``qwen2.5-0.5b``, ``pythia-160m``, ``gemma-2-2b``,
+      ``qwen3-0.6b``, ``phi-3-mini``, ``gemma-2b``, ``gpt-j-6b``,
       and a ``-tiny`` variant of each family; see ``RANDOM_SHAPES``), built offline, seedable,
       with the embedded word-level IOI tokenizer,
   (c) a local directory with a transformers model + tokenizer saved with ``save_pretrained``,
@@ -92,6 +93,42 @@ RANDOM_SHAPES: dict[str, tuple[str, dict[str, Any]]] = {
         intermediate_size=64, hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=16, rms_norm_eps=1e-6,
         rope_theta=10000.0, attn_logit_softcapping=50.0, final_logit_softcapping=30.0, sliding_window=4,
         max_position_embeddings=64, tie_word_embeddings=True, vocab_size=64)),
+    # Qwen/Qwen3-0.6B (per-head q/k RMSNorm before rotary, head_dim 128 != hidden / heads)
+    "qwen3-0.6b": ("qwen3", dict(
+        num_hidden_layers=28, hidden_size=1024, num_attention_heads=16, num_key_value_heads=8, head_dim=128,
+        intermediate_size=3072, hidden_act="silu", rms_norm_eps=1e-6, rope_theta=1000000.0,
+        max_position_embeddings=40960, attention_bias=False, use_sliding_window=False, max_window_layers=28,
+        tie_word_embeddings=True, vocab_size=151936)),
+    "qwen3-tiny": ("qwen3", dict(
+        num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        intermediate_size=64, hidden_act="silu", rms_norm_eps=1e-6, rope_theta=1000000.0, max_position_embeddings=64,
+        use_sliding_window=False, tie_word_embeddings=True, vocab_size=64)),
+    # microsoft/Phi-3-mini-4k-instruct (fused qkv_proj and gate_up_proj, sliding window 2047 on every layer)
+    "phi-3-mini": ("phi3", dict(
+        num_hidden_layers=32, hidden_size=3072, num_attention_heads=32, num_key_value_heads=32,
+        intermediate_size=8192, hidden_act="silu", rms_norm_eps=1e-5, rope_theta=10000.0,
+        max_position_embeddings=4096, original_max_position_embeddings=4096, sliding_window=2047,
+        tie_word_embeddings=False, vocab_size=32064)),
+    "phi-3-tiny": ("phi3", dict(  # grouped (as Phi-3-medium) to exercise the fused ungrouping
+        num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
+        hidden_act="silu", rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=64,
+        original_max_position_embeddings=64, sliding_window=5, tie_word_embeddings=False, vocab_size=64)),
+    # google/gemma-2b (Gemma v1: multi-query attention, 1 + w norms, embedding x sqrt(d), GeGLU)
+    "gemma-2b": ("gemma", dict(
+        num_hidden_layers=18, hidden_size=2048, num_attention_heads=8, num_key_value_heads=1, head_dim=256,
+        intermediate_size=16384, hidden_act="gelu_pytorch_tanh", rms_norm_eps=1e-6, rope_theta=10000.0,
+        max_position_embeddings=8192, tie_word_embeddings=True, vocab_size=256000)),
+    "gemma-tiny": ("gemma", dict(
+        num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=1, head_dim=16,
+        intermediate_size=64, hidden_act="gelu_pytorch_tanh", rms_norm_eps=1e-6, rope_theta=10000.0,
+        max_position_embeddings=64, tie_word_embeddings=True, vocab_size=64)),
+    # EleutherAI/gpt-j-6b (parallel attention and MLP under one LayerNorm, interleaved rotary on 64 of 256)
+    "gpt-j-6b": ("gptj", dict(
+        n_layer=28, n_embd=4096, n_head=16, rotary_dim=64, n_inner=None, n_positions=2048,
+        activation_function="gelu_new", layer_norm_epsilon=1e-5, tie_word_embeddings=False, vocab_size=50400)),
+    "gpt-j-tiny": ("gptj", dict(
+        n_layer=2, n_embd=32, n_head=4, rotary_dim=4, n_positions=64, activation_function="gelu_new",
+        layer_norm_epsilon=1e-5, tie_word_embeddings=False, vocab_size=64)),
     # allenai/OLMo-2-0425-1B (no pre-norms, post-norms, q/k RMSNorm over all heads, untied unembedding)
     "olmo-2-1b": ("olmo2", dict(
         num_hidden_layers=16, hidden_size=2048, num_attention_heads=16, num_key_value_heads=16,
@@ -163,9 +200,17 @@ def model_dtype(model: Any) -> torch.dtype:
 
 def prepare_for_edges(bridge: Any) -> Any:
     """Compatibility mode with raw weights, edge hooks on, frozen, eval mode."""
+    from eap.hooks import mark_without_edge_hooks
+
     bridge.enable_compatibility_mode(no_processing=True)
-    bridge.set_use_split_qkv_input(True)
-    bridge.set_use_attn_result(True)
+    missing = []
+    for switch in (bridge.set_use_split_qkv_input, bridge.set_use_attn_result):
+        try:
+            switch(True)
+        except NotImplementedError as exc:  # TransformerLens 4 has no such hooks for this family (GPT-J)
+            missing.append(str(exc).split(".")[0])
+    if missing:
+        mark_without_edge_hooks(bridge, "; ".join(missing))
     bridge.set_use_hook_mlp_in(True)
     if getattr(getattr(bridge.original_model, "config", None), "attn_only", False):
         # eap-bench's attention-only models: MLPs removed (zero output weights), config says so;

@@ -283,7 +283,7 @@ def evaluate_circuit(
             sync(device)
             t0 = time.perf_counter()
             with torch.no_grad():
-                cache = _collect(model, graph, t, residuals=False, differences=False)
+                cache = _collect(model, graph, t, residuals=False, differences=False, runner=runner)
             sync(device)
             setup_s += time.perf_counter() - t0
             t0 = time.perf_counter()

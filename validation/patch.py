@@ -64,7 +64,10 @@ from torch import Tensor
 from eap.arch import arch_spec
 from eap.budget import BudgetError, PatchPlan, held_bytes, plan_patching, resolve_budget
 from eap.graph import Graph, GraphError
-from eap.hooks import StopForward, check_edge_hooks, run_until_stop, sender_difference_hooks, stop_hook
+from eap.hooks import (
+    StopForward, check_edge_hooks, edge_hooks_unavailable, require_edge_hooks, run_until_stop, sender_difference_hooks,
+    stop_hook,
+)
 from eap.measure import sync
 from eap.task import Task, TaskError
 from validation.runner import BlockRunner, UnsupportedModel
@@ -86,7 +89,8 @@ class _Cache:
     delta: Tensor  # [n_senders, nb, p, d] corrupted - clean sender outputs
 
 
-def _collect(model: Any, graph: Graph, task: Task, residuals: bool, differences: bool = True) -> _Cache:
+def _collect(model: Any, graph: Graph, task: Task, residuals: bool, differences: bool = True,
+             runner: BlockRunner | None = None) -> _Cache:
     """One corrupted and one clean forward of ``task``'s prompts through the model's hooks.
 
     The corrupted forward writes the sender outputs into the difference buffer and stops after
@@ -95,7 +99,13 @@ def _collect(model: Any, graph: Graph, task: Task, residuals: bool, differences:
 
     ``differences=False`` (circuit evaluation): ``delta`` keeps the *corrupted* sender outputs
     themselves and the clean forward only records ``pre[0]``, the clean input embedding, and
-    stops there."""
+    stops there.
+
+    A model whose TransformerLens adapter has no per-head hooks (``eap.hooks.edge_hooks_unavailable``,
+    GPT-J) gets the same cache from ``runner`` (the adapter's blocks; the bridge computes only
+    the input embeddings)."""
+    if edge_hooks_unavailable(model) is not None:
+        return _collect_by_runner(model, graph, task, residuals, differences, runner)
     L = graph.spec.n_layers
     nb, p = task.clean.shape
     param = next(model.parameters())
@@ -136,6 +146,31 @@ def _collect(model: Any, graph: Graph, task: Task, residuals: bool, differences:
     post = pre[1:] + [got[f"blocks.{L - 1}.hook_resid_post"]]
     mlp_in = [] if graph.spec.attn_only else [got[f"blocks.{i}.hook_mlp_in"] for i in range(L)]
     return _Cache(pre, mlp_in, post, delta)
+
+
+def _collect_by_runner(model: Any, graph: Graph, task: Task, residuals: bool, differences: bool,
+                       runner: BlockRunner | None) -> _Cache:
+    """:func:`_collect` through the block runner (``BlockRunner.sender_outputs``)."""
+    if runner is None:
+        require_edge_hooks(model, "exact patching was asked for on the hook path")
+        raise AssertionError("unreachable: require_edge_hooks raises for a model without edge hooks")
+    embed = {}
+
+    def grab(key: str):
+        def hook(x: Tensor, hook: Any = None) -> Tensor:
+            embed[key] = x.detach().clone()
+            raise StopForward
+
+        return hook
+
+    with torch.no_grad():
+        run_until_stop(model, task.corrupted, [("blocks.0.hook_resid_pre", grab("corrupted"))])
+        run_until_stop(model, task.clean, [("blocks.0.hook_resid_pre", grab("clean"))])
+        corrupted, _, _, _ = runner.sender_outputs(graph, embed["corrupted"], residuals=False)
+        if not differences:
+            return _Cache([embed["clean"]], [], [], corrupted)
+        clean, pre, mlp_in, post = runner.sender_outputs(graph, embed["clean"], residuals=residuals)
+    return _Cache(pre, mlp_in, post, corrupted.sub_(clean))
 
 
 # ------------------------------------------------------------------------------ readout
@@ -370,7 +405,7 @@ def prepare_batch(job: PatchJob, batch: int) -> _Evaluator:
     P = job.batches[batch]
     t = job.task if (P.start, P.stop) == (0, job.task.n_prompts) else job.task.subset(P)
     with torch.no_grad():
-        cache = _collect(job.model, job.graph, t, residuals=job.runner is not None)
+        cache = _collect(job.model, job.graph, t, residuals=job.runner is not None, runner=job.runner)
     return _Evaluator(job.model, job.graph, t, cache, job.readout, job.runner)
 
 
@@ -464,9 +499,11 @@ def prepare_call(model: Any, task: Task, method: str, batch_size: int | None, re
         except UnsupportedModel as exc:
             if method == "fast":
                 raise
+            require_edge_hooks(model, str(exc))  # a model without edge hooks has no hook path to fall back to
             refuse_hooks_for_post_norms(model, what, exc)
             warnings.warn(f"{exc}; using the (slower) hook-based {what} path")
     else:
+        require_edge_hooks(model)
         refuse_hooks_for_post_norms(model, what)
     return task, runner, use_readout and runner is not None
 

@@ -152,6 +152,46 @@ class BlockRunner:
             return ("post", layer)
         raise ValueError(f"unknown sender kind {kind!r}")
 
+    # ----------------------------------------------------------------- sender outputs
+    def sender_outputs(
+        self, graph: Graph, embed: Float[Tensor, "nb p d"], residuals: bool = True
+    ) -> tuple[Float[Tensor, "n_senders nb p d"], list[Tensor], list[Tensor], list[Tensor]]:
+        """Every sender's output (the input residual, each head's result without ``b_O``, each
+        MLP's output) of one forward from the input residual ``embed``, in the graph's sender
+        order, and (with ``residuals``) the clean residuals ``resid_pre[L]``, ``mlp_in[L]`` and
+        ``resid_post[L]``: what validation reads through the bridge's hooks, computed by the
+        adapter instead (for models whose TransformerLens adapter has no per-head hooks, GPT-J).
+        Stops after the last sender without ``residuals``."""
+        arch, spec = self.arch, self.arch.spec
+        if spec.post_norms:
+            raise UnsupportedModel(f"{spec.family}: sender outputs before a post-norm are not computed here")
+        out = embed.new_empty(graph.n_senders, *embed.shape)
+        at = {(g.kind, g.layer): g.start for g in graph.sender_groups}
+        out[at["input", 0]] = embed
+        pre: list[Tensor] = []
+        mlp_in: list[Tensor] = []
+        x = embed
+        for layer in range(self.n_layers):
+            pre.append(x)
+            res = arch.head_results(layer, *arch.head_inputs(layer, "qkv", x))  # [nb, H, p, d]
+            out[at["head", layer] : at["head", layer] + self.n_heads] = res.transpose(0, 1)
+            attn = res.sum(1)
+            if arch.layers[layer].b_O is not None:
+                attn = attn + arch.layers[layer].b_O
+            if self.attn_only:
+                x = x + attn
+                continue
+            mid = x if self.parallel else x + attn
+            mlp_in.append(mid)
+            mlp = arch.mlp(layer, mid)
+            out[at["mlp", layer]] = mlp
+            if not residuals and layer == self.n_layers - 1:
+                break
+            x = mid + mlp + (attn if self.parallel else 0)
+        if not residuals:
+            return out, [], [], []
+        return out, pre, mlp_in, pre[1:] + [x]
+
     # ----------------------------------------------------------------- circuits
     def run_circuits(
         self,

@@ -40,6 +40,10 @@ class ArchSpec:
     post_norms: bool
     attn_only: bool
     final_softcap: float | None
+    shared_norm: bool = False  # one norm feeds attention and the MLP (GPT-J)
+    rotary_returns: str = "cos_sin"  # the HF rotary module's outputs (GPT-J: sin, cos)
+    qk_norm: str = "none"  # 'head': each head's q and k are normalised over d_head before rotary (Qwen3)
+    scores_fp32: bool = False  # q.k in float32 whatever the model dtype (GPT-J)
     grouped_kv_heads: int | None = None  # KV heads before ungrouping (None if never grouped)
     pre_norms: bool = True  # False: no norm before attention / MLP (OLMo-2)
     whole_qk_norm: bool = False  # q/k norm over all heads' features (OLMo-2; eap.arch.mixednorm)
@@ -84,7 +88,7 @@ def _spec_from_config(cfg: Any, d_vocab: int | None = None) -> ArchSpec:
     if fam.positions == "rotary":
         rope = _get(cfg, "rope_parameters", {}) or {}
         pct = float(rope.get("partial_rotary_factor", _get(cfg, "partial_rotary_factor", _get(cfg, "rotary_pct", 1.0))))
-        rotary_dim = int(d_head * pct)
+        rotary_dim = int(_get(cfg, fam.rotary_dim, 0)) or int(d_head * pct)
     sliding = _get(cfg, "sliding_window")
     if fam.windows == "all":
         windows = tuple([sliding] * L)
@@ -118,7 +122,8 @@ def _spec_from_config(cfg: Any, d_vocab: int | None = None) -> ArchSpec:
         rotary_dim=rotary_dim, softmax_fp32=fam.softmax_fp32,
         attn_softcap=float(attn_cap) if attn_cap else None, windows=windows, gated_mlp=fam.gated_mlp, act=act,
         parallel=parallel, post_norms=fam.post_norms, attn_only=bool(_get(cfg, "attn_only", False)),
-        final_softcap=float(final_cap) if final_cap else None,
+        final_softcap=float(final_cap) if final_cap else None, shared_norm=fam.shared_norm,
+        rotary_returns=fam.rotary_returns, qk_norm=fam.qk_norm, scores_fp32=fam.scores_fp32,
         grouped_kv_heads=int(grouped) if grouped else None, problems=tuple(problems),
         pre_norms=fam.pre_norms, whole_qk_norm=fam.whole_qk_norm,
     )
@@ -137,8 +142,8 @@ def _spec_from_model(model: Any) -> ArchSpec:
     kv = getattr(cfg, "n_key_value_heads", None) or spec.n_heads
     problems = list(spec.problems)
     for flag, what in (("use_qk_norm", "q/k norm"), ("use_local_attn", "local attention (TransformerLens)")):
-        if flag == "use_qk_norm" and spec.whole_qk_norm:
-            continue
+        if flag == "use_qk_norm" and (spec.qk_norm != "none" or spec.whole_qk_norm):
+            continue  # described by the family
         if getattr(cfg, flag, False):
             problems.append(what)
     if getattr(cfg, "num_experts", None):

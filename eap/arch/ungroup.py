@@ -31,27 +31,44 @@ def ungroup_kv_heads(hf_model: Any) -> int | None:
             "heads per query head would change the patched values); only n_key_value_heads == "
             "num_attention_heads is supported for this family"
         )
-    if fam.kv_proj is None or H % kv:
+    if (fam.kv_proj is None and fam.qkv_proj is None) or H % kv:
         raise UnsupportedModel(f"{fam.name}: cannot ungroup {kv} key/value heads for {H} query heads")
     groups = H // kv
+    names = fam.kv_proj or (fam.qkv_proj,)
     n_done = 0
     for module in hf_model.modules():
-        if not (hasattr(module, "num_key_value_groups") and all(hasattr(module, n) for n in fam.kv_proj)):
+        if not (hasattr(module, "num_key_value_groups") and all(hasattr(module, n) for n in names)):
             continue
-        for name in fam.kv_proj:
-            lin = getattr(module, name)
-            dh = lin.out_features // kv
-            with torch.no_grad():
-                w = lin.weight.view(kv, dh, -1).repeat_interleave(groups, dim=0).reshape(H * dh, -1)
-                lin.weight = torch.nn.Parameter(w, requires_grad=lin.weight.requires_grad)
-                if lin.bias is not None:
-                    b = lin.bias.view(kv, dh).repeat_interleave(groups, dim=0).reshape(H * dh)
-                    lin.bias = torch.nn.Parameter(b, requires_grad=lin.bias.requires_grad)
-            lin.out_features = H * dh
+        if fam.kv_proj is not None:
+            for name in fam.kv_proj:
+                _repeat_rows(getattr(module, name), [(0, kv, groups)])
+        else:  # fused [q; k; v] rows (Phi-3): q stays, k and v rows are repeated per query head
+            _repeat_rows(getattr(module, fam.qkv_proj), [(0, H, 1), (H, kv, groups), (H + kv, kv, groups)])
         module.num_key_value_groups = 1
+        if hasattr(module, "num_key_value_heads"):  # Phi-3 slices its fused output with it
+            module.num_key_value_heads = H
         n_done += 1
     if n_done != int(getattr(cfg, fam.n_layers)):
         raise UnsupportedModel(f"{fam.name}: found {n_done} attention modules to ungroup, expected {getattr(cfg, fam.n_layers)}")
     setattr(cfg, fam.n_kv_heads, H)
     cfg.eap_grouped_kv_heads = kv
     return kv
+
+
+def _repeat_rows(lin: torch.nn.Linear, blocks: list[tuple[int, int, int]]) -> None:
+    """Replace ``lin``'s output rows by blocks of heads: ``(first head, n heads, copies)`` each
+    (heads of ``d_head`` rows, in units of the first block's head size), every head of a block
+    repeated ``copies`` times in place (``repeat_interleave``), weights and bias alike."""
+    n_heads_in = sum(n for _, n, _ in blocks)
+    dh = lin.out_features // n_heads_in
+
+    def rebuild(t: torch.Tensor) -> torch.Tensor:
+        heads = t.view(n_heads_in, dh, *t.shape[1:])
+        parts = [heads[start : start + n].repeat_interleave(copies, dim=0) for start, n, copies in blocks]
+        return torch.cat(parts).reshape(-1, *t.shape[1:])
+
+    with torch.no_grad():
+        lin.weight = torch.nn.Parameter(rebuild(lin.weight), requires_grad=lin.weight.requires_grad)
+        if lin.bias is not None:
+            lin.bias = torch.nn.Parameter(rebuild(lin.bias), requires_grad=lin.bias.requires_grad)
+    lin.out_features = lin.weight.shape[0]

@@ -444,7 +444,7 @@ class FastEngine:
             q, k, v = _HeadProjections.apply(x, arch, i, sink, at)
         q, k = arch.qk_normed(i, q, k)  # per-head q/k norms (Qwen3): plain autograd after the projections
         if spec.positions == "rotary":
-            cos, sin = arch.rope(P, x)
+            cos, sin = arch.rope(P, x, i)
             q, k = arch.rotate(q, cos, sin), arch.rotate(k, cos, sin)
         z = arch.attend(i, q, k, v)  # [B, H, P, dh]
         if mode == "keep":

@@ -39,7 +39,7 @@ to half precision before the metric).
 from eap.arch.blocks import Arch, Layer
 from eap.arch.errors import UnsupportedModel
 from eap.arch.family import (
-    FAMILIES, GEMMA2, GPT2, GPT_NEOX, LLAMA, MISTRAL, OLMO2, QWEN2, Family, family_named, family_of,
+    FAMILIES, GEMMA2, GEMMA3, GPT2, GPT_NEOX, LLAMA, MISTRAL, OLMO2, QWEN2, Family, family_named, family_of,
 )
 from eap.arch.norm import Norm, NormBackward
 from eap.arch.readout import Readout
@@ -48,7 +48,7 @@ from eap.arch.spec import ArchSpec, arch_spec, check_edges, graph_spec
 from eap.arch.ungroup import ungroup_kv_heads
 
 __all__ = [
-    "Arch", "ArchSpec", "FAMILIES", "Family", "GEMMA2", "GPT2", "GPT_NEOX", "LLAMA", "Layer", "MISTRAL", "Norm", "OLMO2",
+    "Arch", "ArchSpec", "FAMILIES", "Family", "GEMMA2", "GEMMA3", "GPT2", "GPT_NEOX", "LLAMA", "Layer", "MISTRAL", "Norm", "OLMO2",
     "NormBackward", "QWEN2", "Readout", "UnsupportedModel", "apply_rotary", "arch_spec", "check_edges",
     "family_named", "family_of", "graph_spec", "ungroup_kv_heads",
 ]

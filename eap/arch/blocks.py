@@ -157,13 +157,18 @@ class Arch:
         )
 
     # ------------------------------------------------------------------ positions
-    def rope(self, n_pos: int, like: Tensor) -> tuple[Tensor, Tensor]:
-        """cos, sin ``[n_pos, rotary_dim]`` from the model's own rotary module (any rope scaling)."""
-        key = (n_pos, like.device, like.dtype)
+    def rope(self, n_pos: int, like: Tensor, layer: int | None = None) -> tuple[Tensor, Tensor]:
+        """cos, sin ``[n_pos, rotary_dim]`` from the model's own rotary module (any rope scaling);
+        ``layer``: needed where layers have their own rotary bases (Gemma-3's local/global)."""
+        kind = self.spec.rope_types[layer] if self.spec.rope_types and layer is not None else None
+        if self.spec.rope_types and kind is None:
+            raise ValueError(f"{self.spec.family}: rotary positions differ per layer; pass the layer")
+        key = (n_pos, like.device, like.dtype, kind)
         if key not in self._rope:
             pos = torch.arange(n_pos, device=like.device)[None]
+            args = () if kind is None else (kind,)
             with torch.no_grad():
-                cos, sin = self.rotary_module(like.new_zeros(1, n_pos, 1), pos)
+                cos, sin = self.rotary_module(like.new_zeros(1, n_pos, 1), pos, *args)
             if self.spec.rotary_returns == "sin_cos":
                 cos, sin = sin, cos
             cos, sin = cos[0], sin[0]
@@ -230,7 +235,7 @@ class Arch:
         if lw.q_norm_whole is not None:
             q, k = whole_normed(lw.q_norm_whole, q), whole_normed(lw.k_norm_whole, k)
         if spec.positions == "rotary":
-            cos, sin = self.rope(P, x)
+            cos, sin = self.rope(P, x, layer)
             k = self.rotate(k, cos, sin)
             if pos is None:
                 q = self.rotate(q, cos, sin)
@@ -313,7 +318,7 @@ class Arch:
             (ctx,) = self.head_inputs(layer, kind, context, rotate=False, qk_normed=False)  # [N, H, P, dh]
             out = own_views(whole, ctx, out, heads)
         if kind != "v" and self.spec.positions == "rotary":
-            cos, sin = self.rope(x.shape[-2], x)
+            cos, sin = self.rope(x.shape[-2], x, layer)
             out = self.rotate(out, cos, sin)
         return out
 
@@ -340,7 +345,7 @@ class Arch:
             if whole is not None and qk_normed:
                 y = whole_normed(whole, y)
             if kind != "v" and rotate and self.spec.positions == "rotary":
-                cos, sin = self.rope(x_in.shape[-2], x_in)
+                cos, sin = self.rope(x_in.shape[-2], x_in, layer)
                 y = self.rotate(y, cos, sin)
             out.append(y)
         return out

@@ -47,6 +47,7 @@ class ArchSpec:
     grouped_kv_heads: int | None = None  # KV heads before ungrouping (None if never grouped)
     pre_norms: bool = True  # False: no norm before attention / MLP (OLMo-2)
     whole_qk_norm: bool = False  # q/k norm over all heads' features (OLMo-2; eap.arch.mixednorm)
+    rope_types: tuple[str, ...] = ()  # per layer, the rotary module's layer type (Gemma-3); () if shared
     problems: tuple[str, ...] = field(default=())  # features the block runner does not implement
 
     def graph_spec(self) -> GraphSpec:
@@ -126,6 +127,7 @@ def _spec_from_config(cfg: Any, d_vocab: int | None = None) -> ArchSpec:
         rotary_returns=fam.rotary_returns, qk_norm=fam.qk_norm, scores_fp32=fam.scores_fp32,
         grouped_kv_heads=int(grouped) if grouped else None, problems=tuple(problems),
         pre_norms=fam.pre_norms, whole_qk_norm=fam.whole_qk_norm,
+        rope_types=tuple(_get(cfg, "layer_types") or ["full_attention"] * L) if fam.rope_per_layer_type else (),
     )
 
 

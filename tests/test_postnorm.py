@@ -351,3 +351,25 @@ def test_edge_counts_follow_the_closed_form(shape, dims):
     spec = graph_spec(AutoConfig.for_model({"gemma2": "gemma2", "gemma3": "gemma3_text"}[family], **fields))
     assert (spec.n_layers, spec.n_heads, spec.d_model) == dims
     assert Graph(spec).n_edges == closed_form_edges(spec.n_layers, spec.n_heads)
+
+
+def test_embedded_post_norm_toy_eap_is_the_first_order_term_of_exact_patching():
+    """toy-gemma2-4l (trained, eap/embedded/; its card is re-measured by test_embedded_models.py)
+    is a post-norm model on which EAP = lim exact/eps on IOI, and EAP-IG's variant is not."""
+    from eap import load_model
+    from eap.arch import arch_spec
+    from eap.tasks import TASKS
+
+    model = load_model("toy-gemma2-4l", device="cpu", dtype=torch.float64)
+    spec = arch_spec(model)
+    assert spec.family == "gemma2" and spec.post_norms and spec.grouped_kv_heads == 2
+    g = Graph.from_model(model)
+    task = TASKS["ioi"](model, 4, seed=3)
+    edges = g.select_edges("stratified:60", seed=0)
+    eap = attribute(model, g, task, progress=False).double()[edges]
+    ignore = eap_ignoring_post_norm(model, g, task, FastEngine(model, post_norm="ignore"))[edges]
+    eps = 1e-2
+    fd = ((validation.patch_edges(model, g, task, edges, scale=eps, progress=False)
+           - validation.patch_edges(model, g, task, edges, scale=-eps, progress=False)) / (2 * eps))[edges]
+    assert (eap - fd).abs().max() < 1e-3 * fd.abs().max()
+    assert (ignore - fd).abs().max() > 0.05 * fd.abs().max()

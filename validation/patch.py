@@ -61,7 +61,6 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from eap.arch import arch_spec
 from eap.budget import BudgetError, PatchPlan, held_bytes, plan_patching, resolve_budget
 from eap.graph import Graph, GraphError
 from eap.hooks import (
@@ -70,7 +69,7 @@ from eap.hooks import (
 )
 from eap.measure import sync
 from eap.task import Task, TaskError
-from validation.runner import BlockRunner, UnsupportedModel
+from validation.runner import BlockRunner, UnsupportedModel, refuse_hooks_for_post_norms
 from validation.store import ResultStore, describe_request, fingerprint_of, fingerprint_parts
 
 
@@ -244,21 +243,11 @@ class _Evaluator:
         return {"pre": c.pre, "mid": c.mlp_in, "post": c.post}[where][L]
 
     def through_post_norms(self, senders: Int[Tensor, " m"], D: Float[Tensor, "m nb p d"]) -> Float[Tensor, "m nb p d"]:
-        """The residual-stream change of each copy's sender (``D``: pre-norm differences of
-        heads, times ``scale``): unchanged without post-norms; in a post-norm family a head of
-        layer L's row becomes ``PN_L(S_L + D) - PN_L(S_L)`` with ``S_L`` the layer's clean
-        pre-norm attention sum (``eap.arch.postnorm``; MLP and input rows are already in the
-        residual stream). ``D`` is updated in place and returned."""
+        """The residual-stream change of each copy's sender (``D``: its output difference times
+        ``scale``): ``D`` itself, except in a post-norm family (``BlockRunner.through_post_norms``)."""
         if self.rn is None or not self.rn.arch.spec.post_norms:
             return D
-        layer = self.rn.head_layers(self.graph).to(senders.device)[senders]  # -1: not a head
-        for L in layer.unique().tolist():
-            if L >= 0:
-                if L not in self._attn_sums:
-                    self._attn_sums[L] = self.rn.arch.attn(L, self.cache.pre[L], post=False)
-                rows = layer == L
-                D[rows] = self.rn.post_normed_difference(L, self._attn_sums[L], D[rows])
-        return D
+        return self.rn.through_post_norms(self.graph, senders, D, self.cache.pre, self._attn_sums)
 
     # -------------------------------------------------------------- fast
     def inject(self, point: tuple[str, int], D: Float[Tensor, "m nb p d"], P: slice) -> Float[Tensor, "m nb"]:
@@ -506,19 +495,6 @@ def prepare_call(model: Any, task: Task, method: str, batch_size: int | None, re
         require_edge_hooks(model)
         refuse_hooks_for_post_norms(model, what)
     return task, runner, use_readout and runner is not None
-
-
-def refuse_hooks_for_post_norms(model: Any, what: str, why: Exception | None = None) -> None:
-    """Raise ``UnsupportedModel`` for a post-norm family on the hook path: a head's edge there
-    is defined through its layer's recomputed post-norm (``eap.arch.postnorm``), which only the
-    block runner computes. ``why``: the reason the runner cannot run."""
-    spec = arch_spec(model)
-    if spec.post_norms:
-        reason = f" ({why})" if why is not None else ""
-        raise UnsupportedModel(
-            f"{spec.family}: a post-norm acts on the sum of heads; {what} there runs on the block runner "
-            f"(method='auto' or 'fast'), which recomputes it per edge; the hook path does not{reason}"
-        )
 
 
 def plan_for_task(task: Task, d_vocab: int, batch_size: int | None,

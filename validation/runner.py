@@ -32,13 +32,26 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from eap.arch import Arch, UnsupportedModel
+from eap.arch import Arch, UnsupportedModel, arch_spec
 from eap.arch.postnorm import post_normed_difference
 from eap.graph import Graph, HookGroup
 
-__all__ = ["BlockRunner", "UnsupportedModel"]
+__all__ = ["BlockRunner", "UnsupportedModel", "refuse_hooks_for_post_norms"]
 
 Point = tuple[str, int]
+
+
+def refuse_hooks_for_post_norms(model: Any, what: str, why: Exception | None = None) -> None:
+    """Raise ``UnsupportedModel`` for a post-norm family on the hook path: a head's edge there
+    is defined through its layer's recomputed post-norm (``eap.arch.postnorm``), which only the
+    block runner computes. ``why``: the reason the runner cannot run."""
+    spec = arch_spec(model)
+    if spec.post_norms:
+        reason = f" ({why})" if why is not None else ""
+        raise UnsupportedModel(
+            f"{spec.family}: a post-norm acts on the sum of heads; {what} there runs on the block runner "
+            f"(method='auto' or 'fast'), which recomputes it per edge; the hook path does not{reason}"
+        )
 
 
 class BlockRunner:
@@ -133,6 +146,23 @@ class BlockRunner:
         """Post-norm families: the change ``PN_L(S + D) - PN_L(S)`` of layer ``layer``'s
         attention write when its pre-norm sum ``S`` moves by ``D`` (``eap.arch.postnorm``)."""
         return post_normed_difference(self.arch.layers[layer].ln1_post, S, D)
+
+    def through_post_norms(
+        self, graph: Graph, senders: Int[Tensor, " m"], D: Float[Tensor, "m nb p d"], pre: list[Tensor],
+        sums: dict[int, Tensor],
+    ) -> Float[Tensor, "m nb p d"]:
+        """Post-norm families: copy i's row of ``D`` (sender ``senders[i]``'s pre-norm difference
+        times ``scale`` for a head) becomes ``PN_L(S_L + D) - PN_L(S_L)`` for a head of layer L,
+        ``S_L`` the layer's clean pre-norm attention sum from its clean input ``pre[L]`` (kept in
+        ``sums``); MLP and input rows are already residual-stream changes. In place; returned."""
+        layer = self.head_layers(graph).to(senders.device)[senders]  # -1: not a head
+        for L in layer.unique().tolist():
+            if L >= 0:
+                if L not in sums:
+                    sums[L] = self.arch.attn(L, pre[L], post=False)
+                rows = layer == L
+                D[rows] = self.post_normed_difference(L, sums[L], D[rows])
+        return D
 
     def head_layers(self, graph: Graph) -> Int[Tensor, " n_senders"]:
         """The layer of every sender that is a head, -1 for the others (input, MLPs)."""

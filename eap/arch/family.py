@@ -160,14 +160,17 @@ def unregister_family(name: str) -> None:
 
 def registered_families() -> tuple[Family, ...]:
     """Every registered family (built in, registered, from entry points), in registration order."""
-    _load_entry_points()
+    load_entry_points()
     return tuple(_REGISTRY.values())
 
 
-def _load_entry_points() -> None:
-    """Register the families of the ``eap_bench.families`` entry points (once)."""
+def load_entry_points(reload: bool = False) -> None:
+    """Register the families of the installed ``eap_bench.families`` entry points (once per
+    process, or again with ``reload``, e.g. after installing a plug-in). Each entry point names
+    a :class:`Family`, a sequence of them, or a callable returning either; one that fails to
+    load raises ``UnsupportedModel`` naming it. Look-ups of unknown model types call this."""
     global _ENTRY_POINTS_LOADED
-    if _ENTRY_POINTS_LOADED:
+    if _ENTRY_POINTS_LOADED and not reload:
         return
     _ENTRY_POINTS_LOADED = True
     from importlib import metadata
@@ -180,7 +183,8 @@ def _load_entry_points() -> None:
         except Exception as exc:  # a broken plug-in names itself, it does not break other families
             raise UnsupportedModel(f"entry point {ep.name!r} ({ep.value}) in group {ENTRY_POINT_GROUP!r} "
                                    f"failed to load: {type(exc).__name__}: {exc}") from exc
-        for fam in (obj,) if isinstance(obj, Family) else tuple(obj):
+        many = obj if isinstance(obj, (list, tuple)) else (obj,)
+        for fam in many:
             if not isinstance(fam, Family):
                 raise UnsupportedModel(f"entry point {ep.name!r} ({ep.value}) gave a {type(fam).__name__}, "
                                        "not an eap.arch.Family")
@@ -200,7 +204,7 @@ def family_of(model_type: str) -> Family:
     """The :class:`Family` of a HuggingFace ``model_type`` (raises ``UnsupportedModel`` naming
     it and how to describe it)."""
     if model_type not in _BY_MODEL_TYPE:
-        _load_entry_points()
+        load_entry_points()
     if model_type not in _BY_MODEL_TYPE:
         raise UnsupportedModel(not_described(model_type))
     return _BY_MODEL_TYPE[model_type]

@@ -55,6 +55,8 @@ class Norm:
             return F.layer_norm(x, (x.shape[-1],), w, b, self.eps)
         h = x.to(torch.float32)  # as HF: RMS statistics in float32, whatever the model dtype
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.weight is None:  # a norm without a weight (a user's description of a non-parametric norm)
+            return h.to(out_dtype) if not self.offset else (h * self.offset).to(out_dtype)
         if self.weight_in_fp32:
             return (h * (self.offset + self.weight.float())).to(out_dtype)
         w = self.weight if not self.offset else self.offset + self.weight

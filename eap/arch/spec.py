@@ -158,6 +158,7 @@ def check_edges(model: Any) -> ArchSpec:
     receivers) is right for ``model``; returns its :class:`ArchSpec`. Post-norm families pass:
     their head edges are defined through the recomputed post-norm (``eap.arch.postnorm``)."""
     cfg = model.cfg
+    spec = arch_spec(model)  # first: a family eap.arch does not describe is refused as such, MHA or GQA
     n_kv = getattr(cfg, "n_key_value_heads", None)
     if n_kv not in (None, cfg.n_heads):
         raise UnsupportedModel(
@@ -165,5 +166,4 @@ def check_edges(model: Any) -> ArchSpec:
             "the edge graph has q, k and v receivers per query head (as MIB and EAP-IG); load the model with "
             "eap.load_model, which ungroups the key/value heads (same function, one k/v input per query head)"
         )
-    spec = arch_spec(model)
     return spec

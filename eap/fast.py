@@ -42,7 +42,9 @@ How the fast engine computes one prompt batch
 Post-norm families (Gemma-2; ``eap.arch.postnorm``): the residual stream gets each layer's
 post-normed attention sum; a head's row of the buffer is its pre-norm difference ``d_u`` until the
 clean pass reaches its layer, which replaces it by ``J_PN(S) d_u`` (``S`` the clean pre-norm sum):
-the first-order term of exact patching's ``PN(S + d_u) - PN(S)``. ``FastEngine(post_norm='ignore')``
+the first-order term of exact patching's ``PN(S + d_u) - PN(S)``. With several gradient points
+(``eap-ig``, ``clean-corrupted``) each point's pass uses the Jacobian at its own ``S`` (the pre-norm
+differences are kept for that). ``FastEngine(post_norm='ignore')``
 keeps the raw ``d_u`` (EAP-IG's ``attribute.py``), on request only. The bridge's hooks cannot
 apply the Jacobian, so post-norm families never fall back to the bridge
 (:func:`refuse_bridge_for_post_norms`).
@@ -318,6 +320,7 @@ class FastEngine:
         self.model = model
         self.arch = Arch(model, fused_qkv=False)
         self.post_norm = post_norm
+        self._pre_norm: dict[int, Tensor] | None = None  # heads' pre-norm differences per layer (several points)
 
     def embed(self, tokens: Tensor) -> Float[Tensor, "b p d"]:
         """The input residual (``blocks.0.hook_resid_pre``), computed by the bridge itself."""
@@ -344,6 +347,7 @@ class FastEngine:
         buf = torch.empty(graph.n_senders, b, p, spec.d_model, device=scores.device, dtype=model_dtype(self.model))
         sink = _Scores(buf, scores)
         where = self._readout_where(task)
+        self._pre_norm = {} if len(points) > 1 and self.arch.spec.post_norms else None
         with torch.no_grad():
             buf[0] = self.embed(task.corrupted)
             self._blocks(buf[0], buf, rows, "set", None, where)
@@ -462,9 +466,12 @@ class FastEngine:
         out = out if lw.b_O is None else out + lw.b_O
         if lw.ln1_post is None:
             return out
-        if mode == "subtract" and self.post_norm == "jacobian":  # head rows: J_PN(S) (corrupted - clean)
+        if self.post_norm == "jacobian" and mode != "set":  # head rows: J_PN(S) (corrupted - clean) at this point
             rows = buf[at.heads : at.heads + H]
-            rows.copy_(post_norm_jvp(lw.ln1_post, out.detach(), rows))
+            if mode == "subtract" and self._pre_norm is not None:  # later gradient points need them again
+                self._pre_norm[i] = rows.clone()
+            raw = rows if mode == "subtract" else self._pre_norm[i]
+            rows.copy_(post_norm_jvp(lw.ln1_post, out.detach(), raw))
         return lw.ln1_post(out)
 
     def _metric(self, resid: Float[Tensor, "b *p d"], task: Task) -> Float[Tensor, " b"]:

@@ -373,3 +373,18 @@ def test_embedded_post_norm_toy_eap_is_the_first_order_term_of_exact_patching():
            - validation.patch_edges(model, g, task, edges, scale=-eps, progress=False)) / (2 * eps))[edges]
     assert (eap - fd).abs().max() < 1e-3 * fd.abs().max()
     assert (ignore - fd).abs().max() > 0.05 * fd.abs().max()
+
+
+def test_gradient_points_use_their_own_post_norm_jacobian(gemma):
+    """clean-corrupted = (EAP(task) - EAP(task with clean and corrupted swapped)) / 2: its second
+    point needs the post-norm's Jacobian at the corrupted run, not the clean one."""
+    from conftest import _lp_diff
+    from eap.task import Task
+
+    model, g = gemma
+    task = random_task(model, n=3, seq=6, seed=12)
+    swapped = Task(task.corrupted, task.clean, _lp_diff, per_prompt=task.per_prompt, name="swapped")
+    both = attribute(model, g, task, method="clean-corrupted", progress=False).double()
+    want = 0.5 * (attribute(model, g, task, progress=False).double() - attribute(model, g, swapped, progress=False).double())
+    assert want.abs().max() > 1e-3
+    torch.testing.assert_close(both, want, rtol=1e-6, atol=1e-7 * float(want.abs().max()))

@@ -48,7 +48,7 @@ import numpy as np
 from bench.plugins import Plugin, eap_ig_method, resolve_method, resolve_task
 
 SCHEMA_VERSION = 2
-DEFAULT_MODELS = ["toy-gpt2-2l", "toy-gpt2-4l", "toy-llama-4l"]
+DEFAULT_MODELS = ["toy-gpt2-2l", "toy-gpt2-4l", "toy-llama-4l", "toy-gemma2-4l"]
 #: Tasks of the default run: the first two of these that ``eap.tasks.TASKS`` has.
 PREFERRED_TASKS = ("ioi", "greater-than", "induction", "sva")
 METHODS = ("eap", "eap-ig", "clean-corrupted")

@@ -203,3 +203,18 @@ def test_grouped_kv_heads_are_refused():
         random_model(shape, seed=0, arch="olmo2", **F64)
     assert arch_spec({"model_type": "olmo2", "num_hidden_layers": 2, "hidden_size": 8,
                       "num_attention_heads": 2}).whole_qk_norm
+
+
+def test_gradient_points_use_their_own_jacobians(olmo):
+    """clean-corrupted = (EAP - EAP with clean and corrupted swapped) / 2 (post-norm and q/k norm
+    Jacobians at each point's own run)."""
+    from conftest import _lp_diff
+    from eap.task import Task
+
+    model, g = olmo
+    task = random_task(model, n=3, seq=6, seed=12)
+    swapped = Task(task.corrupted, task.clean, _lp_diff, per_prompt=task.per_prompt, name="swapped")
+    both = attribute(model, g, task, method="clean-corrupted", progress=False).double()
+    want = 0.5 * (attribute(model, g, task, progress=False).double() - attribute(model, g, swapped, progress=False).double())
+    assert want.abs().max() > 1e-3
+    torch.testing.assert_close(both, want, rtol=1e-6, atol=1e-7 * float(want.abs().max()))

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from bench import gate as gate_mod
 from bench.gate import ThresholdError
-from bench.matrix import REPO, Config, ConfigError, WorkerError, collect, default_tasks, rescore, run
+from bench.matrix import DEFAULT_METHODS, METHOD_REGISTRY, REPO, Config, ConfigError, WorkerError, collect, default_tasks, rescore, run
 from bench.plugins import PluginError
 from eap.models import ModelLoadError
 
@@ -51,8 +51,9 @@ def _add_matrix_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="JSON or TOML file with Config keys (flags override it)")
     p.add_argument("--models", help="comma-separated: embedded names, random:<shape>[@seed], local dirs, HF names")
     p.add_argument("--sizes", help="comma-separated numbers of prompts, e.g. 16,64,256")
-    p.add_argument("--methods", help="comma-separated: eap, eap-ig, clean-corrupted, atp-qk, atp-graddrop, atp* "
-                   "(quote it in a shell), module:function, or the name of an installed 'eap_bench.methods' entry point")
+    p.add_argument("--methods", help="comma-separated: " + ", ".join(m.describe() for m in METHOD_REGISTRY if m.builtin)
+                   + " (quote atp* in a shell), module:function, or the name of an installed 'eap_bench.methods' "
+                   "entry point; default " + ",".join(DEFAULT_METHODS))
     p.add_argument("--tasks", help="comma-separated tasks: built-in names (eap.tasks.TASKS), module:function "
                    "(called as fn(model, n, seed=..., **task_kwargs) -> eap.Task), or 'eap_bench.tasks' entry points")
     p.add_argument("--task", help="a single task (same as --tasks with one entry)")

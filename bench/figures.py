@@ -23,8 +23,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bench.matrix import slug  # noqa: E402
-from bench.report import edges_label  # noqa: E402
+from bench.report import edges_label, slug  # noqa: E402
 
 KIND_COLORS = {"q": "#1f77b4", "k": "#ff7f0e", "v": "#2ca02c", "mlp": "#d62728", "logits": "#9467bd"}
 METHOD_STYLE = {"eap": "-", "eap-ig": "--", "clean-corrupted": ":"}

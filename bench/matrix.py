@@ -35,7 +35,6 @@ import hashlib
 import json
 import os
 import platform
-import re
 import subprocess
 import sys
 import time
@@ -45,13 +44,18 @@ from typing import Any
 
 import numpy as np
 
-from bench.plugins import Plugin, eap_ig_method, resolve_method, resolve_task
+from bench.plugins import Plugin, resolve_method, resolve_task
+from bench.report import slug
+from bench.worker import AttrJob, ExactJob, ExecutorSpec, FaithJob, WorkerSpec, run_jobs
+from eap.methods import REGISTRY as METHOD_REGISTRY
 
 SCHEMA_VERSION = 2
 DEFAULT_MODELS = ["toy-gpt2-2l", "toy-gpt2-4l", "toy-llama-4l", "toy-gemma2-4l"]
 #: Tasks of the default run: the first two of these that ``eap.tasks.TASKS`` has.
 PREFERRED_TASKS = ("ioi", "greater-than", "induction", "sva")
-METHODS = ("eap", "eap-ig", "clean-corrupted")
+#: Methods of the default run: the registry's methods marked ``bench_default`` (``eap.methods``).
+DEFAULT_METHODS = tuple(m.name for m in METHOD_REGISTRY if m.bench_default)
+METHODS = DEFAULT_METHODS  # the older name
 REPO = Path(__file__).resolve().parent.parent
 #: Settings a run directory is tied to (cells measured under other values would not be comparable).
 FIXED_KEYS = ("seed", "groups", "ig_steps", "batch_size", "device", "dtype")
@@ -87,7 +91,7 @@ class Config:
 
     models: list[str] = field(default_factory=lambda: list(DEFAULT_MODELS))
     sizes: list[int] = field(default_factory=lambda: [16, 32])
-    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
     tasks: list[str] | None = None
     task: str | None = None
     task_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -168,12 +172,12 @@ class Config:
         return tasks, methods
 
     def method_kwargs_for(self, plugin: Plugin) -> dict[str, Any]:
-        """Keyword arguments a method is called with: ``batch_size`` (and ``ig_steps`` for
-        ``eap-ig``) for built-ins, ``method_kwargs[spec]`` for plug-ins."""
-        if plugin.fn is eap_ig_method:
-            return {"batch_size": self.batch_size, "ig_steps": self.ig_steps}
+        """Keyword arguments a method is called with: for built-ins ``batch_size`` and every
+        option the method declares (``eap.methods.Option``) that this config sets under the same
+        name (``ig_steps`` for ``eap-ig``); ``method_kwargs[spec]`` for plug-ins."""
         if plugin.builtin:
-            return {"batch_size": self.batch_size}
+            own = {o.name: getattr(self, o.name) for o in plugin.method.options if hasattr(self, o.name)}
+            return {"batch_size": self.batch_size, **own}
         return dict(self.method_kwargs.get(plugin.spec, {}))
 
 
@@ -188,10 +192,6 @@ def _per_key(kwargs: dict[str, Any] | None, keys: list[str], what: str) -> dict[
         return {keys[0]: kwargs}
     raise ConfigError(f"with several {what}s give {what}_kwargs per {what}: "
                      f"{{\"<{what}>\": {{...}}}} with <{what}> one of {keys}; got keys {sorted(kwargs)}")
-
-
-def slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", str(text)).strip("_")[:80]
 
 
 def _kw_tag(kwargs: dict[str, Any] | None) -> str:
@@ -220,14 +220,11 @@ def exact_key(cfg: Config, model: str, task: str, n: int) -> str:
 
 def _model_identity(model: str) -> str:
     """Model name; for a local directory its absolute path and the config/weights' mtimes."""
-    p = Path(model).expanduser()
-    try:
-        from eap.models import EMBEDDED_DIR, embedded_names
+    from eap.models import EMBEDDED_DIR, embedded_names
 
-        if model in embedded_names():  # embedded models can be retrained: key on their files too
-            p = EMBEDDED_DIR / model
-    except ImportError:  # pragma: no cover
-        pass
+    p = Path(model).expanduser()
+    if model in embedded_names():  # embedded models can be retrained: key on their files too
+        p = EMBEDDED_DIR / model
     if p.is_dir():
         stamps = sorted(f"{f.name}:{f.stat().st_size}:{int(f.stat().st_mtime)}" for f in p.iterdir() if f.is_file())
         return f"{model}|{','.join(stamps)}"
@@ -254,9 +251,12 @@ def environment(device: str | None = None) -> dict[str, Any]:
             vers[pkg] = None
 
     def git(*args: str) -> str | None:
+        """git's answer, or None (with a note on stderr) where git is missing or hangs."""
         try:
             return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10).stdout.strip() or None
-        except Exception:
+        except (OSError, subprocess.SubprocessError) as exc:
+            print(f"[bench] git {' '.join(args)} failed ({type(exc).__name__}: {exc}): no git facts in the results",
+                  file=sys.stderr)
             return None
 
     cuda = torch.cuda.is_available()
@@ -279,19 +279,17 @@ class WorkerError(RuntimeError):
     """A worker process failed; the message holds the worker's own error."""
 
 
-def _spawn(spec: dict, work: Path, cfg: Config, paths: list[str]) -> None:
+def _spawn(spec: WorkerSpec, work: Path, cfg: Config, paths: list[str]) -> None:
     """Run worker jobs in this process or in a fresh one (see ``Config.isolate``).
 
     A fresh worker imports plug-ins by module path: it gets this package, ``paths`` (where the
     plug-ins resolved here live) and the caller's ``PYTHONPATH``, and runs in the same directory."""
     if cfg.isolate == "none":
-        from bench.worker import run_jobs
-
         run_jobs(spec, progress=cfg.progress)
         return
     work.mkdir(parents=True, exist_ok=True)
-    path = work / f"jobs-{slug(spec['model'])}-{os.getpid()}-{time.time_ns()}.json"
-    path.write_text(json.dumps(spec))
+    path = work / f"jobs-{slug(spec.model)}-{os.getpid()}-{time.time_ns()}.json"
+    path.write_text(json.dumps(spec.to_dict()))
     err = Path(str(path) + ".error")
     env = dict(os.environ)
     # A fixed mmap threshold makes glibc return every large tensor to the OS when it is freed,
@@ -304,7 +302,7 @@ def _spawn(spec: dict, work: Path, cfg: Config, paths: list[str]) -> None:
     if proc.returncode != 0:
         detail = err.read_text().strip() if err.exists() else f"exit code {proc.returncode} (see its output above)"
         err.unlink(missing_ok=True)
-        raise WorkerError(f"worker for {spec['model']} failed: {detail}")
+        raise WorkerError(f"worker for {spec.model} failed: {detail}")
 
 
 def run(cfg: Config, run_dir: str | Path) -> dict[str, Any]:
@@ -337,35 +335,33 @@ def run(cfg: Config, run_dir: str | Path) -> dict[str, Any]:
                 if not pending:
                     continue
                 exact_dirs.append(edir)
-                jobs.append(dict(kind="exact", dir=str(edir), task=task, task_target=tp.target, task_kwargs=tkw,
-                                 n=n, seed=cfg.seed, edges=cfg.edges, groups=cfg.groups, repeats=cfg.repeats,
-                                 token=token))
+                ref = dict(model=model, task=task, task_target=tp.target, task_kwargs=tkw, n=n, seed=cfg.seed)
+                jobs.append(ExactJob(**ref, dir=str(edir), edges=cfg.edges, groups=cfg.groups, repeats=cfg.repeats,
+                                     token=token))
                 for m in pending:
                     mp = method_plugins[m]
                     out = run_dir / "attr" / cell_id(cfg, model, task, n, m)
                     todo.append((task, n, m, edir, out))
                     if Path(str(out) + ".json").exists() and Path(str(out) + ".pt").exists():
                         continue  # measured before an interruption: only the agreement is missing
-                    jobs.append(dict(kind="attr", out=str(out), task=task, task_target=tp.target, task_kwargs=tkw,
-                                     n=n, seed=cfg.seed, groups=cfg.groups, method=m, method_target=mp.target,
-                                     method_kwargs=cfg.method_kwargs_for(mp), repeats=cfg.repeats))
+                    jobs.append(AttrJob(**ref, out=str(out), groups=cfg.groups, method=m, method_target=mp.target,
+                                        method_kwargs=cfg.method_kwargs_for(mp), repeats=cfg.repeats))
                 if cfg.faithfulness:
-                    jobs.append(dict(kind="faith", dir=str(edir), task=task, task_target=tp.target, task_kwargs=tkw,
-                                     n=n, seed=cfg.seed, methods=[
-                                         [m, str(run_dir / "attr" / cell_id(cfg, model, task, n, m)),
-                                          str(faith_path(run_dir, cell_id(cfg, model, task, n, m)))] for m in pending]))
+                    jobs.append(FaithJob(**ref, dir=str(edir), methods=tuple(
+                        (m, str(run_dir / "attr" / cell_id(cfg, model, task, n, m)),
+                         str(faith_path(run_dir, cell_id(cfg, model, task, n, m)))) for m in pending)))
         if not todo:
             continue
         (run_dir / "attr").mkdir(exist_ok=True)
-        base = dict(model=model, device=cfg.device, dtype=cfg.dtype, threads=cfg.threads, progress=cfg.progress,
-                    describe_out=str(run_dir / "models" / f"{slug(model)}.json"),
-                    executor=dict(kind=cfg.executor, address=cfg.ray_address, workers=cfg.ray_workers,
-                                  gpus_per_worker=cfg.gpus_per_worker))
+        spec = WorkerSpec(model=model, jobs=tuple(jobs), device=cfg.device, dtype=cfg.dtype, threads=cfg.threads,
+                          progress=cfg.progress, describe_out=str(run_dir / "models" / f"{slug(model)}.json"),
+                          executor=ExecutorSpec(backend=cfg.executor, address=cfg.ray_address,
+                                                workers=cfg.ray_workers, gpus_per_worker=cfg.gpus_per_worker))
         if cfg.isolate == "job":
             for job in jobs:
-                _spawn({**base, "jobs": [job]}, run_dir / "work", cfg, paths)
+                _spawn(dataclasses.replace(spec, jobs=(job,)), run_dir / "work", cfg, paths)
         else:
-            _spawn({**base, "jobs": jobs}, run_dir / "work", cfg, paths)
+            _spawn(spec, run_dir / "work", cfg, paths)
         for edir in exact_dirs:
             meta = json.loads((edir / "meta.json").read_text())
             if meta.get("token") != token:
@@ -513,8 +509,8 @@ def rescore(cfg: Config, run_dir: str | Path) -> dict:
 
 def load_cells(run_dir: str | Path) -> list[dict]:
     cells = [json.loads(p.read_text()) for p in sorted(Path(run_dir, "cells").glob("*.json"))]
-    return sorted(cells, key=lambda c: (c["model"], c["task"], c["n"],
-                                        METHODS.index(c["method"]) if c["method"] in METHODS else 9, c["method"]))
+    order = {name: i for i, name in enumerate(DEFAULT_METHODS)}
+    return sorted(cells, key=lambda c: (c["model"], c["task"], c["n"], order.get(c["method"], 9), c["method"]))
 
 
 def collect(cfg: Config, run_dir: str | Path, stats: dict | None = None) -> dict:

@@ -33,7 +33,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from eap.attribute import select_logits
+from eap.passes import select_logits
 from eap.hooks import StopForward
 from eap.measure import PeakMemory, median, sync, time_call, time_interleaved
 from eap.task import Task
@@ -95,10 +95,13 @@ def bare_model(model: Any) -> Any:
     return bare
 
 
-def floor_kind(task: Task) -> str:
+def readout_mode(task: Task) -> str:
     """``"readout"`` when the task (and so the run compared with it) reads only a few logits,
-    ``"full-logits"`` otherwise."""
+    ``"full-logits"`` otherwise (the results' ``floor_kind``)."""
     return "readout" if task.has_readout else "full-logits"
+
+
+floor_kind = readout_mode  # the older name
 
 
 def full_logits(task: Task) -> Task:

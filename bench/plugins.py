@@ -10,8 +10,8 @@ A spec (what a user writes after ``--tasks`` / ``--methods``) is resolved in thi
 
 1. ``module:function`` (``module`` a dotted import path on ``sys.path``/``PYTHONPATH``, or
    installed; ``function`` may be dotted, ``module:Class.method``);
-2. a built-in name: ``eap.tasks.TASKS`` for tasks; ``eap``, ``eap-ig``, ``clean-corrupted``,
-   ``atp-qk``, ``atp-graddrop``, ``atp*`` for methods (built-ins win over plug-ins of the same name);
+2. a built-in name: ``eap.tasks.TASKS`` for tasks; the built-ins of ``eap.methods.REGISTRY``
+   (``eap.METHODS``) for methods (built-ins win over plug-ins of the same name);
 3. the name of an entry point in the group ``eap_bench.tasks`` / ``eap_bench.methods`` of an
    installed distribution, as pytest finds its ``pytest11`` plug-ins. A package registers one in
    its ``pyproject.toml``::
@@ -25,6 +25,7 @@ its import error, the missing attribute, a bad return value).
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import importlib.metadata as md
 import traceback
@@ -35,6 +36,10 @@ from typing import Any, Callable
 import torch
 from jaxtyping import Float
 from torch import Tensor
+
+from eap.attribute import attribute
+from eap.methods import REGISTRY as METHOD_REGISTRY
+from eap.methods import FunctionMethod, Method
 
 TASK_GROUP = "eap_bench.tasks"
 METHOD_GROUP = "eap_bench.methods"
@@ -54,68 +59,39 @@ class Plugin:
     module found through the parent's ``sys.path``, the location of an entry point's
     distribution); ``builtin``: True for the package's own tasks and methods."""
 
-    kind: str  # "task" | "method"
+    role: str  # "task" | "method"
     spec: str
     target: str
     fn: Callable[..., Any]
     builtin: bool
     paths: tuple[str, ...] = ()
+    method: Method | None = None  # methods: the entry of eap.methods.REGISTRY
+
+    @property
+    def kind(self) -> str:
+        """The older name of ``role``."""
+        return self.role
 
 
 # ---------------------------------------------------------------------- built-in methods
-def eap_method(model: Any, graph: Any, task: Any, *, batch_size: int | None = None) -> Tensor:
-    """Built-in ``eap``: gradient at the clean run (``eap.attribute(method='eap')``)."""
-    import eap
+class BuiltinMethod:
+    """The callable of a method of ``eap.methods.REGISTRY``: ``eap.attribute`` with that method,
+    ``fn(model, graph, task, *, batch_size=None, **options) -> Tensor[n_edges]`` (no progress bar,
+    ``graph.scores`` untouched); ``options`` are the method's own (e.g. ``ig_steps`` of ``eap-ig``)."""
 
-    return eap.attribute(model, graph, task, method="eap", batch_size=batch_size, progress=False, write_graph=False)
+    def __init__(self, method: Method) -> None:
+        self.method = method
+        self.__name__ = self.__qualname__ = method.name
+        self.__doc__ = f"Built-in {method.name!r}: {method.summary} (eap.attribute)."
 
-
-def eap_ig_method(model: Any, graph: Any, task: Any, *, batch_size: int | None = None, ig_steps: int = 5) -> Tensor:
-    """Built-in ``eap-ig``: gradients averaged over ``ig_steps`` interpolated inputs."""
-    import eap
-
-    return eap.attribute(model, graph, task, method="eap-ig", batch_size=batch_size, ig_steps=ig_steps,
-                         progress=False, write_graph=False)
-
-
-def clean_corrupted_method(model: Any, graph: Any, task: Any, *, batch_size: int | None = None) -> Tensor:
-    """Built-in ``clean-corrupted``: mean of the gradients at the clean and the corrupted run."""
-    import eap
-
-    return eap.attribute(model, graph, task, method="clean-corrupted", batch_size=batch_size, progress=False,
-                         write_graph=False)
+    def __call__(self, model: Any, graph: Any, task: Any, *, batch_size: int | None = None, **options: Any) -> Tensor:
+        return attribute(model, graph, task, self.method, batch_size=batch_size, progress=False, write_graph=False,
+                         **options)
 
 
-def atp_qk_method(model: Any, graph: Any, task: Any, *, batch_size: int | None = None) -> Tensor:
-    """Built-in ``atp-qk``: EAP with AtP*'s QK-fix on q/k edges (``eap.atp``)."""
-    import eap
-
-    return eap.attribute(model, graph, task, method="atp-qk", batch_size=batch_size, progress=False, write_graph=False)
-
-
-def atp_graddrop_method(model: Any, graph: Any, task: Any, *, batch_size: int | None = None) -> Tensor:
-    """Built-in ``atp-graddrop``: EAP with AtP*'s GradDrop (``eap.atp``)."""
-    import eap
-
-    return eap.attribute(model, graph, task, method="atp-graddrop", batch_size=batch_size, progress=False,
-                         write_graph=False)
-
-
-def atp_star_method(model: Any, graph: Any, task: Any, *, batch_size: int | None = None) -> Tensor:
-    """Built-in ``atp*``: QK-fix and GradDrop (``eap.atp``)."""
-    import eap
-
-    return eap.attribute(model, graph, task, method="atp*", batch_size=batch_size, progress=False, write_graph=False)
-
-
-BUILTIN_METHODS: dict[str, Callable[..., Tensor]] = {
-    "eap": eap_method,
-    "eap-ig": eap_ig_method,
-    "clean-corrupted": clean_corrupted_method,
-    "atp-qk": atp_qk_method,
-    "atp-graddrop": atp_graddrop_method,
-    "atp*": atp_star_method,
-}
+def builtin_methods() -> dict[str, BuiltinMethod]:
+    """The built-in methods of ``eap.methods.REGISTRY``, by name, as bench callables."""
+    return {m.name: BuiltinMethod(m) for m in METHOD_REGISTRY if m.builtin}
 
 
 def builtin_tasks() -> dict[str, Callable[..., Any]]:
@@ -137,9 +113,9 @@ def _root_of(module: Any) -> str | None:
     return str(p.parents[depth - 1])
 
 
-def import_target(target: str, kind: str, spec: str | None = None) -> tuple[Callable[..., Any], tuple[str, ...]]:
+def import_target(target: str, role: str, spec: str | None = None) -> tuple[Callable[..., Any], tuple[str, ...]]:
     """Import ``module:function`` and return (the callable, the module's root directory)."""
-    label = f"{kind} {spec or target!r}" if spec and spec != target else f"{kind} {target!r}"
+    label = f"{role} {spec or target!r}" if spec and spec != target else f"{role} {target!r}"
     mod_name, sep, attr = target.partition(":")
     if not sep or not mod_name or not attr:
         raise PluginError(f"{label}: {target!r} is not 'module:function'")
@@ -166,23 +142,23 @@ def _entry_points(group: str) -> dict[str, md.EntryPoint]:
     return {ep.name: ep for ep in md.entry_points(group=group)}
 
 
-def _resolve(spec: str, kind: str, builtins: dict[str, Callable[..., Any]], group: str) -> Plugin:
+def _resolve(spec: str, role: str, builtins: dict[str, Callable[..., Any]], group: str) -> Plugin:
     if not isinstance(spec, str) or not spec.strip():
-        raise PluginError(f"empty {kind} spec")
+        raise PluginError(f"empty {role} spec")
     spec = spec.strip()
     if ":" in spec:
-        fn, paths = import_target(spec, kind)
-        return Plugin(kind, spec, spec, fn, False, paths)
+        fn, paths = import_target(spec, role)
+        return Plugin(role, spec, spec, fn, False, paths)
     if spec in builtins:
-        return Plugin(kind, spec, spec, builtins[spec], True)
+        return Plugin(role, spec, spec, builtins[spec], True)
     eps = _entry_points(group)
     if spec in eps:
         ep = eps[spec]
-        fn, paths = import_target(ep.value, kind, spec=f"{spec!r} (entry point {group})")
+        fn, paths = import_target(ep.value, role, spec=f"{spec!r} (entry point {group})")
         dist_root = str(ep.dist.locate_file("")) if ep.dist is not None else None
-        return Plugin(kind, spec, ep.value, fn, False, tuple(dict.fromkeys(paths + ((dist_root,) if dist_root else ()))))
+        return Plugin(role, spec, ep.value, fn, False, tuple(dict.fromkeys(paths + ((dist_root,) if dist_root else ()))))
     raise PluginError(
-        f"unknown {kind} {spec!r}: not 'module:function', not built in ({', '.join(builtins) or 'none'}), "
+        f"unknown {role} {spec!r}: not 'module:function', not built in ({', '.join(builtins) or 'none'}), "
         f"and no installed entry point in group {group!r} "
         f"({', '.join(sorted(eps)) or 'none installed'})"
     )
@@ -194,8 +170,14 @@ def resolve_task(spec: str) -> Plugin:
 
 
 def resolve_method(spec: str) -> Plugin:
-    """A method spec -> :class:`Plugin` (see module docstring for the order)."""
-    return _resolve(spec, "method", BUILTIN_METHODS, METHOD_GROUP)
+    """A method spec -> :class:`Plugin` (see module docstring for the order). Its ``method`` is the
+    entry of ``eap.methods.REGISTRY``: the built-in one, or the user's function registered there
+    (``eap.methods.FunctionMethod`` under the spec, so ``eap.attribute(method=spec)`` also runs it)."""
+    plugin = _resolve(spec, "method", builtin_methods(), METHOD_GROUP)
+    if plugin.builtin:
+        return dataclasses.replace(plugin, method=METHOD_REGISTRY.get(plugin.spec))
+    method = METHOD_REGISTRY.register(FunctionMethod(plugin.spec, plugin.fn, plugin.target), replace=True)
+    return dataclasses.replace(plugin, method=method)
 
 
 # ---------------------------------------------------------------------- calling

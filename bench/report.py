@@ -30,11 +30,18 @@ from __future__ import annotations
 
 import csv
 import math
+import re
 from pathlib import Path
 from typing import Any
 
 SUMMARY_STATS = ("spearman", "kendall", "pearson_abs", "recall@10", "recall@50", "recall@1%", "sign@10")
 FAITH_STATS = ("cpr", "cmd", "cpr_abs", "oracle_cpr", "oracle_cmd", "cpr_gap", "cmd_gap", "curve_gap")
+
+
+def slug(text: str) -> str:
+    """``text`` as a file-name part: runs of other characters than letters, digits and ``._-``
+    become ``_``, at most 80 characters."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", str(text)).strip("_")[:80]
 
 
 def _f(x: Any, digits: int = 3) -> str:

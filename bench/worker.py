@@ -6,11 +6,14 @@ environment works in a fresh process. A job's results go to files named in the j
 work survives a crash; a failing worker process writes its error to ``JOBS.json.error`` for the
 parent to report.
 
-``{"kind": "exact", "dir": D, ...}``
+Jobs are typed (``ExactJob``, ``AttrJob``, ``FaithJob``; a ``WorkerSpec`` holds a model's
+jobs, ``to_dict`` / ``from_dict`` their JSON form for a fresh process):
+
+``ExactJob(dir=D, ...)``
     the exact truth of the selected edges on each prompt group, through
     ``validation.patch_edges(out=D/group{g}.pt)`` (resumable), on the executor the spec names
-    (``spec['executor']``: ``{"kind": "local"}`` or ``{"kind": "ray", "address", "workers",
-    "gpus_per_worker"}``; one executor for all the model's jobs). Writes ``D/exact.pt``
+    (``WorkerSpec.executor``: an ``ExecutorSpec``, backend 'local' or 'ray' with address, workers,
+    gpus_per_worker; one executor for all the model's jobs). Writes ``D/exact.pt``
     (``[G, n_edges]``, NaN on edges not selected), ``D/edges.json`` and then ``D/meta.json``,
     which marks a finished truth and stores the ``validation.fingerprint`` of every group: a
     truth whose fingerprints differ from the current ones (other weights, prompts, per-prompt
@@ -19,12 +22,12 @@ parent to report.
     forwards, fingerprint, I/O, where reported). With ``repeats > 0``, ``meta['warm']``: one more
     ``patch_edges`` call on all prompts with ``out=None`` (no file I/O), its stats, peak memory,
     and the forward-equivalents per edge (patched-forward seconds per edge / one plain forward).
-``{"kind": "attr", "out": P, ...}``
+``AttrJob(out=P, ...)``
     times the method on the whole task interleaved with the floor of the same read-out (and,
     for a task with a read-out, both again with full logits), measures the peak memory of one
     warm call, then computes one attribution vector per prompt group (untimed). Writes ``P.pt``
     (``[G, n_edges]``) and ``P.json``.
-``{"kind": "faith", "dir": D, "methods": [[method, P, F], ...], ...}``
+``FaithJob(dir=D, methods=((method, P, F), ...), ...)``
     faithfulness curves (``bench.faithfulness``): circuits of the top-k edges of each method's
     ranking (the mean of ``P.pt``) and, with exhaustive exact truth, of the exact ranking (the
     mean of ``D/exact.pt``), evaluated exactly in one ``validation.evaluate_circuit`` call.
@@ -34,21 +37,146 @@ parent to report.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
 import sys
 import time
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from bench.measure import PeakMemory, floor_kind, floor_pass, full_logits, median, time_interleaved
+from bench.measure import PeakMemory, floor_pass, full_logits, median, readout_mode, time_interleaved
 from bench.plugins import build_task, call_method, resolve_method, resolve_task
 
 _MODELS: dict[tuple, Any] = {}
+
+
+# ------------------------------------------------------------------------------------- jobs
+@dataclass(frozen=True)
+class Job:
+    """One measurement of one model (``model``: its name), task (``task``: the label;
+    ``task_target``: what the worker resolves, ``bench.plugins``; ``task_kwargs``), ``n``
+    prompts and ``seed``. Subclasses say what is measured and run it (``run``)."""
+
+    model: str
+    task: str
+    task_target: str
+    task_kwargs: dict[str, Any]
+    n: int
+    seed: int
+
+    def run(self, model: Any, progress: bool, executor: Any) -> Any:
+        raise NotImplementedError
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"job": _JOB_NAMES[type(self)], **dataclasses.asdict(self)}
+
+
+@dataclass(frozen=True)
+class ExactJob(Job):
+    """The exact truth of the selected ``edges`` per prompt group into ``dir`` (``run_exact``)."""
+
+    dir: str
+    edges: str
+    groups: int
+    repeats: int
+    token: str | None = None
+
+    def run(self, model: Any, progress: bool, executor: Any) -> dict:
+        return run_exact(model, self, progress, executor)
+
+
+@dataclass(frozen=True)
+class AttrJob(Job):
+    """Timing, memory and per-group vectors of one method into ``out`` (``run_attr``)."""
+
+    out: str
+    groups: int
+    method: str
+    method_target: str
+    method_kwargs: dict[str, Any]
+    repeats: int
+
+    def run(self, model: Any, progress: bool, executor: Any) -> dict:
+        return run_attr(model, self, progress)
+
+
+@dataclass(frozen=True)
+class FaithJob(Job):
+    """Faithfulness curves (``run_faith``): ``methods`` = ``[(method, attribution file stem,
+    curve file)]``; the oracle's curves go to ``dir``."""
+
+    dir: str
+    methods: tuple[tuple[str, str, str], ...]
+
+    def run(self, model: Any, progress: bool, executor: Any) -> None:
+        run_faith(model, self, progress)
+
+
+#: The tag of each job type in a jobs file (the only place a name picks a class: reading JSON).
+_JOB_TYPES: dict[str, type[Job]] = {"exact": ExactJob, "attr": AttrJob, "faith": FaithJob}
+_JOB_NAMES = {cls: name for name, cls in _JOB_TYPES.items()}
+
+
+def job_from_dict(data: dict[str, Any]) -> Job:
+    """A job from its ``to_dict`` form (``job``: 'exact', 'attr' or 'faith')."""
+    data = dict(data)
+    tag = data.pop("job", None)
+    if tag not in _JOB_TYPES:
+        raise ValueError(f"unknown job {tag!r}; expected one of {sorted(_JOB_TYPES)}")
+    if tag == "faith":
+        data["methods"] = tuple(tuple(m) for m in data["methods"])
+    return _JOB_TYPES[tag](**data)
+
+
+@dataclass(frozen=True)
+class ExecutorSpec:
+    """Where exact truth is computed: ``backend`` 'local' or 'ray' (``validation.executor.RayExecutor``
+    with ``address``, ``workers``, ``gpus_per_worker``)."""
+
+    backend: str = "local"
+    address: str | None = None
+    workers: int | None = None
+    gpus_per_worker: float | None = None
+
+    def make(self) -> Any:
+        """'local', or a ``RayExecutor``."""
+        if self.backend == "local":
+            return "local"
+        from validation.executor import RayExecutor
+
+        return RayExecutor(address=self.address, workers=self.workers, gpus_per_worker=self.gpus_per_worker)
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """What one worker process does: load ``model`` once (``device``, ``dtype``, ``threads``
+    torch threads), describe it into ``describe_out``, run ``jobs`` in order."""
+
+    model: str
+    jobs: tuple[Job, ...]
+    device: str | None = None
+    dtype: str | None = None
+    threads: int | None = None
+    progress: bool = True
+    describe_out: str | None = None
+    executor: ExecutorSpec = ExecutorSpec()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**{f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("jobs", "executor")},
+                "executor": dataclasses.asdict(self.executor), "jobs": [j.to_dict() for j in self.jobs]}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "WorkerSpec":
+        data = dict(data)
+        data["jobs"] = tuple(job_from_dict(j) for j in data.get("jobs", ()))
+        data["executor"] = ExecutorSpec(**(data.get("executor") or {}))
+        return cls(**data)
 
 
 def load(model_name: str, device: str | None, dtype: str | None) -> Any:
@@ -80,8 +208,8 @@ def _log(msg: str, progress: bool) -> None:
         print(f"[bench] {msg}", file=sys.stderr, flush=True)
 
 
-def _job_task(model: Any, job: dict) -> Any:
-    return make_task(model, job.get("task_target", job["task"]), job["n"], job["seed"], job.get("task_kwargs"))
+def _job_task(model: Any, job: "Job") -> Any:
+    return make_task(model, job.task_target, job.n, job.seed, job.task_kwargs)
 
 
 def _stat(stats: dict, key: str) -> float | None:
@@ -101,34 +229,24 @@ def _what_differs(old: dict, model: Any, graph: Any, sub: Any, edges: torch.Tens
         from validation.store import fingerprint_parts
 
         now = fingerprint_parts(model, graph, sub, edges, 1.0, "edges")
-    except (ImportError, TypeError):
+    except (ImportError, TypeError) as exc:  # validation without per-part fingerprints
+        _log(f"cannot say which fingerprint parts differ ({type(exc).__name__}: {exc})", True)
         return []
     before = old.get("fingerprint_parts") or {}
     return sorted(k for k in set(now) | set(before) if now.get(k) != before.get(k))
 
 
-def make_executor(spec: dict | None) -> Any:
-    """The exact-patching executor a job spec names: 'local' or a ``RayExecutor``."""
-    spec = spec or {}
-    if spec.get("kind", "local") == "local":
-        return "local"
-    from validation.executor import RayExecutor
-
-    return RayExecutor(address=spec.get("address"), workers=spec.get("workers"),
-                       gpus_per_worker=spec.get("gpus_per_worker"))
-
-
-def run_exact(model: Any, job: dict, progress: bool = True, executor: Any = "local") -> dict:
+def run_exact(model: Any, job: "ExactJob", progress: bool = True, executor: Any = "local") -> dict:
     import eap
     import validation
     from validation.store import StoreLocked
 
-    out = Path(job["dir"])
+    out = Path(job.dir)
     out.mkdir(parents=True, exist_ok=True)
     graph = eap.Graph.from_model(model)
     task = _job_task(model, job)
-    edges = graph.select_edges(job["edges"], seed=job["seed"])
-    groups = groups_of(job["n"], job["groups"])
+    edges = graph.select_edges(job.edges, seed=job.seed)
+    groups = groups_of(job.n, job.groups)
     subs = [task.subset(idx) for idx in groups]
     fps = _fingerprints(model, graph, subs, edges)
     meta_path = out / "meta.json"
@@ -153,20 +271,20 @@ def run_exact(model: Any, job: dict, progress: bool = True, executor: Any = "loc
         rows, cold = [], {"wall_s": 0.0, "setup_s": 0.0, "patch_s": 0.0, "fingerprint_s": 0.0, "io_s": 0.0,
                           "peak_mib": 0.0}
         for g, sub in enumerate(subs):
-            _log(f"exact {job['model']} {job['task']} n={job['n']} group {g + 1}/{len(subs)}: {len(edges)} edges",
+            _log(f"exact {job.model} {job.task} n={job.n} group {g + 1}/{len(subs)}: {len(edges)} edges",
                  progress)
             st: dict[str, Any] = {}
             path = out / f"group{g}.pt"
             with PeakMemory(device) as pm:
                 t0 = time.perf_counter()
                 try:
-                    res = validation.patch_edges(model, graph, sub, edges=edges, seed=job["seed"], out=str(path),
+                    res = validation.patch_edges(model, graph, sub, edges=edges, seed=job.seed, out=str(path),
                                                  progress=progress, stats=st, executor=executor)
                 except validation.StoreError as exc:  # a partial file from other inputs (an interrupted stale run)
                     if isinstance(exc, StoreLocked):  # another process writes it: never delete
                         raise
                     path.unlink()
-                    res = validation.patch_edges(model, graph, sub, edges=edges, seed=job["seed"], out=str(path),
+                    res = validation.patch_edges(model, graph, sub, edges=edges, seed=job.seed, out=str(path),
                                                  progress=progress, stats=st, executor=executor)
                 cold["wall_s"] += time.perf_counter() - t0
             for key in ("setup_s", "patch_s", "fingerprint_s", "io_s"):  # contract 1; None where not reported
@@ -183,7 +301,7 @@ def run_exact(model: Any, job: dict, progress: bool = True, executor: Any = "loc
             "cold": cold,
             "warm": None,
             "fingerprints": fps,
-            "token": job.get("token"),
+            "token": job.token,
             "replaced_stale": stale,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
@@ -191,25 +309,25 @@ def run_exact(model: Any, job: dict, progress: bool = True, executor: Any = "loc
             from validation.store import fingerprint_parts
 
             meta["fingerprint_parts"] = fingerprint_parts(model, graph, subs[0], edges, 1.0, "edges")
-        except (ImportError, TypeError):
-            pass
+        except (ImportError, TypeError) as exc:  # validation without per-part fingerprints
+            _log(f"fingerprint parts not stored ({type(exc).__name__}: {exc})", True)
         _write_json(meta_path, meta)
-    if job.get("repeats", 0) > 0 and not meta.get("warm"):
+    if job.repeats > 0 and not meta.get("warm"):
         meta["warm"] = _warm_exact(model, graph, task, edges, job, progress)
         _write_json(meta_path, meta)
     return meta
 
 
-def _warm_exact(model: Any, graph: Any, task: Any, edges: torch.Tensor, job: dict, progress: bool) -> dict:
+def _warm_exact(model: Any, graph: Any, task: Any, edges: torch.Tensor, job: "ExactJob", progress: bool) -> dict:
     """One more exact call on all prompts, ``out=None``: compute and memory without file I/O."""
     import validation
 
     device = next(model.parameters()).device
-    _log(f"exact (warm, timed) {job['model']} {job['task']} n={job['n']}: {len(edges)} edges", progress)
+    _log(f"exact (warm, timed) {job.model} {job.task} n={job.n}: {len(edges)} edges", progress)
     st: dict[str, Any] = {}
     with PeakMemory(device) as pm:
         t0 = time.perf_counter()
-        validation.patch_edges(model, graph, task, edges=edges, seed=job["seed"], out=None, progress=False, stats=st)
+        validation.patch_edges(model, graph, task, edges=edges, seed=job.seed, out=None, progress=False, stats=st)
         wall = time.perf_counter() - t0
     fwd = validation.forward_seconds(model, task)
     patch_s, n = _stat(st, "patch_s"), int(st.get("n_measured", len(edges)))
@@ -234,28 +352,28 @@ def _write_json(path: Path, data: dict) -> None:
     tmp.replace(path)
 
 
-def run_attr(model: Any, job: dict, progress: bool = True) -> dict:
+def run_attr(model: Any, job: "AttrJob", progress: bool = True) -> dict:
     import eap
 
     graph = eap.Graph.from_model(model)
     task = _job_task(model, job)
-    method = resolve_method(job.get("method_target", job["method"]))
-    kw = job.get("method_kwargs") or {}
+    method = resolve_method(job.method_target)
+    kw = job.method_kwargs
     device = next(model.parameters()).device
 
     def call(t: Any) -> torch.Tensor:
         return call_method(method, model, graph, t, kw)
 
     meta: dict[str, Any] = {"n_edges": graph.n_edges, "repeats": 0, "time_s": float("nan"), "times_s": [],
-                            "floor_kind": floor_kind(task), "floor_s": float("nan"), "floor_ratio": float("nan"),
+                            "floor_kind": readout_mode(task), "floor_s": float("nan"), "floor_ratio": float("nan"),
                             "full_logits": None, "peak_mib": float("nan"), "floor_peak_mib": float("nan")}
-    if job.get("repeats", 0) > 0:
-        _log(f"time {job['method']} {job['model']} {job['task']} n={job['n']}", progress)
+    if job.repeats > 0:
+        _log(f"time {job.method} {job.model} {job.task} n={job.n}", progress)
         fns = {"floor": lambda: floor_pass(model, task), "attr": lambda: call(task)}
         if task.has_readout:
             ft = full_logits(task)
             fns.update(floor_full=lambda: floor_pass(model, ft), attr_full=lambda: call(ft))
-        times = time_interleaved(fns, job["repeats"], warmup=1, device=device)
+        times = time_interleaved(fns, job.repeats, warmup=1, device=device)
         t, f = median(times["attr"]), median(times["floor"])
         meta.update(time_s=t, times_s=times["attr"], repeats=len(times["attr"]), floor_s=f, floor_times_s=times["floor"],
                     floor_ratio=t / f if f > 0 else float("nan"))
@@ -267,9 +385,9 @@ def run_attr(model: Any, job: dict, progress: bool = True) -> dict:
         with PeakMemory(device) as fpm:
             floor_pass(model, task)
         meta.update(peak_mib=pm.mib, floor_peak_mib=fpm.mib, memory_method=pm.method)
-    rows = [call(task.subset(idx)).float() for idx in groups_of(job["n"], job["groups"])]
-    torch.save(torch.stack(rows), job["out"] + ".pt")
-    Path(job["out"] + ".json").write_text(json.dumps(meta, indent=1, allow_nan=True))
+    rows = [call(task.subset(idx)).float() for idx in groups_of(job.n, job.groups)]
+    torch.save(torch.stack(rows), job.out + ".pt")
+    Path(job.out + ".json").write_text(json.dumps(meta, indent=1, allow_nan=True))
     return meta
 
 
@@ -284,12 +402,12 @@ def _curve_file_ok(path: Path, scores: torch.Tensor, name: str) -> bool:
     return data.get("version") == CURVE_VERSION and entry is not None and entry.get("sha") == ranking_sha(scores)
 
 
-def run_faith(model: Any, job: dict, progress: bool = True) -> None:
+def run_faith(model: Any, job: "FaithJob", progress: bool = True) -> None:
     import eap
     from bench.faithfulness import ORACLE, compute_curves, mean_scores
 
     graph = eap.Graph.from_model(model)
-    edir = Path(job["dir"])
+    edir = Path(job.dir)
     exhaustive = len(json.loads((edir / "edges.json").read_text())["index"]) == graph.n_edges
     rankings: dict[str, torch.Tensor] = {}
     outs: dict[str, Path] = {}
@@ -297,44 +415,39 @@ def run_faith(model: Any, job: dict, progress: bool = True) -> None:
         E = mean_scores(edir / "exact.pt")
         if not _curve_file_ok(edir / "faith.json", E, ORACLE):
             rankings[ORACLE], outs[ORACLE] = E, edir / "faith.json"
-    for method, attr, out in job["methods"]:
+    for method, attr, out in job.methods:
         A = mean_scores(attr + ".pt")
         if not _curve_file_ok(Path(out), A, method):
             rankings[method], outs[method] = A, Path(out)
     if not rankings:
         return
-    _log(f"faithfulness curves {job['model']} {job['task']} n={job['n']}: {', '.join(rankings)}", progress)
+    _log(f"faithfulness curves {job.model} {job.task} n={job.n}: {', '.join(rankings)}", progress)
     curves = compute_curves(model, graph, _job_task(model, job), rankings, progress=progress)
     for name, path in outs.items():
         path.parent.mkdir(parents=True, exist_ok=True)
         _write_json(path, {**curves, "rankings": {name: curves["rankings"][name]}})
 
 
-def run_jobs(spec: dict, progress: bool = True) -> None:
-    """Run ``spec['jobs']`` on ``spec['model']`` (loaded once), with ``spec['threads']`` torch
-    threads if given (restored afterwards: this may be the caller's process)."""
+def run_jobs(spec: "WorkerSpec | dict", progress: bool = True) -> None:
+    """Run ``spec.jobs`` on ``spec.model`` (loaded once), with ``spec.threads`` torch threads if
+    given (restored afterwards: this may be the caller's process). A dict is read as
+    ``WorkerSpec.from_dict``."""
+    if isinstance(spec, dict):
+        spec = WorkerSpec.from_dict(spec)
     threads = torch.get_num_threads()
-    if spec.get("threads"):
-        torch.set_num_threads(int(spec["threads"]))
-    executor = make_executor(spec.get("executor"))
+    if spec.threads:
+        torch.set_num_threads(int(spec.threads))
+    executor = spec.executor.make()
     try:
-        model = load(spec["model"], spec.get("device"), spec.get("dtype"))
+        model = load(spec.model, spec.device, spec.dtype)
         torch.manual_seed(0)
-        if spec.get("describe_out"):
+        if spec.describe_out:
             from eap.models import describe
 
-            Path(spec["describe_out"]).parent.mkdir(parents=True, exist_ok=True)
-            Path(spec["describe_out"]).write_text(json.dumps(describe(model), indent=1))
-        for job in spec["jobs"]:
-            job = {**job, "model": spec["model"]}
-            if job["kind"] == "exact":
-                run_exact(model, job, progress, executor)
-            elif job["kind"] == "attr":
-                run_attr(model, job, progress)
-            elif job["kind"] == "faith":
-                run_faith(model, job, progress)
-            else:
-                raise ValueError(f"unknown job kind {job['kind']!r}")
+            Path(spec.describe_out).parent.mkdir(parents=True, exist_ok=True)
+            Path(spec.describe_out).write_text(json.dumps(describe(model), indent=1))
+        for job in spec.jobs:
+            job.run(model, progress, executor)
     finally:
         if executor != "local":
             executor.close()
@@ -343,10 +456,10 @@ def run_jobs(spec: dict, progress: bool = True) -> None:
 
 def main(argv: list[str]) -> int:
     path = Path(argv[0])
-    spec = json.loads(path.read_text())
+    spec = WorkerSpec.from_dict(json.loads(path.read_text()))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        run_jobs(spec, progress=spec.get("progress", True))
+        run_jobs(spec, progress=spec.progress)
     except Exception as exc:
         Path(str(path) + ".error").write_text(f"{type(exc).__name__}: {exc}")
         traceback.print_exc()

@@ -10,8 +10,9 @@ from eap.models import ModelLoadError, embedded_names, load_model, random_model
 from eap.task import Task, TaskError
 from eap import tasks
 from eap.attribute import METHODS, attribute
+from eap.methods import REGISTRY, Method, get_method, register
 
 __all__ = [
     "Graph", "GraphError", "GraphSpec", "ModelLoadError", "Task", "TaskError", "METHODS", "UnsupportedModel",
-    "attribute", "embedded_names", "load_model", "random_model", "tasks",
+    "Method", "REGISTRY", "attribute", "embedded_names", "get_method", "register", "load_model", "random_model", "tasks",
 ]

@@ -78,16 +78,16 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from eap.arch import Arch, UnsupportedModel
-from eap.attribute import (
-    ATP_METHODS, AttributionError, ScoreSink, _check_inputs, fill_corrupted, metric_values, receiver_hooks,
-)
 from eap.budget import AtPPlan, held_bytes, plan_atp
 from eap.graph import Graph, HookGroup
 from eap.hooks import leaf_input_hook, sender_difference_hooks, with_grad_hook
 from eap.models import model_device, model_dtype
+from eap.passes import (
+    AttributionError, ScoreSink, check_task_inputs, fill_corrupted, metric_values, receiver_hooks,
+)
 from eap.task import Task
 
-__all__ = ["AtP", "AtPOptions", "atp_options", "combine_grad_drop", "layer_dropped", "layer_terms"]
+__all__ = ["VARIANTS", "AtP", "AtPOptions", "atp_options", "combine_grad_drop", "layer_dropped", "layer_terms"]
 
 
 @dataclass(frozen=True)
@@ -98,15 +98,19 @@ class AtPOptions:
     grad_drop: bool
 
 
+#: The AtP variants ``eap.methods`` registers: name -> (fixes, one-line summary).
+VARIANTS: dict[str, tuple[AtPOptions, str]] = {
+    "atp-qk": (AtPOptions(qk_fix=True, grad_drop=False), "EAP with AtP*'s QK-fix on q/k edges"),
+    "atp-graddrop": (AtPOptions(qk_fix=False, grad_drop=True), "EAP with AtP*'s GradDrop"),
+    "atp*": (AtPOptions(qk_fix=True, grad_drop=True), "QK-fix and GradDrop (AtP*)"),
+}
+
+
 def atp_options(method: str) -> AtPOptions:
     """The fixes of ``method``: 'atp-qk', 'atp-graddrop' or 'atp*'."""
-    if method == "atp-qk":
-        return AtPOptions(qk_fix=True, grad_drop=False)
-    if method == "atp-graddrop":
-        return AtPOptions(qk_fix=False, grad_drop=True)
-    if method == "atp*":
-        return AtPOptions(qk_fix=True, grad_drop=True)
-    raise AttributionError(f"unknown AtP method {method!r}; choose one of {ATP_METHODS}")
+    if method not in VARIANTS:
+        raise AttributionError(f"unknown AtP method {method!r}; choose one of {tuple(VARIANTS)}")
+    return VARIANTS[method][0]
 
 
 def layer_terms(
@@ -329,7 +333,7 @@ def layer_dropped(
     metric(clean)`` with the gradient through layer ``l``'s residual-stream writes dropped (metric
     units; 0 where the receiver is in layer ``l``). ``eap.attribute(method='atp-graddrop')``
     combines them (``combine_grad_drop``)."""
-    _check_inputs(model, graph, task, "atp*" if qk_fix else "atp-graddrop", "edge")
+    check_task_inputs(model, graph, task)
     task = task.to(model_device(model))
     dtype = torch.promote_types(model_dtype(model), torch.float32)
     scores = torch.zeros(graph.n_senders, graph.n_receivers, device=model_device(model), dtype=dtype)

@@ -31,8 +31,10 @@ How it is computed (per prompt batch)
    one matrix product and adds into the ``[n_senders, n_receivers]`` score matrix. Gradients are
    never stored, no parameter gradient is accumulated.
 ``eap-ig`` and ``clean-corrupted`` add one forward+backward per extra gradient point. The AtP
-methods share steps 1-3 (``fill_corrupted``, ``receiver_hooks``, ``metric_values``) and add their
-own work (``eap.atp.AtP``). ``attribute`` picks the strategy explicitly (``_strategy``).
+methods share steps 1-3 (``eap.passes``: ``fill_corrupted``, ``receiver_hooks``, ``metric_values``)
+and add their own work (``eap.atp.AtP``). Each method is one object of the registry
+``eap.methods.REGISTRY``, which says how it computes (gradient points, or an AtP variant);
+``attribute`` looks it up and calls its ``compute``.
 
 Engines
 -------
@@ -47,83 +49,40 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-import torch
 from jaxtyping import Float
 from torch import Tensor
-from tqdm.auto import tqdm
 
-from eap.arch import Readout
-from eap.budget import attribution_batch_size
-from eap.fast import ENGINES, FastEngine, engine_for, refuse_bridge_for_post_norms
-from eap.graph import Graph, HookGroup
-from eap.hooks import (
-    StopForward, check_edge_hooks, leaf_input_hook, require_edge_hooks, run_until_stop, sender_difference_hooks,
-    stop_hook, with_grad_hook,
+from eap.atp import AtPOptions  # noqa: F401  (kept importable from here)
+from eap.fast import ENGINES
+from eap.graph import Graph
+from eap.methods import REGISTRY, AtPMethod, GradientPointsMethod, Method, get_method
+from eap.passes import (  # noqa: F401  (their old home: kept importable from here)
+    AttributionError, GradientMethod, ScoreSink, auto_batch_size, check_task_inputs, fill_corrupted, metric_values,
+    receiver_hooks, select_logits,
 )
-from eap.models import model_device, model_dtype
-from eap.task import Task, TaskError
+from eap.task import Task
 
-GRADIENT_METHODS = ("eap", "eap-ig", "clean-corrupted")
-ATP_METHODS = ("atp-qk", "atp-graddrop", "atp*")
-METHODS = GRADIENT_METHODS + ATP_METHODS
-
-class AttributionError(ValueError):
-    """Bad arguments to ``attribute``."""
+#: Names of the built-in methods (derived from ``eap.methods.REGISTRY``).
+METHODS = REGISTRY.names(builtin_only=True)
+GRADIENT_METHODS = tuple(m.name for m in REGISTRY if isinstance(m, GradientPointsMethod) and m.builtin)
+ATP_METHODS = tuple(m.name for m in REGISTRY if isinstance(m, AtPMethod) and m.builtin)
 
 
 def gradient_points(method: str, ig_steps: int = 5) -> list[tuple[float, float]]:
-    """(alpha, weight) pairs: the input of each backward pass is
-    ``clean + (1 - alpha) * (corrupted - clean)`` and its gradient counts with ``weight``."""
-    if method == "eap":
-        return [(1.0, 1.0)]
-    if method == "eap-ig":
-        if ig_steps < 1:
-            raise AttributionError(f"ig_steps must be >= 1, got {ig_steps}")
-        return [(k / ig_steps, 1.0 / ig_steps) for k in range(ig_steps, 0, -1)]
-    if method == "clean-corrupted":
-        return [(1.0, 0.5), (0.0, 0.5)]
-    raise AttributionError(f"unknown gradient method {method!r}; choose one of {GRADIENT_METHODS}")
-
-
-def auto_batch_size(
-    model: Any, graph: Graph, task: Task, budget_bytes: int | float | str | None = None
-) -> int:
-    """Prompts per attribution batch within ``budget_bytes`` (default: a share of the free
-    device memory), on either engine (the bridge's per-prompt estimate also bounds the fast
-    engine, which keeps fewer activations; tests/test_memory.py); ``eap.budget.attribution_batch_size`` decides."""
-    return attribution_batch_size(model, graph.n_senders, task.n_prompts, task.seq_len, task.has_readout, budget_bytes)
-
-
-@torch.no_grad()
-def _check_inputs(model: Any, graph: Graph, task: Task, method: str, level: str, engine: str = "auto") -> None:
-    if engine not in ENGINES:
-        raise AttributionError(f"unknown engine {engine!r}; choose one of {ENGINES}")
-    if method not in METHODS:
-        raise AttributionError(f"unknown attribution method {method!r}; choose one of {METHODS}")
-    if level not in ("edge", "node"):
-        raise AttributionError(f"level must be 'edge' or 'node', got {level!r}")
-    if level == "node" and method in ATP_METHODS:
-        raise AttributionError(
-            f"{method!r} scores edges only (level='edge'): its QK-fix and GradDrop terms are not additive over a "
-            "sender's edges, so a node score would not be the estimate of patching the node; use 'eap' for nodes"
-        )
-    if not isinstance(task, Task):
-        raise AttributionError(f"task must be an eap.Task, got {type(task).__name__}")
-    spec = check_edge_hooks(model, graph)  # hooks, and the architecture adapter's checks (eap.arch)
-    if level == "node" and spec.whole_qk_norm:
-        raise AttributionError(
-            f"{spec.family}: a q/k norm over all heads couples the heads, so a node's first-order effect is not the "
-            "sum of its edges' (each head's own view, eap.arch.mixednorm); node-level attribution is not offered "
-            "for this family (validation.patch_nodes gives exact node effects)"
-        )
-    task.check_tokens(spec.d_vocab, model.cfg.n_ctx)
+    """(alpha, weight) pairs of a gradient-points method (``eap.methods.GradientPointsMethod.points``):
+    the input of each backward pass is ``clean + (1 - alpha) * (corrupted - clean)`` and its
+    gradient counts with ``weight``."""
+    found = REGISTRY.get(method) if method in REGISTRY else None
+    if not isinstance(found, GradientPointsMethod):
+        raise AttributionError(f"unknown gradient method {method!r}; choose one of {GRADIENT_METHODS}")
+    return found.points(ig_steps=ig_steps)
 
 
 def attribute(
     model: Any,
     graph: Graph,
     task: Task,
-    method: Literal["eap", "eap-ig", "clean-corrupted", "atp-qk", "atp-graddrop", "atp*"] = "eap",
+    method: "Literal['eap', 'eap-ig', 'clean-corrupted', 'atp-qk', 'atp-graddrop', 'atp*'] | str | Method" = "eap",
     *,
     level: Literal["edge", "node"] = "edge",
     batch_size: int | None = None,
@@ -132,6 +91,7 @@ def attribute(
     progress: bool = True,
     write_graph: bool = True,
     engine: Literal["auto", "fast", "bridge"] = "auto",
+    **options: Any,
 ) -> Float[Tensor, " n"]:
     """Score every edge (``level='edge'``, a tensor ``[graph.n_edges]`` in the graph's edge order)
     or every sender (``level='node'``, ``[graph.n_senders]``).
@@ -141,6 +101,10 @@ def attribute(
     replaced by its corrupted value (edge: at one receiver; node: everywhere). First order,
     gradient on the clean run for ``eap`` (see module docstring for the other methods; the AtP
     methods, ``eap.atp``, score edges only).
+
+    ``method``: a name registered in ``eap.methods.REGISTRY`` (the built-ins: ``eap.METHODS``) or
+    a ``Method``. ``ig_steps`` goes to the methods that declare it (``eap-ig``); ``**options``:
+    further options of the method (each method's typed ``options``; an unknown one is an error).
 
     Prompts are split into batches of ``batch_size`` (when None, as many as fit
     ``memory_budget``: bytes or a size such as ``"2GiB"``, default a share of the free device
@@ -155,194 +119,11 @@ def attribute(
     reproduces the model and no hooks are attached, else the bridge's hooks), ``"fast"`` (or
     ``eap.arch.UnsupportedModel``) or ``"bridge"``; the scores are the same.
     """
-    _check_inputs(model, graph, task, method, level, engine)
-    device, dtype = model_device(model), model_dtype(model)
-    task = task.to(device)
-    # accumulate in at least float32 (a half-precision model would otherwise sum in half)
-    scores = torch.zeros(graph.n_senders, graph.n_receivers, device=device, dtype=torch.promote_types(dtype, torch.float32))
-    strategy = _strategy(model, graph, method, ig_steps, scores, engine)
-    chosen = batch_size is not None
-    if batch_size is None:
-        batch_size = strategy.auto_batch_size(task, memory_budget)
-    else:
-        strategy.plan(task, batch_size, memory_budget)
-    if batch_size < task.n_prompts:
-        problem = task.subset_problem(model.cfg.d_vocab)
-        if problem is not None:
-            why = (f"batch_size={batch_size}" if chosen else
-                   f"the memory budget holds {batch_size} prompts per batch (eap.budget)")
-            raise TaskError(
-                f"{problem}: the metric seems to close over data of all {task.n_prompts} prompts, but {why} "
-                f"splits them. Pass the per-prompt data (answer ids, positions, ...) through "
-                f"Task(per_prompt=...) so the metric is called as metric(logits, **batch_data), or use "
-                f"batch_size >= {task.n_prompts} (a larger memory_budget)."
-            )
-    batches = list(task.batches(batch_size))
-    bar = tqdm(batches, desc=f"{method} attribution", unit="batch", disable=not progress or len(batches) == 1)
-    for batch in bar:
-        strategy.accumulate(batch, 1.0 / task.n_prompts)
-    scores = strategy.result().cpu()
-    if level == "node":
-        return (scores * graph.mask).sum(dim=1)
-    out = scores[graph.edge_sender, graph.edge_receiver]
-    if write_graph:
-        graph.scores = scores * graph.mask
-    return out
-
-
-def _strategy(model: Any, graph: Graph, method: str, ig_steps: int,
-              scores: Float[Tensor, "n_senders n_receivers"], engine: str = "auto") -> "GradientMethod | Any":
-    """The strategy that computes ``method`` (explicit: gradient points on the chosen engine, or
-    an AtP variant on the bridge)."""
-    if method in GRADIENT_METHODS:
-        points = gradient_points(method, ig_steps)
-        return GradientMethod(model, graph, points, scores, engine_for(model, engine))
-    if engine == "fast":
-        raise AttributionError(f"{method!r} runs on the bridge engine only (eap.atp); use engine='auto' or 'bridge'")
-    refuse_bridge_for_post_norms(model)  # the AtP methods run on the bridge (no post-norm Jacobian)
-    from eap.atp import AtP, atp_options  # eap.atp builds on this module's pieces
-
-    require_edge_hooks(model, f"{method!r} runs on the bridge engine only (eap.atp)")
-    return AtP(model, graph, atp_options(method), scores)
-
-
-class GradientMethod:
-    """EAP, EAP-IG and clean-corrupted: gradients at fixed points contracted at every receiver
-    (module docstring, steps 1-3); adds into ``scores`` [n_senders, n_receivers]."""
-
-    def __init__(self, model: Any, graph: Graph, points: list[tuple[float, float]],
-                 scores: Float[Tensor, "n_senders n_receivers"], fast: FastEngine | None = None) -> None:
-        """``fast``: the fast engine (``eap.fast``), or None for the bridge's hooks."""
-        self.model, self.graph, self.points, self.scores, self.fast = model, graph, points, scores, fast
-
-    def auto_batch_size(self, task: Task, budget: int | float | str | None) -> int:
-        return auto_batch_size(self.model, self.graph, task, budget)
-
-    def plan(self, task: Task, batch_size: int, budget: int | float | str | None) -> None:
-        """Nothing to plan beyond the batch size the caller chose."""
-
-    def accumulate(self, task: Task, prompt_weight: float) -> None:
-        _accumulate(self.model, self.graph, task, self.points, self.scores, prompt_weight, self.fast)
-
-    def result(self) -> Float[Tensor, "n_senders n_receivers"]:
-        return self.scores
-
-
-class ScoreSink:
-    """Where the receiver hooks add their contractions: ``scores`` [n_senders, n_receivers]
-    (switchable between passes) times ``weight``."""
-
-    __slots__ = ("scores", "weight")
-
-    def __init__(self, scores: Float[Tensor, "n_senders n_receivers"], weight: float = 0.0) -> None:
-        self.scores, self.weight = scores, weight
-
-
-def fill_corrupted(model: Any, graph: Graph, task: Task, buf: Float[Tensor, "n_senders batch pos d_model"]) -> None:
-    """Step 1: a corrupted forward without grad writes every sender's output into ``buf``; it
-    stops after the last sender (no unembedding)."""
-    with torch.no_grad():
-        fwd = sender_difference_hooks(graph, buf, subtract=False) + [(graph.sender_groups[-1].hook, stop_hook)]
-        run_until_stop(model, task.corrupted, fwd)
-
-
-def receiver_hooks(
-    graph: Graph, buf: Float[Tensor, "n_senders batch pos d_model"], sink: ScoreSink,
-    groups: list[HookGroup] | None = None,
-) -> list[tuple[str, Any]]:
-    """Step 3's forward hooks for the receiver ``groups`` (default all): each puts a tensor hook
-    on its receiver's input that contracts the gradient with the upstream prefix of ``buf``
-    (sender differences) in one matrix product and adds it, times ``sink.weight``, into
-    ``sink.scores`` (units: metric per unit of gradient-weighted difference = metric units)."""
-
-    def contract(group: HookGroup):
-        n_up, size = group.n_upstream, group.size
-
-        def on_grad(grad: Tensor) -> None:
-            # grad [b, p, (H,) d] -> [(b p d), H]; buffer prefix [n_up, (b p d)]: one matmul
-            g = grad.unsqueeze(-2) if group.n_heads is None else grad
-            g = g.transpose(-1, -2).reshape(-1, size)
-            block = buf[:n_up].reshape(n_up, -1) @ g
-            scores = sink.scores
-            scores[:n_up, group.start : group.start + size].add_(block.to(scores.dtype), alpha=sink.weight)
-
-        def hook(act: Tensor, hook: Any = None) -> Tensor:
-            return with_grad_hook(act, on_grad)
-
-        return hook
-
-    return [(g.hook, contract(g)) for g in (graph.receiver_groups if groups is None else groups)]
-
-
-def _accumulate(
-    model: Any,
-    graph: Graph,
-    task: Task,
-    points: list[tuple[float, float]],
-    scores: Float[Tensor, "n_senders n_receivers"],
-    prompt_weight: float,
-    fast: FastEngine | None = None,
-) -> None:
-    """Add one batch's contribution (weighted by ``prompt_weight`` per prompt) into ``scores``:
-    on the fast engine when given (``eap.fast``), else through the bridge's hooks (below)."""
-    if fast is not None:
-        fast.accumulate(graph, task, points, scores, prompt_weight)
-        return
-    b, p = task.clean.shape
-    d = model.cfg.d_model
-    buf = torch.empty(graph.n_senders, b, p, d, device=scores.device, dtype=model_dtype(model))
-
-    # 1. corrupted forward: buffer <- corrupted sender outputs; stop after the last sender.
-    fill_corrupted(model, graph, task, buf)
-
-    # 2.+3. clean forward with grad (buffer -= clean outputs), backward into the score matrix.
-    sink = ScoreSink(scores)
-    receivers = receiver_hooks(graph, buf, sink)
-    for i, (alpha, weight) in enumerate(points):
-        sink.weight = weight * prompt_weight
-        shift = None if alpha == 1.0 else (1.0 - alpha) * buf[0]
-        fwd = [("blocks.0.hook_resid_pre", leaf_input_hook(shift))]
-        if i == 0:
-            if alpha != 1.0:
-                raise AssertionError("the first gradient point must be the clean run")
-            fwd += sender_difference_hooks(graph, buf, subtract=True)
-        with model.hooks(fwd_hooks=fwd + receivers):
-            metric = metric_values(model, task, task.clean)
-        # backward outside the hook context: only tensor hooks are involved
-        metric.sum().backward()
-
-
-def metric_values(model: Any, task: Task, tokens: Tensor) -> Float[Tensor, " batch"]:
-    """Per-prompt metric of a forward on ``tokens`` (hooks already attached by the caller).
-
-    With a task readout only the needed logits are computed: the forward stops at the last
-    residual stream and ``select_logits`` does the final LayerNorm and a slice of the unembedding.
-    """
-    if not task.has_readout:
-        return task.metric(model(tokens))
-    resid: list[Tensor] = []
-
-    def grab(act: Tensor, hook: Any = None) -> Tensor:
-        resid.append(act)
-        raise StopForward
-
-    # grab after the last block's output hook, so the logits receiver's tensor hook (put on
-    # that hook's output) is on the path; nothing of the final LayerNorm or unembedding runs.
-    with model.hooks(fwd_hooks=[("ln_final.hook_in", grab)]):
-        try:
-            model(tokens)
-        except StopForward:
-            pass
-    return task.readout(select_logits(model, resid[0], task))
-
-
-def select_logits(
-    model: Any, resid: Float[Tensor, "batch pos d_model"], task: Task
-) -> Float[Tensor, "batch k"]:
-    """Logits of ``readout_tokens`` at ``readout_pos`` from the final residual stream: the final
-    norm at that one position, then only those columns of the unembedding (and any final logit
-    softcap), in float32 at least. The same ``eap.arch.Readout`` as validation's block runner."""
-    pos = task.per_prompt["readout_pos"].long()
-    toks = task.per_prompt["readout_tokens"].long()
-    x = resid[torch.arange(resid.shape[0], device=resid.device), pos]  # [b, d]
-    return Readout(model).selected(x, toks)
+    if engine not in ENGINES:
+        raise AttributionError(f"unknown engine {engine!r}; choose one of {ENGINES}")
+    chosen = get_method(method)
+    chosen.check_level(level)
+    bound = chosen.bind(options, shared={"ig_steps": ig_steps})
+    check_task_inputs(model, graph, task)
+    return chosen.compute(model, graph, task, level=level, batch_size=batch_size, memory_budget=memory_budget,
+                          progress=progress, write_graph=write_graph, engine=engine, options=bound)

@@ -81,7 +81,10 @@ def test_circuit_paths(benchmark, name):
     times = time_interleaved(fns, 3, warmup=1, device=torch.device("cpu"))
     fast, hooks = median(times["fast"]), median(times["hooks"])
     benchmark.group = "circuit evaluation paths"
-    benchmark.pedantic(fns["fast"], rounds=1, iterations=1)
+    got = benchmark.pedantic(fns["fast"], rounds=1, iterations=1)
+    ref = fns["hooks"]()  # the hook path is the reference semantics: both paths give the same metrics
+    torch.testing.assert_close(got.per_prompt, ref.per_prompt, rtol=1e-4, atol=1e-4 * float(ref.per_prompt.abs().max()))
     benchmark.extra_info.update(model=name, circuits=8, fast_s=round(fast, 3), hooks_s=round(hooks, 3),
                                 hooks_over_fast=round(hooks / fast, 2))
     print(f"\n{name}: 8 circuits x 16 prompts: fast {fast:.3f} s, hooks {hooks:.3f} s ({hooks / fast:.1f}x)")
+    assert hooks / fast > 1.0, f"the fast path ({fast:.3f} s) is not faster than the hook path ({hooks:.3f} s)"

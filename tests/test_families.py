@@ -155,6 +155,27 @@ class HFEdges:
                     - base).mean().item() for e in edges]
         return torch.tensor(out, dtype=torch.float64)
 
+    def nodes(self, task):
+        """One forward per sender: its output += its difference where it enters the residual stream."""
+        diff, g = self.differences(task), self.graph
+        with torch.no_grad():
+            base = task.metric(self.forward(task.clean)[0])
+            out = []
+            for u in range(g.n_senders):
+                grp = next(x for x in g.sender_groups if x.start <= u < x.start + x.size)
+                module = {"input": self.layers[0], "head": self.o[grp.layer], "mlp": self.mlp[grp.layer]}[grp.kind]
+                if grp.kind == "input":
+                    h = module.register_forward_pre_hook(
+                        lambda m, a, kw, d=diff[u]: ((a[0] + d,) + a[1:], kw) if a else
+                        (a, dict(kw, hidden_states=kw["hidden_states"] + d)), with_kwargs=True)
+                else:
+                    h = module.register_forward_hook(lambda m, a, o, d=diff[u]: o + d)
+                try:
+                    out.append((task.metric(self.hf(task.clean).logits) - base).mean().item())
+                finally:
+                    h.remove()
+        return torch.tensor(out, dtype=torch.float64)
+
     def derivatives(self, task):
         """EAP's definition per edge: d metric / d alpha_u at 0 with receiver input + sum alpha_u diff_u."""
         diff, g = self.differences(task), self.graph
@@ -272,6 +293,18 @@ def test_fast_exact_path_equals_one_edge_per_forward(fam):
     want = ref.exact(task, range(g.n_edges))
     assert want.abs().max() > 1e-3
     torch.testing.assert_close(got, want, atol=EXACT_RTOL.get(name, 1e-9) * max(1.0, float(want.abs().max())), rtol=0)
+
+
+def test_fast_node_patching_equals_one_node_per_forward(fam):
+    name, model, g, _, ref = fam
+    task = random_task(model, n=3, seq=6, seed=8)
+    got = validation.patch_nodes(model, g, task, progress=False)
+    want = ref.nodes(task)
+    assert want.abs().max() > 1e-3
+    torch.testing.assert_close(got, want, atol=EXACT_RTOL.get(name, 1e-9) * max(1.0, float(want.abs().max())), rtol=0)
+    if name == "gptj":
+        with pytest.raises(UnsupportedModel, match="'gptj'.*only path"):
+            attribute(model, g, task, method="atp*", progress=False)
 
 
 def test_every_receiver_input_is_clean_plus_its_senders_differences(fam):

@@ -127,7 +127,7 @@ def _run(a: argparse.Namespace, executor) -> int:
     task = eap.tasks.ioi(model, a.n, seed=a.seed, prompt_type=a.prompt_type, metric=a.metric)
     scores = None
     if a.scores:
-        g = Graph.from_json(a.scores) if a.scores.endswith(".json") else Graph.load(a.scores)
+        g = Graph.from_json(a.scores) if a.scores.endswith(".json") else Graph.from_pt(a.scores)
         g.check_model(model)  # a graph file (ours or EAP-IG's/MIB's) of another model is refused
         scores = g.edge_scores()
     from eap.budget import parse_size

@@ -104,7 +104,9 @@ def _collect(model: Any, graph: Graph, task: Task, residuals: bool, differences:
     GPT-J) gets the same cache from ``runner`` (the adapter's blocks; the bridge computes only
     the input embeddings)."""
     if edge_hooks_unavailable(model) is not None:
-        return _collect_by_runner(model, graph, task, residuals, differences, runner)
+        if runner is None:
+            require_edge_hooks(model, "exact patching was asked for on the hook path")
+        return _Cache(*runner.collect(model, graph, task.clean, task.corrupted, residuals, differences))
     L = graph.spec.n_layers
     nb, p = task.clean.shape
     param = next(model.parameters())
@@ -145,31 +147,6 @@ def _collect(model: Any, graph: Graph, task: Task, residuals: bool, differences:
     post = pre[1:] + [got[f"blocks.{L - 1}.hook_resid_post"]]
     mlp_in = [] if graph.spec.attn_only else [got[f"blocks.{i}.hook_mlp_in"] for i in range(L)]
     return _Cache(pre, mlp_in, post, delta)
-
-
-def _collect_by_runner(model: Any, graph: Graph, task: Task, residuals: bool, differences: bool,
-                       runner: BlockRunner | None) -> _Cache:
-    """:func:`_collect` through the block runner (``BlockRunner.sender_outputs``)."""
-    if runner is None:
-        require_edge_hooks(model, "exact patching was asked for on the hook path")
-        raise AssertionError("unreachable: require_edge_hooks raises for a model without edge hooks")
-    embed = {}
-
-    def grab(key: str):
-        def hook(x: Tensor, hook: Any = None) -> Tensor:
-            embed[key] = x.detach().clone()
-            raise StopForward
-
-        return hook
-
-    with torch.no_grad():
-        run_until_stop(model, task.corrupted, [("blocks.0.hook_resid_pre", grab("corrupted"))])
-        run_until_stop(model, task.clean, [("blocks.0.hook_resid_pre", grab("clean"))])
-        corrupted, _, _, _ = runner.sender_outputs(graph, embed["corrupted"], residuals=False)
-        if not differences:
-            return _Cache([embed["clean"]], [], [], corrupted)
-        clean, pre, mlp_in, post = runner.sender_outputs(graph, embed["clean"], residuals=residuals)
-    return _Cache(pre, mlp_in, post, corrupted.sub_(clean))
 
 
 # ------------------------------------------------------------------------------ readout

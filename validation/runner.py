@@ -35,6 +35,7 @@ from torch import Tensor
 from eap.arch import Arch, UnsupportedModel, arch_spec
 from eap.arch.postnorm import post_normed_difference
 from eap.graph import Graph, HookGroup
+from eap.hooks import StopForward, run_until_stop
 
 __all__ = ["BlockRunner", "UnsupportedModel", "refuse_hooks_for_post_norms"]
 
@@ -183,6 +184,34 @@ class BlockRunner:
         raise ValueError(f"unknown sender kind {kind!r}")
 
     # ----------------------------------------------------------------- sender outputs
+    @torch.no_grad()
+    def collect(
+        self, model: Any, graph: Graph, clean: Int[Tensor, "nb p"], corrupted: Int[Tensor, "nb p"],
+        residuals: bool = True, differences: bool = True,
+    ) -> tuple[list[Tensor], list[Tensor], list[Tensor], Float[Tensor, "n_senders nb p d"]]:
+        """What ``validation.patch`` caches per prompt batch, computed by the adapter (the model
+        computes only the input embeddings): ``(resid_pre, mlp_in, resid_post, delta)`` with
+        ``delta`` = corrupted - clean sender outputs; with ``differences=False`` (circuits) the
+        corrupted outputs themselves, and ``resid_pre`` holds only the clean embedding."""
+        x_corr, x_clean = self.embed(model, corrupted), self.embed(model, clean)
+        delta, _, _, _ = self.sender_outputs(graph, x_corr, residuals=False)
+        if not differences:
+            return [x_clean], [], [], delta
+        out, pre, mlp_in, post = self.sender_outputs(graph, x_clean, residuals=residuals)
+        return pre, mlp_in, post, delta.sub_(out)
+
+    @staticmethod
+    def embed(model: Any, tokens: Int[Tensor, "nb p"]) -> Float[Tensor, "nb p d"]:
+        """The input residual (``blocks.0.hook_resid_pre``), computed by the model itself."""
+        got: list[Tensor] = []
+
+        def grab(x: Tensor, hook: Any = None) -> Tensor:
+            got.append(x.detach().clone())
+            raise StopForward
+
+        run_until_stop(model, tokens, [("blocks.0.hook_resid_pre", grab)])
+        return got[0]
+
     def sender_outputs(
         self, graph: Graph, embed: Float[Tensor, "nb p d"], residuals: bool = True
     ) -> tuple[Float[Tensor, "n_senders nb p d"], list[Tensor], list[Tensor], list[Tensor]]:

@@ -1,8 +1,11 @@
 """The architecture adapter: the one place that knows how a model family computes a block.
 
-A *family* (GPT-2, GPT-NeoX/Pythia, Llama, Mistral, Qwen2, Gemma-2) is a short declarative
-:class:`Family`: the names of its HuggingFace config fields and the facts of its block (norm,
-positions, attention, MLP, block layout, read-out). Generic code reads it:
+A *family* (GPT-2, GPT-NeoX/Pythia, GPT-J, Llama, Mistral, Qwen2, Qwen3, Phi-3, Gemma, Gemma-2)
+is a short declarative :class:`Family`: the names of its HuggingFace config fields and the facts
+of its block (norm, positions, attention, MLP, block layout, read-out). Users describe families
+eap-bench does not know with :func:`register_family` or an ``eap_bench.families`` entry point
+(``eap.arch.family``); :meth:`Arch.verify` checks any description against the model's own
+forward on first use. Generic code reads it:
 
 * :func:`arch_spec` turns a HuggingFace config (a ``PretrainedConfig`` or a plain dict, no
   weights) or a loaded model into an :class:`ArchSpec` of plain numbers; :func:`graph_spec` turns

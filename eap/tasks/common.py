@@ -26,6 +26,9 @@ from torch import Tensor
 
 from eap.task import Task
 
+#: Punctuation the task templates use and the word-level tokenizer isolates.
+PUNCTUATION: tuple[str, ...] = (",", ".")
+
 
 @dataclass
 class Prompts:

@@ -12,18 +12,16 @@ were added), then greater-than, then agreement words.
 
 from __future__ import annotations
 
+from eap.tasks.common import PUNCTUATION
+from eap.tasks.greater_than import words as greater_than_words
+from eap.tasks.ioi_words import words as ioi_words
+from eap.tasks.sva import words as sva_words
+
 SPECIAL_TOKENS: tuple[str, ...] = ("<pad>", "<unk>", "<eos>")
-PUNCTUATION: tuple[str, ...] = (",", ".")
 
 
 def vocabulary() -> list[str]:
     """Every word the built-in task generators can emit (deterministic order), specials first."""
-    # imported here: the task modules import this module for the tokenizer. (By module path:
-    # ``eap.tasks.ioi`` etc. are the builder functions on the package.)
-    from eap.tasks.greater_than import words as greater_than_words
-    from eap.tasks.ioi import words as ioi_words
-    from eap.tasks.sva import words as sva_words
-
     words: list[str] = []
     seen: set[str] = set()
     for w in (*SPECIAL_TOKENS, *PUNCTUATION, *ioi_words(), *greater_than_words(), *sva_words()):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -67,6 +68,8 @@ def _add_matrix_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bootstrap", type=int, help="bootstrap replicates (default 200)")
     p.add_argument("--ig-steps", type=int)
     p.add_argument("--batch-size", type=int)
+    p.add_argument("--memory-budget", help="bytes or a size such as 2GiB for attribution and exact patching in the "
+                   "workers (default: half of the free device memory; eap.budget)")
     p.add_argument("--device", help="default: the model's (CUDA when available)")
     p.add_argument("--dtype", help="e.g. float32, float64, bfloat16")
     p.add_argument("--threads", type=int, help="torch CPU threads in the workers (1: steadier timings under load)")
@@ -111,6 +114,14 @@ def _config(args: argparse.Namespace, base: dict | None = None) -> Config:
 
 def cmd_run(args: argparse.Namespace) -> int:
     cfg = _config(args)
+    if getattr(args, "memory_budget", None):
+        from eap.budget import BUDGET_ENV, BudgetError, parse_size
+
+        try:
+            parse_size(args.memory_budget)  # a bad size fails here, not in a worker
+        except BudgetError as exc:
+            raise ConfigError(f"--memory-budget: {exc}") from None
+        os.environ[BUDGET_ENV] = args.memory_budget  # the workers (this process or children) resolve it
     out = Path(args.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
     t0 = time.perf_counter()
     results = run(cfg, out)

@@ -488,15 +488,30 @@ class Graph:
             if how == "sample":
                 return torch.randperm(self.n_edges, generator=gen)[:k].sort().values
             kinds = self.edge_kind
-            chosen = []
-            for kd in dict.fromkeys(kinds):
-                pool = torch.tensor([i for i, x in enumerate(kinds) if x == kd])
-                take = max(1, round(k * len(pool) / self.n_edges))
-                chosen.append(pool[torch.randperm(len(pool), generator=gen)[:take]])
+            pools = [torch.tensor([i for i, x in enumerate(kinds) if x == kd]) for kd in dict.fromkeys(kinds)]
+            takes = _stratified_counts([len(p) for p in pools], k)
+            chosen = [p[torch.randperm(len(p), generator=gen)[:take]] for p, take in zip(pools, takes)]
             return torch.cat(chosen).sort().values
         if isinstance(spec, (Sequence, Tensor)):
             return _unique_sorted(self.edge_index(spec), "edge")
         raise GraphError(f"cannot interpret edge spec {spec!r}")
+
+
+def _stratified_counts(sizes: list[int], k: int) -> list[int]:
+    """Edges to draw from each stratum of ``sizes`` so that exactly ``k`` are drawn: each
+    stratum's share rounded (at least one while ``k`` allows), then the total corrected to ``k``
+    one edge at a time where rounding went furthest from the share."""
+    n = sum(sizes)
+    quota = [k * s / n for s in sizes]
+    take = [min(s, max(1, round(q))) for s, q in zip(sizes, quota)]
+    least = 1 if k >= len(sizes) else 0
+    while sum(take) > k:
+        j = max((i for i in range(len(sizes)) if take[i] > least), key=lambda i: (take[i] - quota[i], -i))
+        take[j] -= 1
+    while sum(take) < k:
+        j = max((i for i in range(len(sizes)) if take[i] < sizes[i]), key=lambda i: (quota[i] - take[i], -i))
+        take[j] += 1
+    return take
 
 
 def _resolve(items: Iterable[str | int] | Tensor, index: dict[str, int], n: int, what: str, example: str) -> Tensor:

@@ -272,7 +272,7 @@ def test_gemma2_edges_are_not_approximated():
     with pytest.raises(UnsupportedModel, match="post-norm"):
         attribute(model, g, task, method="atp*", progress=False)
     with pytest.raises(UnsupportedModel, match="post-norm"):
-        validation.patch_edges(model, g, task, [0, 1], progress=False, method="hooks")
+        validation.patch_edges(model, g, task, [0, 1], progress=False, engine="bridge")
 
 
 def test_grouped_bridge_is_refused_with_a_clear_message(tmp_path):

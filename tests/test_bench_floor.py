@@ -101,7 +101,7 @@ def test_time_interleaved_takes_turns():
 def test_validation_and_bench_share_one_timer():
     import bench.measure
     import eap.measure
-    import validation.bench
+    import validation.speed
 
     assert bench.measure.time_call is eap.measure.time_call and bench.measure.PeakMemory is eap.measure.PeakMemory
-    assert validation.bench.time_call is eap.measure.time_call
+    assert validation.speed.time_call is eap.measure.time_call

@@ -76,8 +76,8 @@ def test_circuit_paths(benchmark, name):
     model, graph, task, _ = _setup(name, 16)
     circuits = torch.stack([torch.rand(graph.n_edges, generator=torch.Generator().manual_seed(i)) < 0.1 * (i + 1)
                             for i in range(8)])
-    fns = {"fast": lambda: validation.evaluate_circuit(model, graph, task, circuits, baselines=False, method="fast"),
-           "hooks": lambda: validation.evaluate_circuit(model, graph, task, circuits, baselines=False, method="hooks")}
+    fns = {"fast": lambda: validation.evaluate_circuit(model, graph, task, circuits, baselines=False, engine="fast"),
+           "hooks": lambda: validation.evaluate_circuit(model, graph, task, circuits, baselines=False, engine="bridge")}
     times = time_interleaved(fns, 3, warmup=1, device=torch.device("cpu"))
     fast, hooks = median(times["fast"]), median(times["hooks"])
     benchmark.group = "circuit evaluation paths"

@@ -96,7 +96,7 @@ def test_hook_path_equals_naive_hooks(family):
     task = random_task(model, n=3, seq=6, seed=2)
     circuits = random_circuits(graph, 3, seed=5)
     stats = {}
-    got = validation.evaluate_circuit(model, graph, task, circuits, method="hooks", stats=stats)
+    got = validation.evaluate_circuit(model, graph, task, circuits, engine="bridge", stats=stats)
     assert stats["path"] == "hooks"
     want = torch.stack([naive_circuit(model, graph, task, c) for c in circuits])
     torch.testing.assert_close(got.per_prompt, want, atol=TOL, rtol=0)

@@ -215,7 +215,7 @@ def test_hook_path_is_refused_for_post_norms(gemma):
     model, g = gemma
     task = random_task(model, n=2, seq=5)
     with pytest.raises(validation.UnsupportedModel, match="block runner"):
-        validation.patch_edges(model, g, task, [0, 1], progress=False, method="hooks")
+        validation.patch_edges(model, g, task, [0, 1], progress=False, engine="bridge")
     with pytest.raises(validation.UnsupportedModel, match="Jacobian"):
         attribute(model, g, task, progress=False, engine="bridge")
 

@@ -225,6 +225,57 @@ def _closed_port() -> int:
 
 
 @needs_ray
+def test_workers_take_the_drivers_thread_count_bit_identical_and_recorded(executor, model, graph, task, tmp_path):
+    """The guarantee: bit-identical to the local executor at equal torch thread counts. Workers
+    take the driver's count by default (a new count makes new workers); it is in the results file."""
+    torch.set_num_threads(2)  # the one_thread fixture restores it
+    edges = graph.select_edges("sample:40", seed=3)
+    local_st, ray_st = {}, {}
+    want = validation.patch_edges(model, graph, task, edges, progress=False, memory_budget=BUDGET,
+                                  out=tmp_path / "l.pt", stats=local_st)
+    got = validation.patch_edges(model, graph, task, edges, progress=False, memory_budget=BUDGET,
+                                 out=tmp_path / "r.pt", stats=ray_st, executor=executor)
+    assert _identical(got, want)
+    assert local_st["threads"] == ray_st["threads"] == 2
+    assert load_file(tmp_path / "l.pt")["meta"]["threads"] == load_file(tmp_path / "r.pt")["meta"]["threads"] == 2
+    executor.close()  # frees the cluster's two CPUs
+    with RayExecutor(workers=1, threads=1) as one:  # negative control: an explicit count is what runs
+        st = {}
+        validation.patch_edges(model, graph, task, edges, progress=False, memory_budget=BUDGET, stats=st,
+                               out=tmp_path / "one.pt", executor=one)
+    assert st["threads"] == 1 and load_file(tmp_path / "one.pt")["meta"]["threads"] == 1
+
+
+@needs_ray
+def test_joining_the_session_this_process_has_is_silent_another_address_warns(cluster):
+    import warnings
+
+    session = ray.get_runtime_context().gcs_address
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ex = RayExecutor(address=session)
+        ex.connect()
+        ex.connect()
+    with socket.socket() as s:  # something listens there, but it is not this process's Ray session
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        with pytest.warns(UserWarning, match="using that session, not 127.0.0.1"):
+            RayExecutor(address=f"127.0.0.1:{s.getsockname()[1]}").connect()
+
+
+def test_same_cluster_compares_hosts_and_ports():
+    from validation.executor import same_cluster
+
+    here = socket.gethostbyname(socket.gethostname())
+    assert same_cluster("127.0.0.1:6399", f"{here}:6399") and same_cluster(f"{here}:6399", "127.0.0.1:6399")
+    assert same_cluster("localhost:6399", "127.0.0.1:6399")
+    assert same_cluster("ray://127.0.0.1:10001", f"{here}:6379")  # the client port is not the GCS port
+    assert not same_cluster("127.0.0.1:6400", f"{here}:6399")
+    assert not same_cluster("192.0.2.7:6399", f"{here}:6399")
+    assert same_cluster(None, f"{here}:6399") and not same_cluster("auto", None)
+
+
+@needs_ray
 @pytest.mark.parametrize("scheme", ["", "ray://"])
 def test_unreachable_address_fails_within_seconds(model, graph, task, scheme):
     address = f"{scheme}127.0.0.1:{_closed_port()}"

@@ -1,4 +1,4 @@
-"""The cost model and sample-size rule of docs/scaling.md (``validation.scaling``)."""
+"""The cost model and sample-size rule of docs/scaling.md (``bench.scaling``)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy.stats import spearmanr
 
-from validation import scaling
+from bench import scaling
 
 
 def test_edge_counts_from_published_configs():

@@ -140,7 +140,7 @@ def test_hook_path_matches_fast_path(tiny3_model, make_random_task):
     task = make_random_task(tiny3_model, n=3, seq=6)
     edges = graph.select_edges("sample:30", seed=2)
     fast = validation.patch_edges(tiny3_model, graph, task, edges, progress=False)
-    hooks = validation.patch_edges(tiny3_model, graph, task, edges, progress=False, method="hooks")
+    hooks = validation.patch_edges(tiny3_model, graph, task, edges, progress=False, engine="bridge")
     torch.testing.assert_close(fast, hooks, atol=TOL, rtol=0, equal_nan=True)
 
 
@@ -162,7 +162,7 @@ def test_unsupported_architecture_falls_back_to_hooks(tiny_model, make_random_ta
     assert stats["path"] == "hooks"
     torch.testing.assert_close(slow, fast, atol=TOL, rtol=0, equal_nan=True)
     with pytest.raises(validation.UnsupportedModel):
-        validation.patch_edges(tiny_model, graph, task, edges, progress=False, method="fast")
+        validation.patch_edges(tiny_model, graph, task, edges, progress=False, engine="fast")
 
 
 def test_nodes_match_naive(tiny3_model, make_random_task):
@@ -171,7 +171,7 @@ def test_nodes_match_naive(tiny3_model, make_random_task):
     got = validation.patch_nodes(tiny3_model, graph, task, progress=False, batch_size=6)
     torch.testing.assert_close(got, naive_nodes(tiny3_model, graph, task), atol=TOL, rtol=0)
     names = ["input", "a1.h2", "m2"]
-    hooks = validation.patch_nodes(tiny3_model, graph, task, names, progress=False, method="hooks")
+    hooks = validation.patch_nodes(tiny3_model, graph, task, names, progress=False, engine="bridge")
     idx = [graph.senders.index(n) for n in names]
     torch.testing.assert_close(hooks[idx], got[idx], atol=TOL, rtol=0)
     assert int(torch.isnan(hooks).sum()) == graph.n_senders - 3
@@ -270,7 +270,7 @@ def test_streamed_nodes_and_readout_equal_unbatched(tiny3_model):
     whole = validation.patch_nodes(tiny3_model, graph, task, progress=False)
     torch.testing.assert_close(validation.patch_nodes(tiny3_model, graph, task, progress=False, batch_size=2),
                                whole, atol=1e-14, rtol=0)
-    hooks = validation.patch_nodes(tiny3_model, graph, task, progress=False, batch_size=3, method="hooks")
+    hooks = validation.patch_nodes(tiny3_model, graph, task, progress=False, batch_size=3, engine="bridge")
     torch.testing.assert_close(hooks, whole, atol=TOL, rtol=0)
 
 
@@ -321,7 +321,7 @@ def test_closure_metric_exact_patching_matches_per_prompt_metric(tiny3_model):
     want = validation.patch_edges(tiny3_model, graph, base, "sample:40", seed=1, progress=False, batch_size=2)
     assert stats["prompts_per_batch"] == 5 and stats["copies_per_forward"] > 1  # all prompts, stacked copies
     torch.testing.assert_close(got, want, atol=1e-14, rtol=0, equal_nan=True)
-    nodes = validation.patch_nodes(tiny3_model, graph, closure, progress=False, method="hooks")
+    nodes = validation.patch_nodes(tiny3_model, graph, closure, progress=False, engine="bridge")
     torch.testing.assert_close(nodes, validation.patch_nodes(tiny3_model, graph, base, progress=False), atol=TOL, rtol=0)
 
 
@@ -337,6 +337,7 @@ def test_closure_metric_that_cannot_fit_the_budget_is_a_clear_error(tiny3_model)
 
 # ------------------------------------------------------------------------ fingerprint: no stale truth
 def test_fingerprint_keys_metric_code_closures_and_data(tiny_model, make_random_task, monkeypatch):
+    import validation.fingerprints as vf
     from validation import store as vs
 
     graph = Graph.from_model(tiny_model)
@@ -369,9 +370,9 @@ def test_fingerprint_keys_metric_code_closures_and_data(tiny_model, make_random_
     assert validation.fingerprint(tiny_model, graph, with_metric(task.metric_fn, per_prompt=moved), idx) != fp
     parts = vs.fingerprint_parts(tiny_model, graph, task, idx)
     assert parts["package"] == vs.package_version() and len(parts["code"]) == 16
-    monkeypatch.setattr(vs, "patching_code_hash", lambda: "another-version")  # a fix to the patching code
+    monkeypatch.setattr(vf, "patching_code_hash", lambda: "another-version")  # a fix to the patching code
     assert validation.fingerprint(tiny_model, graph, task, idx) != fp
-    monkeypatch.setattr(vs, "package_version", lambda: "9.9")
+    monkeypatch.setattr(vf, "package_version", lambda: "9.9")
     assert vs.fingerprint_parts(tiny_model, graph, task, idx)["package"] == "9.9"
 
 
@@ -403,12 +404,12 @@ def test_code_hash_follows_partials_objects_and_helpers():
 
 
 def test_fingerprint_once_per_call(tiny_model, make_random_task, monkeypatch, tmp_path):
-    from validation import store as vs
+    import validation.fingerprints as vf
 
     graph = Graph.from_model(tiny_model)
     task = make_random_task(tiny_model, n=3, seq=6)
-    real, calls = vs.weights_hash, []
-    monkeypatch.setattr(vs, "weights_hash", lambda model, *a: calls.append(1) or real(model, *a))
+    real, calls = vf.weights_hash, []
+    monkeypatch.setattr(vf, "weights_hash", lambda model, *a: calls.append(1) or real(model, *a))
     validation.patch_edges(tiny_model, graph, task, [0, 1], progress=False, out=tmp_path / "f.pt")
     assert len(calls) == 1
 
@@ -419,8 +420,8 @@ class _Interrupt(Exception):
 
 
 def _count_units(monkeypatch):
-    """Count the units computed (``validation.patch.compute_unit`` calls)."""
-    import validation.patch as vp
+    """Count the units computed (``validation.units.compute_unit`` calls)."""
+    import validation.units as vp
 
     real, calls = vp.compute_unit, []
 

@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--metric", default="logit_diff")
     p.add_argument("--edges", default="all", help="all | topk:K (needs --scores) | sample:K | stratified:K | "
                    "comma-separated indices/names | file:PATH (one name per line)")
-    p.add_argument("--scores", default=None, help="graph file (Graph.save / .json) whose scores rank topk:K")
+    p.add_argument("--scores", default=None, help="graph file (.pt or .json) whose scores rank topk:K")
     p.add_argument("--nodes", action="store_true", help="patch sender nodes instead of edges")
     p.add_argument("--scale", type=float, default=1.0)
     p.add_argument("--out", default=None, help="results file (resumed if it exists); default: the cache path")
@@ -79,7 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--memory-budget", default=None,
                    help="bytes or a size such as 2GiB, 512MiB: cache + patched forward stay within it "
                         "(default: half of the free device memory)")
-    p.add_argument("--method", default="auto", choices=["auto", "fast", "hooks"])
+    p.add_argument("--engine", default=None, choices=["auto", "fast", "bridge"],
+                   help="auto: the fast block runner, or the bridge (hooks) where it lacks the architecture")
+    p.add_argument("--method", default=None, choices=["auto", "fast", "hooks"], help=argparse.SUPPRESS)  # deprecated
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -94,6 +96,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="GPUs per Ray worker (fractions share one); default 1 when --device is CUDA, else 0")
     g.add_argument("--cpus-per-worker", type=float, default=1, help="CPUs (torch threads) per Ray worker")
     a = p.parse_args(argv)
+    if a.method is not None:
+        if a.engine is not None:
+            p.error("--method is the deprecated name of --engine: pass --engine only")
+        a.engine = {"hooks": "bridge"}.get(a.method, a.method)
+        print(f"warning: --method is deprecated, use --engine {a.engine}", file=sys.stderr)
+    a.engine = a.engine or "auto"
     if a.executor != "ray":
         given = [f for f, v in (("--address", a.address), ("--workers", a.workers),
                                 ("--gpus-per-worker", a.gpus_per_worker)) if v is not None]
@@ -127,14 +135,15 @@ def _run(a: argparse.Namespace, executor) -> int:
     task = eap.tasks.ioi(model, a.n, seed=a.seed, prompt_type=a.prompt_type, metric=a.metric)
     scores = None
     if a.scores:
-        g = Graph.from_json(a.scores) if a.scores.endswith(".json") else Graph.from_pt(a.scores)
+        read = Graph.from_json if a.scores.endswith(".json") else Graph.from_pt
+        g = read(a.scores, model)  # a file recorded for another model is refused
         g.check_model(model)  # a graph file (ours or EAP-IG's/MIB's) of another model is refused
         scores = g.edge_scores()
     from eap.budget import parse_size
 
     budget = parse_size(a.memory_budget) if a.memory_budget is not None else None
-    kw = dict(scale=a.scale, batch_size=a.batch_size, memory_budget=budget, method=a.method, shard=a.shard,
-              progress=not a.no_progress, executor=executor)
+    opts = validation.PatchOptions(scale=a.scale, batch_size=a.batch_size, memory_budget=budget, engine=a.engine,
+                                   shard=a.shard, progress=not a.no_progress, executor=executor)
     stats: dict = {}
     if a.nodes:
         items = graph.select_senders(None if a.edges == "all" else _edges_arg(a.edges))
@@ -149,11 +158,11 @@ def _run(a: argparse.Namespace, executor) -> int:
             out = out.with_name(out.stem + f".shard{a.shard.replace('/', 'of')}.pt")
     print(f"{a.model}: {graph}; task {task.name} n={task.n_prompts}; {len(items)} {kind} requested -> {out}")
     if a.nodes:
-        values = validation.patch_nodes(model, graph, task, items, out=out, stats=stats, **kw)
+        values = validation.patch_nodes(model, graph, task, items, options=opts, out=out, stats=stats)
     else:
-        values = validation.patch_edges(model, graph, task, items, out=out, stats=stats, **kw)
+        values = validation.patch_edges(model, graph, task, items, options=opts, out=out, stats=stats)
     if stats.get("n_measured"):
-        from validation.bench import forward_seconds
+        from validation.speed import forward_seconds
 
         fwd = forward_seconds(model, task)
         per_item = stats["patch_s"] / stats["n_measured"]
@@ -162,7 +171,7 @@ def _run(a: argparse.Namespace, executor) -> int:
                   f"{stats['wall_s']:.1f}s wall ({stats['n_measured'] / max(stats['wall_s'], 1e-9):.1f} {kind}/s), "
                   f"{stats['n_units_retried']} units retried, {stats['workers_lost']} workers lost; worker-seconds below")
         print(f"measured {stats['n_measured']} {kind} in {stats['patch_s']:.1f}s ({stats['items_per_s']:.1f}/s, "
-              f"path {stats['path']}, {stats['n_batches']} prompt batches of {stats['prompts_per_batch']}, "
+              f"engine {stats['engine']}, {stats['threads']} torch threads, {stats['n_batches']} prompt batches of {stats['prompts_per_batch']}, "
               f"{stats['rows_per_forward']} rows/forward, budget {stats['memory_budget'] / 2**30:.2f} GiB); "
               f"{per_item / fwd:.3f} forward-equivalents per {kind[:-1]}; setup {stats['setup_s']:.1f}s = "
               f"{stats['setup_s'] / fwd:.2f} plain forwards; fingerprint {stats['fingerprint_s']:.1f}s, "
@@ -183,6 +192,9 @@ def _cli() -> int:
 
     try:
         return main()
+    except KeyboardInterrupt as exc:  # Ctrl-C: say what is saved (PatchInterrupted), no traceback
+        print(f"\n{exc or 'interrupted'}", file=sys.stderr)
+        return 130
     except (BudgetError, GraphError, HookError, ModelLoadError, TaskError, PatchError, StoreError,
             UnsupportedModel) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -40,7 +40,7 @@ one corrupted forward through the model's hooks (every sender's output) and the 
 embedding are cached; then ``circuits_per_forward`` circuits at a time are stacked along the
 batch and run by ``validation.runner.BlockRunner.run_circuits`` (the adapter's blocks in plain
 torch, every receiver with its own input correction) and read out exactly as ``patch_edges``
-does (``validation.patch.metric_of_final``: only the read-out logits with a read-out). One
+does (``validation.units.metric_of_final``: only the read-out logits with a read-out). One
 circuit costs about one forward of the prompts with per-head q/k/v inputs (see
 docs/faithfulness.md for measured costs). Architectures the block runner does not implement
 take the hook path through the bridge (a full forward per stack, receivers corrected at their
@@ -58,14 +58,15 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from eap.budget import PatchPlan, held_bytes, plan_circuits, resolve_budget
+from eap.budget import PatchPlan, held_bytes, plan_circuits
 from eap.graph import Graph, GraphError
 from eap.hooks import as_nodes
 from eap.measure import sync
 from eap.task import Task, TaskError
-from validation.patch import (
-    PatchError, _check_inputs, _collect, _progress, metric_of_final, per_copy, plan_for_task, prepare_call,
-)
+from validation.errors import PatchError
+from validation.options import CircuitStats, PatchOptions, path_name
+from validation.patch import _check_inputs, _progress, plan_for_task, prepare_call, resolve_options
+from validation.units import _collect, metric_of_final, per_copy
 
 __all__ = ["CircuitError", "CircuitEval", "circuit_masks", "evaluate_circuit"]
 
@@ -236,12 +237,9 @@ def evaluate_circuit(
     circuit: Any = None,
     *,
     baselines: bool = True,
-    batch_size: int | None = None,
-    memory_budget: int | float | str | None = None,
-    readout: bool | None = None,
-    method: str = "auto",
-    progress: bool = False,
-    stats: dict | None = None,
+    options: PatchOptions | None = None,
+    stats: dict | CircuitStats | None = None,
+    **kwargs: Any,
 ) -> CircuitEval:
     """The task's metric when every edge *not* in ``circuit`` is patched at once (see module
     docstring for the exact semantics: MIB/EAP-IG ``evaluate_graph`` with patching).
@@ -250,32 +248,64 @@ def evaluate_circuit(
         Several circuits are stacked along the batch of each forward.
     baselines: also evaluate the full and the empty circuit (``result.clean``,
         ``result.corrupted``; needed for ``effect`` and ``faithfulness``).
-    memory_budget, batch_size, readout, method: as for ``patch_edges`` (``eap.budget`` plans the
-        prompt batches and circuits per forward; the result does not depend on them).
-    stats: filled with ``setup_s`` (corrupted forwards), ``eval_s`` (circuit forwards),
-        ``n_circuits`` (evaluated, baselines included), ``n_forwards``, ``circuits_per_forward``,
-        ``prompts_per_batch``, ``n_batches``, ``rows_per_forward``, ``memory_budget``,
-        ``planned_peak_bytes``, ``path`` ('fast' | 'hooks'), ``readout``.
+    options / keyword arguments: a :class:`~validation.options.PatchOptions` and overrides of
+        its fields, as for ``patch_edges``: ``memory_budget``, ``batch_size``, ``readout``,
+        ``engine`` (the deprecated ``method``), ``progress`` (default False here); ``eap.budget``
+        plans the prompt batches and circuits per forward, the result does not depend on them.
+        ``edges`` (pass ``circuit``), ``scale``, ``out``, ``shard`` and ``executor`` do not
+        apply (a ``CircuitError``).
+    stats: a dict (filled with the keys of :class:`~validation.options.CircuitStats`: setup_s
+        (corrupted forwards), eval_s (circuit forwards), n_circuits (baselines included),
+        n_forwards, circuits_per_forward, prompts_per_batch, n_batches, rows_per_forward,
+        memory_budget, planned_peak_bytes, engine, path, readout) or a ``CircuitStats``.
     """
+    if options is None:
+        kwargs.setdefault("progress", False)
+    opts = resolve_options(model, options, kwargs)
+    given = {"edges": opts.edges is not None, "scale": opts.scale != 1.0, "out": opts.out is not None,
+             "shard": opts.shard is not None, "executor": opts.executor not in ("local", None)}
+    extra = [k for k, v in given.items() if v]
+    if extra:
+        raise CircuitError(f"evaluate_circuit does not take {', '.join(extra)} (circuit evaluation runs locally, "
+                           "unscaled, without a results file)")
     _check_inputs(model, graph, task, 1.0)
     keep, single = circuit_masks(graph, circuit)
-    task, runner, use_readout = prepare_call(model, task, method, batch_size, readout, "circuit evaluation")
+    task, runner, use_readout = prepare_call(model, task, opts.engine, opts.batch_size, opts.readout,
+                                             "circuit evaluation")
     n_user = keep.shape[0]
     if baselines:
         keep = torch.cat([keep, torch.ones(1, graph.n_edges, dtype=torch.bool), torch.zeros(1, graph.n_edges, dtype=torch.bool)])
+    plan: PatchPlan = plan_for_task(task, model.cfg.d_vocab, opts.batch_size, lambda whole, nb: plan_circuits(
+        model, graph.n_senders, task.n_prompts, task.seq_len, readout=use_readout, hooks=runner is None,
+        max_circuits=keep.shape[0], budget=opts.memory_budget, prompts_per_batch=nb, whole_task=whole,
+        fixed_bytes=held_bytes(runner, model) if runner is not None else 0))
+    st = CircuitStats(n_circuits=keep.shape[0], circuits_per_forward=plan.copies_per_forward,
+                      prompts_per_batch=plan.prompts_per_batch, n_batches=len(plan.batches(task.n_prompts)),
+                      rows_per_forward=plan.rows_per_forward, memory_budget=plan.budget,
+                      planned_peak_bytes=plan.peak_bytes, engine="fast" if runner is not None else "bridge",
+                      readout=use_readout)
+    st.path = path_name(st.engine)
+    values = _evaluate(model, graph, task, keep, plan, runner, use_readout, opts.progress, st)
+    if not torch.isfinite(values).all():
+        raise TaskError(f"task {task.name!r}: the metric returned NaN/inf for some circuit and prompt")
+    st.fill(stats)
+    per_prompt = values[:n_user]
+    return CircuitEval(
+        per_prompt=per_prompt[0] if single else per_prompt,
+        clean=values[n_user] if baselines else None,
+        corrupted=values[n_user + 1] if baselines else None,
+    )
+
+
+def _evaluate(model: Any, graph: Graph, task: Task, keep: Bool[Tensor, "c n_edges"], plan: PatchPlan,
+              runner: Any, use_readout: bool, progress: bool, st: CircuitStats) -> Float[Tensor, "c n"]:
+    """The metric of every circuit of ``keep`` on every prompt, batch by batch (``plan``);
+    seconds and forwards into ``st``."""
     param = next(model.parameters())
     device = param.device
-    budget = resolve_budget(memory_budget, device)
-    plan: PatchPlan = plan_for_task(task, model.cfg.d_vocab, batch_size, lambda whole, nb: plan_circuits(
-        model, graph.n_senders, task.n_prompts, task.seq_len, readout=use_readout, hooks=runner is None,
-        max_circuits=keep.shape[0], budget=budget, prompts_per_batch=nb, whole_task=whole,
-        fixed_bytes=held_bytes(runner, model) if runner is not None else 0))
-
     n_c, m = keep.shape[0], plan.copies_per_forward
     values = torch.empty(n_c, task.n_prompts, dtype=torch.float64)
     batches = plan.batches(task.n_prompts)
-    setup_s = eval_s = 0.0
-    n_forwards = 0
     bar = _progress(n_c * len(batches), "circuits", progress, len(batches))
     try:
         for P in batches:
@@ -285,7 +315,7 @@ def evaluate_circuit(
             with torch.no_grad():
                 cache = _collect(model, graph, t, residuals=False, differences=False, runner=runner)
             sync(device)
-            setup_s += time.perf_counter() - t0
+            st.setup_s += time.perf_counter() - t0
             t0 = time.perf_counter()
             for c0 in range(0, n_c, m):
                 chunk = keep[c0 : c0 + m]
@@ -297,24 +327,11 @@ def evaluate_circuit(
                     else:
                         got = per_copy(t, _hooked_circuits(model, graph, t, cache.delta, patched), len(chunk), False)
                 values[c0 : c0 + m, P] = got.double().cpu()
-                n_forwards += 1
+                st.n_forwards += 1
                 bar.update(len(chunk))
             sync(device)
-            eval_s += time.perf_counter() - t0
+            st.eval_s += time.perf_counter() - t0
             del cache
     finally:
         bar.close()
-    if not torch.isfinite(values).all():
-        raise TaskError(f"task {task.name!r}: the metric returned NaN/inf for some circuit and prompt")
-    if stats is not None:
-        stats.update(setup_s=setup_s, eval_s=eval_s, n_circuits=n_c, n_forwards=n_forwards, circuits_per_forward=m,
-                     prompts_per_batch=plan.prompts_per_batch, n_batches=len(batches),
-                     rows_per_forward=plan.rows_per_forward, memory_budget=plan.budget,
-                     planned_peak_bytes=plan.peak_bytes, path="fast" if runner is not None else "hooks",
-                     readout=use_readout)
-    per_prompt = values[:n_user]
-    return CircuitEval(
-        per_prompt=per_prompt[0] if single else per_prompt,
-        clean=values[n_user] if baselines else None,
-        corrupted=values[n_user + 1] if baselines else None,
-    )
+    return values

@@ -1,20 +1,27 @@
 """Where exact-patching units are computed: this process, or the workers of a Ray cluster.
 
-``validation.patch`` turns a request into a job (plan, store, the :class:`~validation.patch.Unit`
+``validation.patch`` turns a request into a job (plan, store, the :class:`~validation.units.Unit`
 list still to do) and hands the units to an executor, chosen explicitly:
 
 * :class:`LocalExecutor` (``executor="local"``, the default): the loop in this process, prompt
   batch by prompt batch (one setup per batch, then its units).
-* :class:`RayExecutor` (``executor="ray"`` or an instance): Ray actors (:class:`PatchWorker`), each
-  of which makes the model once, compute units that the driver hands out one at a time; the
-  driver alone records them in the results store.
+* :class:`RayExecutor` (``executor="ray"`` or an instance): Ray actors
+  (``validation.ray_worker.PatchWorker``), each of which makes the model once, compute units
+  that the driver hands out one at a time; the driver alone records them in the results store.
+
+:func:`executor_from_spec` turns any of the shapes an executor arrives in ('local', 'ray', a
+dict spec, bench's ``Config`` fields, an :class:`Executor`) into an :class:`Executor`.
 
 Same numbers, same file
 -----------------------
-Every executor records, per unit, what ``compute_unit(job, prepare_batch(job, unit.batch), unit)``
+Every executor records, per unit, what ``compute_unit(job, vu.prepare_batch(job, unit.batch), unit)``
 returns on the same model, and the store sums each item's batches in batch order whatever the
-order of arrival: the result is bit-identical to the local executor's (same device, dtype and
-plan), in the same edge order and the same results file. A worker gets the driver's plan
+order of arrival: the result is bit-identical to the local executor's at equal torch thread
+counts (same device, dtype and plan), in the same edge order and the same results file. A Ray
+worker uses the driver's torch thread count unless ``RayExecutor(threads=...)`` says otherwise
+(CPU kernels may sum in another order with another thread count: then the values agree to
+float rounding only); the thread count is recorded in the results file (``meta["threads"]``)
+and in ``stats.threads``. A worker gets the driver's plan
 (prompt batches, copies per forward), readout flag, path and prompts, and before its first unit it
 checks that its own ``validation.fingerprint`` parts of the job (model config, weights hash, dtype,
 graph, prompts, metric code, patching-code hash, package version) equal the driver's: a worker
@@ -44,30 +51,25 @@ itself (a bad metric, NaN) stops the run and is raised on the driver.
 
 from __future__ import annotations
 
-import os
 import socket
 import time
 import uuid
 import warnings
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Mapping
 
 import torch
-from jaxtyping import Int
-from torch import Tensor
 
 from eap.measure import sync
-from validation import patch as vp
-from validation.patch import PatchError, PatchJob, Unit
+from validation.errors import ExecutorError, PatchError
+from validation.ray_worker import (  # noqa: F401  (re-exported: the executor's names as they were)
+    RAY_INSTALL_HINT, FromOrigin, JobSpec, PatchWorker, Shipped, _cause, check_reachable, import_ray, parse_address,
+)
+from validation import units as vu
+from validation.units import PatchJob, Unit, item_weights
 
-#: What to tell a user whose environment has no Ray.
-RAY_INSTALL_HINT = "pip install 'eap-bench[ray]'"
-
-
-class ExecutorError(PatchError):
-    """An executor cannot run: Ray missing, a cluster unreachable, all workers lost, a worker
-    whose model or code differs from the driver's."""
+__all__ = ["Executor", "ExecutorError", "LocalExecutor", "RayExecutor", "RunTimes", "executor_from_spec"]
 
 
 @dataclass
@@ -75,7 +77,7 @@ class RunTimes:
     """What an executor reports: seconds of caching forwards (``setup_s``) and patched forwards
     (``patch_s``), summed over workers; results-file seconds on the driver (``io_s``); stacked
     forwards; workers used; wall seconds; units handed out again after a worker died; workers
-    lost for good."""
+    lost for good; the torch thread count the units were computed with."""
 
     executor: str = "local"
     setup_s: float = 0.0
@@ -86,6 +88,7 @@ class RunTimes:
     wall_s: float = 0.0
     n_retried: int = 0
     workers_lost: int = 0
+    threads: int = 0
 
 
 class Executor:
@@ -117,7 +120,7 @@ class LocalExecutor(Executor):
     name = "local"
 
     def run(self, job: PatchJob, units: list[Unit], store: Any, bar: Any, parts: dict) -> RunTimes:
-        times = RunTimes(executor=self.name)
+        times = RunTimes(executor=self.name, threads=torch.get_num_threads())
         device = next(job.model.parameters()).device
         t_start = time.perf_counter()
         for b in range(len(job.batches)):
@@ -127,14 +130,14 @@ class LocalExecutor(Executor):
             ev = None  # free the previous batch's cache before caching this one
             sync(device)
             t0 = time.perf_counter()
-            ev = vp.prepare_batch(job, b)
+            ev = vu.prepare_batch(job, b)
             sync(device)
             times.setup_s += time.perf_counter() - t0
             for unit in mine:
                 t0 = time.perf_counter()
-                sums = vp.compute_unit(job, ev, unit)
+                sums = vu.compute_unit(job, ev, unit)
                 times.patch_s += time.perf_counter() - t0
-                times.n_forwards += vp.forwards_of(job, unit)
+                times.n_forwards += vu.forwards_of(job, unit)
                 t0 = time.perf_counter()
                 store.record_unit(unit.batch, unit.items, sums)
                 times.io_s += time.perf_counter() - t0
@@ -147,207 +150,92 @@ class LocalExecutor(Executor):
 
 
 def resolve_executor(spec: Any) -> tuple[Executor, bool]:
-    """The executor ``spec`` names, and whether the caller owns it (must close it after the call):
-    'local' -> a new :class:`LocalExecutor`, 'ray' -> a new :class:`RayExecutor` with default
-    settings, an :class:`Executor` -> itself (the caller's to close)."""
+    """The executor ``spec`` names (see :func:`executor_from_spec`), and whether the caller owns
+    it (must close it after the call): an :class:`Executor` passed in is the caller's to close,
+    one made here is owned."""
     if isinstance(spec, Executor):
         return spec, False
-    if spec is None or spec == "local":
-        return LocalExecutor(), True
-    if spec == "ray":
-        return RayExecutor(), True
-    raise PatchError(f"executor must be 'local', 'ray' or an Executor (LocalExecutor(), RayExecutor(...)), got {spec!r}")
+    return executor_from_spec(spec), True
+
+
+#: Keys of a dict (or object) executor spec besides ``backend``: ``RayExecutor`` arguments.
+_RAY_KEYS = ("address", "workers", "gpus_per_worker", "cpus_per_worker", "threads")
+#: bench ``Config`` fields -> ``RayExecutor`` arguments.
+_CONFIG_KEYS = {"ray_address": "address", "ray_workers": "workers", "gpus_per_worker": "gpus_per_worker",
+                "ray_gpus_per_worker": "gpus_per_worker"}
+
+
+def executor_from_spec(spec: Any = "local") -> Executor:
+    """An :class:`Executor` from any of the shapes one arrives in:
+
+    * an :class:`Executor`: itself;
+    * None or 'local': a new :class:`LocalExecutor`; 'ray': a new :class:`RayExecutor`;
+    * a dict ``{"backend": "local" | "ray", "address": ..., "workers": ..., "gpus_per_worker": ...,
+      "cpus_per_worker": ..., "threads": ...}`` (missing keys: defaults), or an object with those
+      attributes (bench's ``ExecutorSpec``);
+    * an object with an ``executor`` field ('local' | 'ray') and ``ray_address``, ``ray_workers``,
+      ``gpus_per_worker`` (bench's ``Config``).
+
+    Anything else is a :class:`PatchError` naming what is accepted."""
+    if isinstance(spec, Executor):
+        return spec
+    backend: Any = None
+    kw: dict[str, Any] = {}
+    if spec is None or isinstance(spec, str):
+        backend = spec or "local"
+    elif isinstance(spec, Mapping):
+        unknown = sorted(set(spec) - {"backend", *_RAY_KEYS})
+        if unknown:
+            raise PatchError(f"unknown executor spec keys {unknown}; use 'backend' and {list(_RAY_KEYS)}")
+        backend = spec.get("backend", "local")
+        kw = {k: spec[k] for k in _RAY_KEYS if spec.get(k) is not None}
+    elif hasattr(spec, "backend"):
+        backend = spec.backend
+        kw = {k: getattr(spec, k) for k in _RAY_KEYS if getattr(spec, k, None) is not None}
+    elif hasattr(spec, "executor"):
+        backend = spec.executor or "local"
+        kw = {a: getattr(spec, f) for f, a in _CONFIG_KEYS.items() if getattr(spec, f, None) is not None}
+    if backend == "local":
+        return LocalExecutor()
+    if backend == "ray":
+        return RayExecutor(**kw)
+    raise PatchError(f"executor must be 'local', 'ray', a spec with backend 'local' or 'ray' ({{'backend': 'ray', "
+                     f"'address': ...}}), a Config with an executor field, or an Executor (LocalExecutor(), "
+                     f"RayExecutor(...)); got {spec!r}")
+
+
+def _local_ips() -> set[str]:
+    """Addresses that mean this machine."""
+    ips = {"127.0.0.1", "::1", "localhost"}
+    try:
+        ips |= set(socket.gethostbyname_ex(socket.gethostname())[2])
+    except OSError:
+        pass
+    return ips
+
+
+def same_cluster(asked: str | None, session: str | None) -> bool:
+    """Whether the Ray session at GCS address ``session`` ('ip:port') is the cluster ``asked``
+    ('host:port', 'ray://host:port' (the client port differs from the GCS port: the host
+    decides), 'auto' (one on this machine), None/'local')."""
+    want = parse_address(asked)
+    if want is None or not session:
+        return asked in (None, "", "local", "auto") and (asked != "auto" or session is not None)
+    got = parse_address(session)
+    local = _local_ips()
+
+    def ip(host: str) -> str:
+        try:
+            host = socket.gethostbyname(host)
+        except OSError:
+            pass
+        return "local" if host in local or host.startswith("127.") else host
+
+    same_host = ip(want[0]) == ip(got[0])
+    return same_host if str(asked).startswith("ray://") else same_host and want[1] == got[1]
 
 
 # ----------------------------------------------------------------------------------- Ray
-def import_ray() -> Any:
-    """The ``ray`` module, or an :class:`ExecutorError` that says how to install it."""
-    try:
-        import ray
-    except ImportError as exc:
-        raise ExecutorError(f"the Ray executor needs Ray, which is not installed here ({exc}); install it with: "
-                            f"{RAY_INSTALL_HINT}  (or use the local executor)") from exc
-    return ray
-
-
-def parse_address(address: str | None) -> tuple[str, int] | None:
-    """``(host, port)`` of a Ray address ``'host:port'`` or ``'ray://host:port'``; None for
-    None, 'local' (start a cluster here) and 'auto' (the cluster ``ray start`` left on this machine)."""
-    if address in (None, "", "local", "auto"):
-        return None
-    rest = address.split("://", 1)[1] if "://" in address else address
-    host, sep, port = rest.rpartition(":")
-    if not sep or not host or not port.isdigit():
-        raise ExecutorError(f"bad Ray address {address!r}: use 'auto', 'host:port' or 'ray://host:port'")
-    return host.strip("[]"), int(port)
-
-
-def check_reachable(address: str | None, timeout: float) -> None:
-    """Fail within ``timeout`` seconds, with a clear message, if the cluster at ``address``
-    does not accept connections (Ray itself would retry for a long time)."""
-    hp = parse_address(address)
-    if hp is None:
-        return
-    try:
-        socket.create_connection(hp, timeout=timeout).close()
-    except OSError as exc:
-        client = address.startswith("ray://")
-        raise ExecutorError(
-            f"cannot reach the Ray cluster at {address} within {timeout:g} s ({exc}). Is it running? Start one with "
-            f"`ray start --head` on that machine ({'the Ray client server listens on port 10001 by default' if client else 'the head node listens on port 6379 by default'}), "
-            "or leave --address out to start a local cluster on this machine."
-        ) from exc
-
-
-@dataclass(frozen=True)
-class FromOrigin:
-    """A worker makes the model itself: ``eap.models.ModelOrigin.make(device, dtype)``."""
-
-    origin: Any  # eap.models.ModelOrigin
-    dtype: torch.dtype
-
-    def make(self, device: str) -> Any:
-        return self.origin.make(device, self.dtype)
-
-    def __str__(self) -> str:
-        return f"made from {self.origin}"
-
-
-@dataclass(frozen=True)
-class Shipped:
-    """A worker takes the driver's model from Ray's object store: ``box`` is ``[ObjectRef]`` of
-    ``eap.models.portable(model)`` (transformers config, weights, tokenizer), from which the
-    worker makes the bridge (``eap.models.from_portable``); in a list so that Ray passes the
-    reference, not the weights, to the worker's constructor."""
-
-    box: list
-    dtype: torch.dtype
-
-    def make(self, device: str) -> Any:
-        import ray
-
-        from eap.models import from_portable
-
-        return from_portable(ray.get(self.box[0]), device, self.dtype)
-
-    def __str__(self) -> str:
-        return "shipped through the object store"
-
-
-@dataclass
-class JobSpec:
-    """What a worker needs besides the model to compute a job's units exactly as the driver
-    would: graph, prompts (on CPU), kind, path ('fast' or 'hooks'), readout, scale, item
-    senders, the plan, the requested items and the driver's fingerprint parts (checked)."""
-
-    graph: Any
-    task: Any
-    kind: str
-    fast: bool
-    readout: bool
-    scale: float
-    item_sender: Int[Tensor, " n_items"]
-    plan: Any
-    requested: Int[Tensor, " k"]
-    parts: dict
-
-
-class PatchWorker:
-    """A Ray actor's state: the model (made once, lazily), the block runner, the current job and
-    the cache of the last prompt batch (``prepare_batch``), kept while units of that batch come."""
-
-    def __init__(self, source: Any, device: str, threads: int) -> None:
-        self.source, self.device, self.threads = source, device, int(threads)
-        self.model = self.runner = self.job = self.ev = None
-        self.job_id: str | None = None
-        self.batch: int | None = None
-        self.load_s = 0.0
-        torch.set_num_threads(self.threads)
-
-    def _model(self) -> Any:
-        if self.model is None:
-            t0 = time.perf_counter()
-            self.model = self.source.make(self.device)
-            self.load_s = time.perf_counter() - t0
-        return self.model
-
-    def hello(self) -> dict:
-        """Make the model if not done yet; who and where this worker is."""
-        model = self._model()
-        return {"host": socket.gethostname(), "pid": os.getpid(), "device": str(next(model.parameters()).device),
-                "threads": torch.get_num_threads(), "load_s": self.load_s}
-
-    def _job_for(self, job_id: str, box: list) -> PatchJob:
-        if job_id == self.job_id:
-            return self.job
-        import ray
-
-        from validation.runner import BlockRunner
-        from validation.store import fingerprint_parts
-
-        try:
-            spec: JobSpec = ray.get(box[0])
-        except Exception as exc:  # typically a metric whose module this worker cannot import
-            raise ExecutorError(
-                f"Ray worker {socket.gethostname()}:{os.getpid()} cannot load the job (graph, prompts, metric): "
-                f"{str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__}. Functions travel "
-                "by reference to their module: make the metric's module importable on every worker (install it, or "
-                "ray.init(runtime_env={'py_modules': [...]})), or send it by value with "
-                "ray.cloudpickle.register_pickle_by_value(module)"
-            ) from None
-        model = self._model()
-        self.job = self.ev = None
-        self.batch = None
-        device = next(model.parameters()).device
-        task = spec.task.to(device)
-        mine = fingerprint_parts(model, spec.graph, task, spec.requested, spec.scale, spec.kind)
-        differ = sorted(k for k in set(mine) | set(spec.parts) if mine.get(k) != spec.parts.get(k))
-        if differ:
-            raise ExecutorError(
-                f"Ray worker {socket.gethostname()}:{os.getpid()} ({self.source}) would compute other numbers than the "
-                f"driver: its {', '.join(differ)} differ"
-                + (" (the driver's weights were changed after loading? use model_source='ship')"
-                   if "weights" in differ and isinstance(self.source, FromOrigin) else "")
-                + (" (install the same eap-bench code and library versions on every node)"
-                   if {"code", "package", "metric", "readout"} & set(differ) else "")
-            )
-        spec.graph.check_model(model)
-        if spec.fast and self.runner is None:
-            self.runner = BlockRunner(model)
-        self.job = PatchJob(model, spec.graph, task, spec.kind, self.runner if spec.fast else None, spec.readout,
-                            spec.scale, spec.item_sender, spec.plan)
-        self.job_id = job_id
-        return self.job
-
-    def compute(self, job_id: str, box: list, unit: Unit) -> dict:
-        """Per item of ``unit``, the float64 sum over its prompt batch of metric(patched) -
-        metric(clean) (``compute_unit``), and the seconds it took."""
-        job = self._job_for(job_id, box)
-        device = next(job.model.parameters()).device
-        setup_s = 0.0
-        if self.batch != unit.batch:
-            self.ev = None
-            sync(device)
-            t0 = time.perf_counter()
-            self.ev = vp.prepare_batch(job, unit.batch)
-            sync(device)
-            setup_s = time.perf_counter() - t0
-            self.batch = unit.batch
-        t0 = time.perf_counter()
-        sums = vp.compute_unit(job, self.ev, unit)
-        return {"sums": sums, "setup_s": setup_s, "patch_s": time.perf_counter() - t0,
-                "n_forwards": vp.forwards_of(job, unit)}
-
-
-def _cause(exc: Exception) -> BaseException:
-    """The exception a worker raised (its remote traceback chained), rather than Ray's wrapper."""
-    cause = getattr(exc, "cause", None)
-    if isinstance(cause, Exception):
-        cause.__cause__ = exc
-        return cause
-    return exc
-
-
 @dataclass
 class _Slot:
     """The driver's view of one worker."""
@@ -369,7 +257,11 @@ class RayExecutor(Executor):
     workers: number of actors (default: as many as the cluster's CPUs, or GPUs with
         ``gpus_per_worker``, hold; never more than there are units).
     gpus_per_worker: GPUs per actor (fractions share a GPU); default 1 if the driver's model is
-        on CUDA, else 0 (CPU workers). cpus_per_worker: CPUs (and torch threads) per actor.
+        on CUDA, else 0 (CPU workers). cpus_per_worker: CPUs Ray reserves per actor.
+    threads: torch threads per actor; default the driver's ``torch.get_num_threads()`` when the
+        pool starts, so that the numbers are bit-identical to the local executor's (a smaller
+        count, e.g. ``int(cpus_per_worker)``, avoids oversubscribing CPUs; the values then agree
+        to float rounding). Recorded in the results file and ``stats.threads``.
     model_source: 'auto' or 'ship' (see the module docstring).
     in_flight: units queued per worker (2 hides the round trip). max_restarts: Ray restarts of
         a crashed actor. max_unit_failures: worker deaths one unit may cause before the run
@@ -395,6 +287,7 @@ class RayExecutor(Executor):
         start_timeout: float = 600.0,
         connect_timeout: float = 10.0,
         init_kwargs: dict | None = None,
+        threads: int | None = None,
     ) -> None:
         import_ray()  # fail now, not after the fingerprint
         if model_source not in ("auto", "ship"):
@@ -405,6 +298,9 @@ class RayExecutor(Executor):
             raise ExecutorError(f"gpus_per_worker must be >= 0, got {gpus_per_worker}")
         if float(cpus_per_worker) <= 0 or int(in_flight) < 1:
             raise ExecutorError("cpus_per_worker must be > 0 and in_flight >= 1")
+        if threads is not None and int(threads) < 1:
+            raise ExecutorError(f"threads must be >= 1, got {threads}")
+        self.threads = int(threads) if threads is not None else None
         parse_address(address)
         self.address, self.workers = address, workers
         self.gpus_per_worker, self.cpus_per_worker = gpus_per_worker, float(cpus_per_worker)
@@ -424,8 +320,11 @@ class RayExecutor(Executor):
         ray = import_ray()
         check_reachable(self.address, self.connect_timeout)
         if ray.is_initialized():
-            if self.address not in (None, "", "local"):
-                warnings.warn(f"Ray is already initialised in this process: using that session, not {self.address}")
+            if not self._started_ray and self.address not in (None, "", "local"):
+                session = ray.get_runtime_context().gcs_address
+                if not same_cluster(self.address, session):
+                    warnings.warn(f"Ray is already initialised in this process (cluster {session}): using that "
+                                  f"session, not {self.address}")
             return ray
         kwargs = dict(log_to_driver=False, **self.init_kwargs)
         if self.address in (None, "", "local"):
@@ -452,10 +351,12 @@ class RayExecutor(Executor):
         if self._slots:
             import ray
 
+            from ray.exceptions import RayError
+
             for s in self._slots:
                 try:
                     ray.kill(s.actor)
-                except Exception:  # already gone
+                except (RayError, ValueError):  # already gone
                     pass
         self._slots, self._pool_key, self._shipped = [], None, None
 
@@ -481,7 +382,8 @@ class RayExecutor(Executor):
 
         model = job.model
         param = next(model.parameters())
-        key = (id(model), parts["weights"], parts["model_cfg"], parts["dtype"])
+        threads = self.threads or torch.get_num_threads()  # the driver's: numbers bit-identical to local
+        key = (id(model), parts["weights"], parts["model_cfg"], parts["dtype"], threads)
         alive = [s for s in self._slots if s.state != "dead"]
         if self._pool_key == key and alive:
             return alive
@@ -497,7 +399,6 @@ class RayExecutor(Executor):
             source = Shipped([self._shipped], param.dtype)
         self.source = str(source)
         device = "cuda" if gpus > 0 else "cpu"
-        threads = max(1, int(self.cpus_per_worker))
         actor_cls = ray.remote(PatchWorker).options(num_cpus=self.cpus_per_worker, num_gpus=gpus,
                                                     max_restarts=self.max_restarts, max_task_retries=0)
         self._slots = [_Slot(actor_cls.remote(source, device, threads)) for _ in range(self._n_workers(ray, gpus, n_units))]
@@ -510,113 +411,142 @@ class RayExecutor(Executor):
         if not units:
             return times
         ray = self.connect()
-        from ray.exceptions import RayActorError, RayError, RayTaskError
-
         t_start = time.perf_counter()
         slots = self._pool(ray, job, parts, len(units))
         spec = JobSpec(job.graph, job.task.to("cpu"), job.kind, job.runner is not None, job.readout, job.scale,
                        job.item_sender, job.plan, store.requested, parts)
-        box, job_id = [ray.put(spec)], uuid.uuid4().hex
-        queues: dict[int, deque] = {}
-        for u in units:
-            queues.setdefault(u.batch, []).append(u)
-        for b, us in queues.items():
-            w = [float(vp.item_weights(job.graph, job.kind, torch.tensor(u.items)).sum()) for u in us]
-            queues[b] = deque(u for _, u in sorted(zip(w, us), key=lambda wu: (-wu[0], wu[1].key)))
-        left = {b: len(q) for b, q in queues.items()}  # units of each batch not yet recorded
-        failures: dict[Unit, int] = {}
-        pending: dict[Any, tuple[_Slot, Unit | None]] = {}  # ref -> (worker, unit; None for a hello)
-        for s in slots:
-            if s.state in ("starting", "probing"):
-                pending[s.actor.hello.remote()] = (s, None)
-            else:
-                s.batch = None  # the worker's cache belongs to the previous call
-        n_left, shown, last_error = len(units), None, None
-        times.n_workers = sum(s.state == "ready" for s in slots)
-
-        def next_unit(s: _Slot) -> Unit | None:
-            if s.batch is not None and queues.get(s.batch):
-                return queues[s.batch].popleft()
-            open_batches = [b for b, q in queues.items() if q]
-            if not open_batches:
-                return None
-            on = {b: sum(1 for o in slots if o.state == "ready" and o.batch == b and o is not s) for b in open_batches}
-            b = min(open_batches, key=lambda b: (on[b], b))
-            return queues[b].popleft()
-
-        def lose(s: _Slot, unit: Unit | None, exc: Exception) -> None:
-            nonlocal last_error
-            last_error = exc
-            if unit is not None:
-                failures[unit] = failures.get(unit, 0) + 1
-                if failures[unit] > self.max_unit_failures:
-                    raise ExecutorError(f"unit (key {unit.key}, prompt batch {unit.batch}) was lost with {failures[unit]} "
-                                        f"workers (last: {exc}); finished units are saved, fix the cause and re-run")
-                queues[unit.batch].appendleft(unit)
-                times.n_retried += 1
-            if s.state == "ready":  # ask it whether it comes back (Ray restarts it) or is gone
-                s.state, s.batch = "probing", None
-                pending[s.actor.hello.remote()] = (s, None)
-
+        dispatch = _Dispatch(self, ray, slots, job, units, store, bar, times, t_start)
         try:
-            while n_left:
-                for s in slots:
-                    while s.state == "ready" and s.in_flight < self.in_flight:
-                        unit = next_unit(s)
-                        if unit is None:
-                            break
-                        s.batch, s.in_flight = unit.batch, s.in_flight + 1
-                        pending[s.actor.compute.remote(job_id, box, unit)] = (s, unit)
-                alive = sum(s.state != "dead" for s in slots)
-                ready = sum(s.state == "ready" for s in slots)
-                if alive == 0:
-                    raise ExecutorError(f"all {len(slots)} Ray workers died (last error: {last_error}); finished units "
-                                        "are saved: re-run the same command to resume")
-                if times.n_workers == 0 and time.perf_counter() - t_start > self.start_timeout:
-                    raise ExecutorError(f"no Ray worker became ready within {self.start_timeout:g} s (cluster resources: "
-                                        f"{ray.cluster_resources()}; each worker asks for {self.cpus_per_worker:g} CPU "
-                                        f"and {self.gpus_per_worker or 0:g} GPU)")
-                text = f"workers {ready}/{len(slots)}" + (f", {alive - ready} starting" if alive > ready else "")
-                if text != shown:
-                    bar.set_postfix_str(text)
-                    shown = text
-                done, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
-                for ref in done:
-                    s, unit = pending.pop(ref)
-                    if unit is None:  # a hello: the worker is ready (again), or gone
-                        try:
-                            s.info = ray.get(ref)
-                            s.state, s.batch = "ready", None
-                            times.n_workers = max(times.n_workers, sum(o.state == "ready" for o in slots))
-                        except RayTaskError as exc:
-                            raise _cause(exc)  # making the model failed: it would fail everywhere
-                        except RayError as exc:
-                            s.state, last_error = "dead", exc
-                            times.workers_lost += 1
-                        continue
-                    s.in_flight -= 1
-                    try:
-                        res = ray.get(ref)
-                    except RayTaskError as exc:
-                        raise _cause(exc)  # the computation failed (bad metric, NaN, mismatch): not the worker's fault
-                    except (RayActorError, RayError) as exc:
-                        lose(s, unit, exc)
-                        continue
-                    t0 = time.perf_counter()
-                    store.record_unit(unit.batch, unit.items, res["sums"])
-                    left[unit.batch] -= 1
-                    if left[unit.batch] == 0:
-                        store.save()
-                    times.io_s += time.perf_counter() - t0
-                    times.setup_s += res["setup_s"]
-                    times.patch_s += res["patch_s"]
-                    times.n_forwards += res["n_forwards"]
-                    n_left -= 1
-                    bar.update(len(unit.items))
+            dispatch.loop([ray.put(spec)], uuid.uuid4().hex)
         except BaseException:
             self._drop_pool()  # nothing keeps computing for a driver that stopped
             raise
         for s in slots:
             s.in_flight = 0
+        times.threads = next((int(s.info["threads"]) for s in slots if s.info.get("threads")), 0)
         times.wall_s = time.perf_counter() - t_start
         return times
+
+
+class _Dispatch:
+    """One :meth:`RayExecutor.run`: hands units out (per worker at most ``in_flight``, units of the
+    batch it has cached first, heaviest first), records results as they arrive, and gives the
+    units of a dead worker to the others."""
+
+    def __init__(self, ex: RayExecutor, ray: Any, slots: list[_Slot], job: PatchJob, units: list[Unit], store: Any,
+                 bar: Any, times: RunTimes, t_start: float) -> None:
+        self.ex, self.ray, self.slots, self.store, self.bar, self.times = ex, ray, slots, store, bar, times
+        self.t_start = t_start
+        queues: dict[int, list[Unit]] = {}
+        for u in units:
+            queues.setdefault(u.batch, []).append(u)
+        self.queues: dict[int, deque] = {}
+        for b, us in queues.items():
+            w = [float(item_weights(job.graph, job.kind, torch.tensor(u.items)).sum()) for u in us]
+            self.queues[b] = deque(u for _, u in sorted(zip(w, us), key=lambda wu: (-wu[0], wu[1].key)))
+        self.left = {b: len(q) for b, q in self.queues.items()}  # units of each batch not yet recorded
+        self.failures: dict[Unit, int] = {}
+        self.pending: dict[Any, tuple[_Slot, Unit | None]] = {}  # ref -> (worker, unit; None for a hello)
+        for s in slots:
+            if s.state in ("starting", "probing"):
+                self.pending[s.actor.hello.remote()] = (s, None)
+            else:
+                s.batch = None  # the worker's cache belongs to the previous call
+        self.n_left, self.shown, self.last_error = len(units), None, None
+        times.n_workers = sum(s.state == "ready" for s in slots)
+
+    def next_unit(self, s: _Slot) -> Unit | None:
+        if s.batch is not None and self.queues.get(s.batch):
+            return self.queues[s.batch].popleft()
+        open_batches = [b for b, q in self.queues.items() if q]
+        if not open_batches:
+            return None
+        on = {b: sum(1 for o in self.slots if o.state == "ready" and o.batch == b and o is not s) for b in open_batches}
+        b = min(open_batches, key=lambda b: (on[b], b))
+        return self.queues[b].popleft()
+
+    def lose(self, s: _Slot, unit: Unit | None, exc: Exception) -> None:
+        self.last_error = exc
+        if unit is not None:
+            self.failures[unit] = self.failures.get(unit, 0) + 1
+            if self.failures[unit] > self.ex.max_unit_failures:
+                raise ExecutorError(f"unit (key {unit.key}, prompt batch {unit.batch}) was lost with "
+                                    f"{self.failures[unit]} workers (last: {exc}); finished units are saved, fix the "
+                                    "cause and re-run")
+            self.queues[unit.batch].appendleft(unit)
+            self.times.n_retried += 1
+        if s.state == "ready":  # ask it whether it comes back (Ray restarts it) or is gone
+            s.state, s.batch = "probing", None
+            self.pending[s.actor.hello.remote()] = (s, None)
+
+    def submit(self, box: list, job_id: str) -> None:
+        """Fill every ready worker's queue; fail when no worker is left or none became ready."""
+        for s in self.slots:
+            while s.state == "ready" and s.in_flight < self.ex.in_flight:
+                unit = self.next_unit(s)
+                if unit is None:
+                    break
+                s.batch, s.in_flight = unit.batch, s.in_flight + 1
+                self.pending[s.actor.compute.remote(job_id, box, unit)] = (s, unit)
+        alive = sum(s.state != "dead" for s in self.slots)
+        ready = sum(s.state == "ready" for s in self.slots)
+        if alive == 0:
+            raise ExecutorError(f"all {len(self.slots)} Ray workers died (last error: {self.last_error}); finished "
+                                "units are saved: re-run the same command to resume")
+        if self.times.n_workers == 0 and time.perf_counter() - self.t_start > self.ex.start_timeout:
+            raise ExecutorError(f"no Ray worker became ready within {self.ex.start_timeout:g} s (cluster resources: "
+                                f"{self.ray.cluster_resources()}; each worker asks for {self.ex.cpus_per_worker:g} "
+                                f"CPU and {self.ex.gpus_per_worker or 0:g} GPU)")
+        text = f"workers {ready}/{len(self.slots)}" + (f", {alive - ready} starting" if alive > ready else "")
+        if text != self.shown:
+            self.bar.set_postfix_str(text)
+            self.shown = text
+
+    def hello(self, s: _Slot, ref: Any) -> None:
+        """A worker answered: ready (again), or gone."""
+        from ray.exceptions import RayError, RayTaskError
+
+        try:
+            s.info = self.ray.get(ref)
+            s.state, s.batch = "ready", None
+            self.times.n_workers = max(self.times.n_workers, sum(o.state == "ready" for o in self.slots))
+        except RayTaskError as exc:
+            raise _cause(exc)  # making the model failed: it would fail everywhere
+        except RayError as exc:
+            s.state, self.last_error = "dead", exc
+            self.times.workers_lost += 1
+
+    def result(self, s: _Slot, unit: Unit, ref: Any) -> None:
+        """A unit came back: record it (or hand it out again if its worker died)."""
+        from ray.exceptions import RayActorError, RayError, RayTaskError
+
+        s.in_flight -= 1
+        try:
+            res = self.ray.get(ref)
+        except RayTaskError as exc:
+            raise _cause(exc)  # the computation failed (bad metric, NaN, mismatch): not the worker's fault
+        except (RayActorError, RayError) as exc:
+            self.lose(s, unit, exc)
+            return
+        t0 = time.perf_counter()
+        self.store.record_unit(unit.batch, unit.items, res["sums"])
+        self.left[unit.batch] -= 1
+        if self.left[unit.batch] == 0:
+            self.store.save()
+        self.times.io_s += time.perf_counter() - t0
+        self.times.setup_s += res["setup_s"]
+        self.times.patch_s += res["patch_s"]
+        self.times.n_forwards += res["n_forwards"]
+        self.n_left -= 1
+        self.bar.update(len(unit.items))
+
+    def loop(self, box: list, job_id: str) -> None:
+        while self.n_left:
+            self.submit(box, job_id)
+            done, _ = self.ray.wait(list(self.pending), num_returns=1, timeout=1.0)
+            for ref in done:
+                s, unit = self.pending.pop(ref)
+                if unit is None:
+                    self.hello(s, ref)
+                else:
+                    self.result(s, unit, ref)

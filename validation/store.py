@@ -34,314 +34,28 @@ its cache of exact truth: :func:`fingerprint` / :func:`default_path` give the ke
 
 from __future__ import annotations
 
-import functools
-import hashlib
-import importlib
-import importlib.metadata
-import importlib.util
-import errno
-import fcntl
 import json
 import os
-import socket
-import time
-import types
+import pickle
 import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-FORMAT = "eap-bench/validation/2"
-#: Modules whose source determines exact-patching numbers (missing ones are skipped).
-PATCHING_MODULES = (
-    "validation.patch", "validation.runner", "eap.arch", "eap.hooks", "eap.graph", "eap.task",
+from validation.errors import StoreError, StoreLocked, StoreMismatch
+from validation.fingerprints import (  # noqa: F401  (re-exported: the store's names as they were)
+    FORMAT, PATCHING_MODULES, cfg_dict, code_hash, default_path, describe_request, fingerprint, fingerprint_of,
+    fingerprint_parts, package_version, patching_code_hash, source_hash, weights_hash,
 )
-#: Elements per chunk when summing a parameter in float64 (bounds the transient copy).
-_SUM_CHUNK = 2**18
+from validation.lock import WriterLock, lock_path  # noqa: F401
 
-
-class StoreError(ValueError):
-    """A results file is unreadable, incomplete, or does not fit the request."""
-
-
-class StoreMismatch(StoreError):
-    """A results file was written for different arguments."""
-
-
-class StoreLocked(StoreError):
-    """Another process is writing the results file."""
-
-
-# ----------------------------------------------------------------------------- fingerprint
-def _tensor_bytes(t: Tensor) -> bytes:
-    t = t.detach().cpu().contiguous()
-    return f"{t.dtype}{tuple(t.shape)}".encode() + t.reshape(-1).view(torch.uint8).numpy().tobytes()
-
-
-def _sum64(flat: Tensor) -> float:
-    """Float64 sum of a 1-d tensor in chunks (no float64 copy of the whole tensor)."""
-    total = 0.0
-    for chunk in flat.split(_SUM_CHUNK):
-        total += float(chunk.sum(dtype=torch.float64))
-    return total
-
-
-def weights_hash(model: Any, sample: int = 2048) -> str:
-    """Cheap hash of a model's weights: per parameter its name, shape, dtype, float64 sum and
-    ``sample`` evenly spaced entries (any retraining or different seed changes it). The sum is
-    taken in chunks, so no full float64 copy of a parameter is made."""
-    h = hashlib.sha256()
-    seen: set[int] = set()
-    for name, p in sorted(model.named_parameters(remove_duplicate=False), key=lambda kv: kv[0]):
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
-        flat = p.detach().reshape(-1)
-        step = max(1, flat.numel() // sample)
-        h.update(f"{name}{tuple(p.shape)}{p.dtype}".encode())
-        h.update(_tensor_bytes(flat[::step][:sample].double()))
-        h.update(repr(_sum64(flat)).encode())
-    return h.hexdigest()
-
-
-def cfg_dict(model: Any) -> dict[str, Any]:
-    """The model config's plain fields (device-independent)."""
-    cfg = model.cfg
-    items = cfg.items() if isinstance(cfg, dict) else vars(cfg).items()
-    skip = {"device", "n_devices", "dtype", "model_name", "tokenizer_name"}  # names: temp dirs for random models
-    return {
-        k: v for k, v in sorted(items) if k not in skip and not k.startswith("_") and isinstance(v, (int, float, str, bool, type(None)))
-    }
-
-
-def _fn_name(fn: Any) -> str | None:
-    if fn is None:
-        return None
-    return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', type(fn).__name__)}"
-
-
-# ------------------------------------------------------------------------ code of callables
-def code_hash(fn: Any) -> str:
-    """Hash (16 hex digits) of what a callable computes, for the fingerprint of its results.
-
-    A Python function is hashed by its bytecode, constants (nested functions and lambdas
-    included), names, default arguments, the values it closes over (tensors by their bytes),
-    and the globals it reads: tensors and plain values by value, functions defined outside
-    installed libraries recursively. ``functools.partial`` adds its arguments, a bound method
-    its object's attributes, a callable object its class's ``__call__`` and attributes.
-    Modules, classes, library and builtin functions count by name only, so do objects of other
-    types (e.g. a model the metric calls). Line numbers and formatting do not count; editing
-    what the function does, or a value it closes over, changes the hash. Bytecode differs
-    between Python versions: a new interpreter means new truth."""
-    if fn is None:
-        return "none"
-    h = hashlib.sha256()
-    _feed(h, fn, set(), 0)
-    return h.hexdigest()[:16]
-
-
-def _library_function(fn: types.FunctionType) -> bool:
-    mod = getattr(fn, "__module__", None) or ""
-    top = mod.split(".")[0]
-    return top in {"torch", "numpy", "math", "functools", "builtins", "einops", "jaxtyping", "transformer_lens",
-                   "transformers", "scipy", "typing"}
-
-
-def _code_names(code: types.CodeType) -> set[str]:
-    names = set(code.co_names)
-    for c in code.co_consts:
-        if isinstance(c, types.CodeType):
-            names |= _code_names(c)
-    return names
-
-
-def _feed_code(h: Any, code: types.CodeType) -> None:
-    h.update(code.co_code)
-    h.update(repr((code.co_names, code.co_varnames, code.co_freevars, code.co_argcount, code.co_kwonlyargcount)).encode())
-    for c in code.co_consts:
-        if isinstance(c, types.CodeType):
-            _feed_code(h, c)
-        else:
-            h.update(repr(c).encode())
-
-
-def _feed(h: Any, obj: Any, seen: set[int], depth: int) -> None:
-    """Add ``obj``'s value (or code) to hash ``h``; see :func:`code_hash`."""
-    if depth > 8:
-        h.update(f"<deep {type(obj).__qualname__}>".encode())
-        return
-    if isinstance(obj, Tensor):
-        t = obj.detach()
-        if t.numel() > 2**24:  # huge: shape, dtype, a sample and the sum
-            flat = t.reshape(-1)
-            h.update(_tensor_bytes(flat[:: max(1, flat.numel() // 4096)][:4096]))
-            h.update(repr(_sum64(flat)).encode())
-        else:
-            h.update(_tensor_bytes(t))
-        return
-    if obj is None or isinstance(obj, (bool, int, float, complex, str, bytes)):
-        h.update(f"{type(obj).__name__}:{obj!r}".encode())
-        return
-    if isinstance(obj, (tuple, list, set, frozenset)):
-        items = sorted(obj, key=repr) if isinstance(obj, (set, frozenset)) else obj
-        h.update(f"<{type(obj).__name__} {len(items)}>".encode())
-        for v in items:
-            _feed(h, v, seen, depth + 1)
-        return
-    if isinstance(obj, dict):
-        h.update(f"<dict {len(obj)}>".encode())
-        for k in sorted(obj, key=repr):
-            h.update(repr(k).encode())
-            _feed(h, obj[k], seen, depth + 1)
-        return
-    if isinstance(obj, (types.ModuleType, type)):
-        h.update(f"<{type(obj).__name__} {getattr(obj, '__module__', '')}.{getattr(obj, '__qualname__', obj.__name__)}>".encode())
-        return
-    if id(obj) in seen:
-        h.update(b"<seen>")
-        return
-    if isinstance(obj, functools.partial):
-        seen.add(id(obj))
-        h.update(b"<partial>")
-        _feed(h, obj.func, seen, depth + 1)
-        _feed(h, obj.args, seen, depth + 1)
-        _feed(h, obj.keywords, seen, depth + 1)
-        return
-    if isinstance(obj, types.MethodType):
-        seen.add(id(obj))
-        h.update(b"<method>")
-        _feed(h, obj.__func__, seen, depth + 1)
-        _feed(h, obj.__self__, seen, depth + 1)
-        return
-    if isinstance(obj, types.FunctionType):
-        seen.add(id(obj))
-        h.update(f"<function {obj.__qualname__}>".encode())
-        if depth > 0 and _library_function(obj):
-            h.update(str(obj.__module__).encode())
-            return
-        code = obj.__code__
-        _feed_code(h, code)
-        _feed(h, obj.__defaults__, seen, depth + 1)
-        _feed(h, obj.__kwdefaults__, seen, depth + 1)
-        for cell in obj.__closure__ or ():
-            try:
-                value = cell.cell_contents
-            except ValueError:  # empty cell
-                h.update(b"<empty cell>")
-                continue
-            _feed(h, value, seen, depth + 1)
-        g = obj.__globals__
-        for name in sorted(_code_names(code)):
-            if name in g:
-                h.update(f"<global {name}>".encode())
-                _feed(h, g[name], seen, depth + 1)
-        return
-    if callable(obj) and hasattr(type(obj), "__call__") and not isinstance(obj, torch.nn.Module) and hasattr(obj, "__dict__"):
-        seen.add(id(obj))
-        h.update(f"<callable {type(obj).__module__}.{type(obj).__qualname__}>".encode())
-        _feed(h, type(obj).__call__, seen, depth + 1)
-        _feed(h, dict(vars(obj)), seen, depth + 1)
-        return
-    # builtins, library objects, models: by type (and qualified name where there is one)
-    h.update(f"<{type(obj).__module__}.{type(obj).__qualname__} {getattr(obj, '__qualname__', '')}>".encode())
-
-
-@functools.lru_cache(maxsize=1)
-def patching_code_hash() -> str:
-    """Hash (16 hex digits) of the source of the modules that compute exact patching
-    (``PATCHING_MODULES``): any change to them is a new version of the truth."""
-    h = hashlib.sha256()
-    for name in PATCHING_MODULES:
-        if importlib.util.find_spec(name) is None:
-            continue
-        mod = importlib.import_module(name)
-        h.update(name.encode())
-        h.update(Path(mod.__file__).read_bytes())
-    return h.hexdigest()[:16]
-
-
-def package_version() -> str:
-    try:
-        return importlib.metadata.version("eap-bench")
-    except importlib.metadata.PackageNotFoundError:  # pragma: no cover - running from a bare checkout
-        return "unknown"
-
-
-def describe_request(model: Any, graph: Any, task: Any, items: Int[Tensor, " k"], scale: float, kind: str) -> dict:
-    """Human-readable facts of a request (stored as ``meta``, used in mismatch messages)."""
-    dtype = next(model.parameters()).dtype
-    return {
-        "kind": kind,
-        "graph": repr(graph.spec),
-        "dtype": str(dtype).replace("torch.", ""),
-        "task": getattr(task, "name", "?"),
-        "n_prompts": int(task.n_prompts),
-        "seq_len": int(task.seq_len),
-        "metric": _fn_name(task.metric_fn),
-        "n_requested": int(items.numel()),
-        "scale": float(scale),
-        "seed": task.info.get("seed") if isinstance(getattr(task, "info", None), dict) else None,
-        "package": package_version(),
-    }
-
-
-def fingerprint_parts(
-    model: Any, graph: Any, task: Any, edges_idx: Int[Tensor, " k"], scale: float = 1.0, kind: str = "edges"
-) -> dict[str, str]:
-    """The hashed components of a request's fingerprint (see :func:`fingerprint`)."""
-
-    def sha(*chunks: bytes) -> str:
-        h = hashlib.sha256()
-        for c in chunks:
-            h.update(c)
-        return h.hexdigest()[:16]
-
-    per_prompt = [key.encode() + _tensor_bytes(task.per_prompt[key]) for key in sorted(task.per_prompt)]
-    return {
-        "format": FORMAT,
-        "model_cfg": sha(json.dumps(cfg_dict(model), sort_keys=True, default=str).encode()),
-        "dtype": str(next(model.parameters()).dtype),
-        "weights": weights_hash(model)[:16],
-        "graph": repr(graph.spec),
-        "prompts": sha(_tensor_bytes(task.clean.long()), _tensor_bytes(task.corrupted.long())),
-        "per_prompt": sha(*per_prompt),
-        "metric": f"{_fn_name(task.metric_fn)}|{code_hash(task.metric_fn)}",
-        "readout": f"{_fn_name(task.readout_fn)}|{code_hash(task.readout_fn)}",
-        "items": sha(_tensor_bytes(torch.as_tensor(edges_idx).long())),
-        "scale": repr(float(scale)),
-        "kind": kind,
-        "package": package_version(),
-        "code": patching_code_hash(),
-    }
-
-
-def fingerprint_of(parts: dict[str, str]) -> str:
-    """The sha256 of a request's :func:`fingerprint_parts`."""
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
-
-
-def fingerprint(
-    model: Any, graph: Any, task: Any, edges_idx: Int[Tensor, " k"], scale: float = 1.0, kind: str = "edges"
-) -> str:
-    """sha256 identifying an exact-patching request: model cfg + weights hash + dtype, graph
-    spec, the task's token tensors, per-prompt tensors, the metric's and readout's names and
-    code (:func:`code_hash`), the requested edge (or node) indices, ``scale``, ``kind`` ('edges'
-    or 'nodes'), the package version and the patching code (:func:`patching_code_hash`)."""
-    return fingerprint_of(fingerprint_parts(model, graph, task, edges_idx, scale, kind))
-
-
-def default_path(
-    model: Any, graph: Any, task: Any, edges_idx: Tensor, scale: float = 1.0, kind: str = "edges",
-    root: str | os.PathLike | None = None, fp: str | None = None,
-) -> Path:
-    """Default cache file for a request: ``$EAP_VALIDATION_CACHE`` (or ``results/validation``)
-    ``/<kind>-<fingerprint[:24]>.pt`` (``fp``: a fingerprint already computed)."""
-    root = Path(root or os.environ.get("EAP_VALIDATION_CACHE", "results/validation"))
-    fp = fp or fingerprint(model, graph, task, edges_idx, scale, kind)
-    return root / f"{kind}-{fp[:24]}.pt"
+__all__ = [
+    "ResultStore", "StoreError", "StoreLocked", "StoreMismatch", "WriterLock", "journal_path", "load_file",
+    "load_values", "lock_path", "merge",
+]
 
 
 # ---------------------------------------------------------------------------------- store
@@ -351,150 +65,11 @@ def journal_path(path: str | os.PathLike) -> Path:
     return path.with_name(path.name + ".units")
 
 
-def lock_path(path: str | os.PathLike) -> Path:
-    """The writer lock that belongs to results file ``path``."""
-    path = Path(path)
-    return path.with_name(path.name + ".lock")
-
 
 def _temp_files(path: Path) -> list[Path]:
     """Temp files of :meth:`ResultStore.save` for ``path`` (any writer's pid)."""
     return sorted(path.parent.glob(f".{path.name}.*.tmp"))
 
-
-def _process_start(pid: int) -> str | None:
-    """The start time of process ``pid`` (clock ticks since boot; Linux), None if unknown or gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return stat.rsplit(")", 1)[1].split()[19]
-
-
-def _running(pid: int, start: str | None) -> bool:
-    """Whether process ``pid`` of this host runs and is the one that started at ``start``."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, another user's
-        pass
-    now = _process_start(pid)
-    return start is None or now is None or now == start
-
-
-class WriterLock:
-    """The exclusive right to write one results file: ``<out>.lock``.
-
-    The file is locked with ``flock`` while the store is open and holds the writer's host, pid,
-    process start time and the time it took the lock (for the message another writer gets). The
-    kernel drops an ``flock`` when its process ends, however it ends, so a lock file left by a
-    ``kill -9`` is stale by construction and the next writer takes it over. On a filesystem
-    without locks (some network filesystems) the record decides instead: a lock of a process of
-    this host that no longer runs (pid gone, or reused by a process that started later) is stale;
-    a live one, or one from another host, is refused."""
-
-    def __init__(self, path: str | os.PathLike) -> None:
-        self.data_path = Path(path)
-        self.path = lock_path(path)
-        self._fd: int | None = None
-        self.took_over: dict | None = None  #: the record of a dead writer's lock this one replaced
-
-    @staticmethod
-    def _record() -> dict:
-        pid = os.getpid()
-        return {"host": socket.gethostname(), "pid": pid, "start": _process_start(pid),
-                "since": time.strftime("%Y-%m-%d %H:%M:%S")}
-
-    @staticmethod
-    def _parse(text: str) -> dict:
-        try:
-            rec = json.loads(text)
-        except json.JSONDecodeError:
-            return {}
-        return rec if isinstance(rec, dict) else {}
-
-    def _refuse(self, rec: dict) -> StoreLocked:
-        who = (f"process {rec.get('pid', '?')} on host {rec.get('host', '?')} (since {rec.get('since', '?')})"
-               if rec else "another process")
-        return StoreLocked(
-            f"{self.data_path} is being written by {who}: two writers would corrupt it. Wait for that run "
-            f"to finish (re-running it resumes), or pass another output path. If no such process exists "
-            f"(e.g. it ran on a machine that was lost), delete {self.path}."
-        )
-
-    def acquire(self) -> "WriterLock":
-        """Take the lock or raise ``StoreLocked``; returns self."""
-        if self._fd is not None:
-            return self
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        for _ in range(20):
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                rec = self._parse(os.pread(fd, 4096, 0).decode(errors="replace"))
-                os.close(fd)
-                raise self._refuse(rec) from None
-            except OSError as exc:
-                if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
-                    os.close(fd)
-                    raise
-                self._by_record(fd)  # no locks on this filesystem
-                return self
-            # the holder before us may have released (deleted) the file after we opened it
-            try:
-                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:
-                self._own(fd)
-                return self
-            os.close(fd)
-        raise StoreLocked(f"could not take {self.path}: it keeps being replaced by other writers")
-
-    def _own(self, fd: int) -> None:
-        old = self._parse(os.pread(fd, 4096, 0).decode(errors="replace"))
-        self.took_over = old or None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(self._record()).encode(), 0)
-        os.fsync(fd)
-        self._fd = fd
-
-    def _by_record(self, fd: int) -> None:
-        rec = self._parse(os.pread(fd, 4096, 0).decode(errors="replace"))
-        if rec and (rec.get("host") != socket.gethostname() or rec.get("pid") == os.getpid()
-                    or _running(int(rec.get("pid", -1)), rec.get("start"))):
-            os.close(fd)
-            raise self._refuse(rec)
-        self._own(fd)
-
-    def release(self) -> None:
-        """Delete the lock file and drop the lock (no-op if not held)."""
-        if self._fd is None:
-            return
-        try:
-            self.path.unlink()
-        except FileNotFoundError:
-            pass
-        os.close(self._fd)
-        self._fd = None
-
-    @property
-    def held(self) -> bool:
-        return self._fd is not None
-
-    def __enter__(self) -> "WriterLock":
-        return self.acquire()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.release()
-
-    def __del__(self) -> None:  # a store dropped without close()
-        try:
-            self.release()
-        except Exception:
-            pass
 
 
 class ResultStore:
@@ -764,7 +339,7 @@ def load_file(path: str | os.PathLike) -> dict:
     path = Path(path)
     try:
         data = torch.load(path, weights_only=True)
-    except Exception as exc:
+    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as exc:  # missing, cut short, not ours
         raise StoreError(f"cannot read results file {path}: {exc}") from exc
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         found = data.get("format") if isinstance(data, dict) else None

@@ -19,7 +19,7 @@ Sample size: the 95% CI of Spearman's rho between attribution and truth on ``K``
 random has, by Fisher's z with Bonett and Wright's variance for Spearman's rho,
 ``var(atanh r) = (1 + r^2 / 2) / (K - 3)``; :func:`spearman_sample_size` inverts it for a half-width.
 
-    python -m validation.scaling          # prints the tables of docs/scaling.md
+    python -m bench.scaling               # prints the tables of docs/scaling.md
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Throughput of exact patching: edges/s and forward-equivalents per edge."""
+"""Throughput of exact patching: edges/s and forward-equivalents per edge (``validation.throughput``)."""
 
 from __future__ import annotations
 

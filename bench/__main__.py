@@ -30,6 +30,7 @@ from bench.gate import ThresholdError
 from bench.matrix import DEFAULT_METHODS, METHOD_REGISTRY, REPO, Config, ConfigError, WorkerError, collect, default_tasks, rescore, run
 from bench.plugins import PluginError
 from eap.models import ModelLoadError
+from eap.task import TaskError
 
 
 def _list(text: str | None, conv=str):
@@ -144,13 +145,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def _parse_pairs(items: list[str] | None, flag: str) -> dict[str, float]:
-    mins = {}
-    for item in items or []:
-        stat, sep, val = item.partition("=")
-        if not sep:
-            raise SystemExit(f"{flag} wants stat=value, got {item!r}")
-        mins[stat] = float(val)
-    return mins
+    """--min/--max/--floor/--band items, checked (``bench.gate.parse_bounds``; bad input exits 2)."""
+    return gate_mod.parse_bounds(items, flag)
 
 
 def _gate_run_spec(thresholds: dict | None) -> dict:
@@ -194,6 +190,8 @@ def cmd_gate(args: argparse.Namespace) -> int:
             return 2
         cells = _run_gate_cells(thresholds["run"], Path(args.run_dir or "runs/gate"), args.quiet, args.bootstrap,
                                 rules)["cells"]
+    if not adhoc:
+        gate_mod.require_matches(cells, rules, f"the thresholds file {args.thresholds or gate_mod.DEFAULT_THRESHOLDS}")
     rows = gate_mod.check(cells, rules)
     print(gate_mod.table(rows))
     return 0 if all(r["ok"] for r in rows) else 1
@@ -344,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         return args.fn(args)
-    except (ConfigError, PluginError, ThresholdError, WorkerError, ModelLoadError) as exc:
+    except (ConfigError, PluginError, ThresholdError, WorkerError, ModelLoadError, TaskError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

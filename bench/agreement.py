@@ -185,6 +185,37 @@ def bootstrap(
             s = stat_fn(A[idx].mean(0), E[idx].mean(0))
             for k in point:
                 reps[k].append(s.get(k, float("nan")))
+    return _intervals(point, reps, level)
+
+
+def bootstrap_edges(
+    attr: np.ndarray,
+    exact: np.ndarray,
+    stat_fn: Callable[[np.ndarray, np.ndarray], dict[str, float]],
+    n_boot: int = 500,
+    seed: int = 0,
+    level: float = 0.95,
+) -> dict[str, dict[str, float]]:
+    """Point estimates and bootstrap CIs over *edges*, for score vectors without prompt groups:
+    each replicate resamples the compared edges with replacement (how much a statistic depends on
+    which edges were compared; not the prompt-sampling variability of :func:`bootstrap`). The same
+    median-centred interval and output as :func:`bootstrap`."""
+    a, e = np.asarray(attr, np.float64), np.asarray(exact, np.float64)
+    if a.shape != e.shape or a.ndim != 1:
+        raise ValueError(f"expected two [n_edges] vectors of one shape, got {a.shape} and {e.shape}")
+    point = stat_fn(a, e)
+    reps: dict[str, list[float]] = {k: [] for k in point}
+    rng = np.random.default_rng(seed)
+    for _ in range(n_boot if a.size >= 2 else 0):
+        idx = rng.integers(0, a.size, a.size)
+        s = stat_fn(a[idx], e[idx])
+        for k in point:
+            reps[k].append(s.get(k, float("nan")))
+    return _intervals(point, reps, level)
+
+
+def _intervals(point: dict[str, float], reps: dict[str, list[float]], level: float) -> dict[str, dict[str, float]]:
+    """``{stat: {value, lo, hi, boot_bias}}`` from point estimates and bootstrap replicates."""
     alpha = (1 - level) / 2
     out = {}
     for k, v in point.items():

@@ -1,10 +1,13 @@
 """Paper-style figures of a run (PNG and PDF, matplotlib Agg backend).
 
-* ``scatter_<model>_<task>_n<n>``: attribution vs exact per edge, one panel per method, y = x
-  line, points coloured by receiver type, the worst outliers labelled, ρ and τ in the title, the
-  number of edges (and sample size when edges were sampled) in the panel.
-* ``agreement_vs_n``: Spearman ρ, Kendall τ-b and top-1% recall vs dataset size with 95%
-  bootstrap CI bands, one row of panels per task, one line per model/method.
+* ``scatter_<model>_<task>_n<n>``: attribution vs exact per edge, one column per method: values
+  (y = x line, points coloured by receiver type, the worst outliers labelled where their labels
+  do not collide, ρ and τ in the title, the number of edges and sample size in the panel;
+  ``scale='symlog'`` spreads the bulk near zero) and, below, rank vs rank, where every edge is
+  visible.
+* ``agreement_vs_n``: Spearman ρ, Kendall τ-b and top-k recall vs dataset size with 95%
+  bootstrap CI bands, one row of panels per task, one line per model/method; k is 1% of the
+  compared edges when that is at least 10, else 10, stated in the panel.
 * ``cost_vs_n`` / ``cost_vs_edges``: wall time and peak memory (log-log), attribution (warm
   median) and exact (warm patched forwards) side by side, one line per model/task/method.
 * ``faithfulness``: circuit faithfulness (1 = full model, 0 = corrupted run) vs circuit size
@@ -47,6 +50,11 @@ def _log_axes(ax: Any, xs: list[float], logy: bool = True) -> None:
         ax.yaxis.set_minor_formatter(NullFormatter())
 
 
+def save_figure(fig: Any, out: Path, name: str) -> list[Path]:
+    """Write ``out/name.png`` and ``.pdf`` and close the figure."""
+    return _save(fig, Path(out), name)
+
+
 def _save(fig: Any, out: Path, name: str) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / f"{name}.png", out / f"{name}.pdf"]
@@ -56,38 +64,144 @@ def _save(fig: Any, out: Path, name: str) -> list[Path]:
     return paths
 
 
-def scatter(cells: list[dict], run_dir: Path, out: Path, n_labels: int = 4) -> list[Path]:
-    """One figure per (model, task, n), one panel per method."""
+SCALES = ("linear", "symlog")
+
+
+def place_labels(ax: Any, xy: list[tuple[float, float]], texts: list[str], fontsize: float = 6) -> list[Any]:
+    """Annotate points without collisions: each label (in the order given: most important first)
+    takes the first of 8 directions x 4 distances where its box (measured with the figure's
+    renderer) overlaps no label placed before and no other text of the panel, and stays inside
+    the panel; a label that fits nowhere is left out. Returns the annotations placed. Call after
+    the panel's limits, aspect and texts are final."""
+    from matplotlib.text import Text
+    from matplotlib.transforms import Bbox
+
+    fig = ax.figure
+    renderer = fig.canvas.get_renderer()
+    ax.apply_aspect()
+    inside = ax.get_window_extent(renderer)
+    taken = [Text.get_window_extent(t, renderer) for t in ax.texts]
+    placed = []
+    dirs = [(1, 1), (1, -1), (-1, 1), (-1, -1), (1, 0), (-1, 0), (0, 1), (0, -1)]
+    for (x, y), text in zip(xy, texts):
+        for r in (4, 12, 22, 34):
+            done = False
+            for dx, dy in dirs:
+                ann = ax.annotate(text, (x, y), xytext=(r * dx, r * dy), textcoords="offset points", fontsize=fontsize,
+                                  ha="left" if dx > 0 else ("right" if dx < 0 else "center"),
+                                  va="bottom" if dy > 0 else ("top" if dy < 0 else "center"),
+                                  arrowprops=dict(arrowstyle="-", lw=0.4, color="0.5") if r > 4 else None)
+                ann.update_positions(renderer)
+                bb = Text.get_window_extent(ann, renderer)  # the text's box (an Annotation's own includes its arrow)
+                pad = Bbox.from_extents(bb.x0 - 1, bb.y0 - 1, bb.x1 + 1, bb.y1 + 1)
+                fits = inside.x0 <= bb.x0 and bb.x1 <= inside.x1 and inside.y0 <= bb.y0 and bb.y1 <= inside.y1
+                if fits and not any(pad.overlaps(o) for o in taken):
+                    taken.append(bb)
+                    placed.append(ann)
+                    done = True
+                    break
+                ann.remove()
+            if done:
+                break
+    return placed
+
+
+def _by_kind(kinds: np.ndarray) -> list[tuple[str, str, np.ndarray]]:
+    """(receiver kind, colour, mask) for the kinds present; edges of no known kind in grey."""
+    out = [(kd, col, kinds == kd) for kd, col in KIND_COLORS.items() if (kinds == kd).any()]
+    other = ~np.isin(kinds, list(KIND_COLORS))
+    return out + ([("other", "0.5", other)] if other.any() else [])
+
+
+def value_panel(ax: Any, a: np.ndarray, e: np.ndarray, kinds: np.ndarray, names: np.ndarray, *, title: str,
+                note: str = "", n_labels: int = 4, scale: str = "linear") -> None:
+    """Attribution (y) vs exact (x) per edge, metric units, coloured by receiver kind; y = x
+    dashed; the ``n_labels`` edges with the largest |attribution - exact| labelled without
+    collisions (:func:`place_labels`). ``scale='symlog'``: both axes linear within the lower
+    quartile of the nonzero |values| and logarithmic beyond, so the bulk near zero is spread out."""
+    if scale not in SCALES:
+        raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
+    for kd, col, sel in _by_kind(kinds):
+        ax.scatter(e[sel], a[sel], s=6, alpha=0.6, color=col, label=kd, linewidths=0)
+    both = np.abs(np.concatenate([a, e]))
+    lim = float(np.nanmax(both)) * 1.08 or 1.0
+    ax.plot([-lim, lim], [-lim, lim], color="0.4", lw=0.8, ls="--", zorder=0)
+    ax.axhline(0, color="0.85", lw=0.5, zorder=0)
+    ax.axvline(0, color="0.85", lw=0.5, zorder=0)
+    if scale == "symlog":
+        nz = both[np.isfinite(both) & (both > 0)]
+        thresh = float(np.quantile(nz, 0.25)) if nz.size else 1.0
+        ax.set_xscale("symlog", linthresh=thresh)
+        ax.set_yscale("symlog", linthresh=thresh)
+        note = f"{note}\nsymlog axes, linear within ±{thresh:.2g}".strip()
+    ax.set_xlim(-lim, lim)
+    ax.set_ylim(-lim, lim)
+    ax.set_aspect("equal")
+    ax.set_title(title)
+    ax.set_xlabel("exact patching effect (metric units)")
+    if note:
+        ax.text(0.02, 0.98, note, transform=ax.transAxes, va="top", fontsize=7)
+    worst = np.argsort(-np.abs(a - e))[:n_labels]
+    place_labels(ax, [(float(e[i]), float(a[i])) for i in worst], [str(names[i]) for i in worst])
+
+
+def _ranks(x: np.ndarray) -> np.ndarray:
+    from scipy.stats import rankdata
+
+    return rankdata(x) / len(x)
+
+
+def rank_panel(ax: Any, a: np.ndarray, e: np.ndarray, kinds: np.ndarray) -> None:
+    """Rank of the attribution score vs rank of the exact effect (signed, as a fraction of the
+    edges: 0 = most negative, 1 = most positive; the ranks Spearman's ρ correlates), coloured by
+    receiver kind: every edge visible, not only the outliers."""
+    ra, re = _ranks(a), _ranks(e)
+    for _, col, sel in _by_kind(kinds):
+        ax.scatter(re[sel], ra[sel], s=5, alpha=0.6, color=col, linewidths=0)
+    ax.plot([0, 1], [0, 1], color="0.4", lw=0.8, ls="--", zorder=0)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_aspect("equal")
+    ax.set_xlabel("rank of exact effect (fraction of edges)")
+
+
+def scatter_figure(panels: list[dict], title: str, n_labels: int = 4, scale: str = "linear", ranks: bool = True) -> Any:
+    """One column per panel (``{"a", "e", "kinds", "names", "title", "note"}``: attribution and
+    exact vectors of the same edges): values on top (:func:`value_panel`), ranks below
+    (:func:`rank_panel`) when ``ranks``. Returns the figure."""
+    rows = 2 if ranks else 1
+    fig, axes = plt.subplots(rows, len(panels), figsize=(3.3 * len(panels), 3.3 * rows), squeeze=False)
+    for col, p in enumerate(panels):
+        kinds, names = np.asarray(p["kinds"]), np.asarray(p["names"])
+        value_panel(axes[0][col], np.asarray(p["a"], float), np.asarray(p["e"], float), kinds, names,
+                    title=p["title"], note=p.get("note", ""), n_labels=n_labels, scale=scale)
+        if ranks:
+            rank_panel(axes[1][col], np.asarray(p["a"], float), np.asarray(p["e"], float), kinds)
+    axes[0][0].set_ylabel("attribution score (metric units)")
+    if ranks:
+        axes[1][0].set_ylabel("rank of attribution score")
+    axes[0][-1].legend(title="receiver", fontsize=7, title_fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0),
+                       markerscale=2)  # outside the panel: it never covers points or labels
+    fig.suptitle(title, y=0.99 if ranks else 1.02)
+    return fig
+
+
+def scatter(cells: list[dict], run_dir: Path, out: Path, n_labels: int = 4, scale: str = "linear",
+            ranks: bool = True) -> list[Path]:
+    """One figure per (model, task, n), one column per method (values, and ranks below)."""
     paths = []
     groups: dict[tuple, list[dict]] = {}
     for c in cells:
         groups.setdefault((c["model"], c["task"], c["n"]), []).append(c)
     for (model, task, n), cs in groups.items():
-        fig, axes = plt.subplots(1, len(cs), figsize=(3.3 * len(cs), 3.3), squeeze=False)
-        for ax, c in zip(axes[0], cs):
+        panels = []
+        for c in cs:
             d = np.load(Path(run_dir) / "cells" / f"{c['id']}.npz")
-            a, e, kinds, names = d["attribution"], d["exact"], d["kinds"], d["names"]
-            for kd, col in KIND_COLORS.items():
-                sel = kinds == kd
-                if sel.any():
-                    ax.scatter(e[sel], a[sel], s=6, alpha=0.6, color=col, label=kd, linewidths=0)
-            lim = float(np.nanmax(np.abs(np.concatenate([a, e])))) * 1.08 or 1.0
-            ax.plot([-lim, lim], [-lim, lim], color="0.4", lw=0.8, ls="--", zorder=0)
-            ax.axhline(0, color="0.85", lw=0.5, zorder=0)
-            ax.axvline(0, color="0.85", lw=0.5, zorder=0)
-            ax.set_xlim(-lim, lim)
-            ax.set_ylim(-lim, lim)
-            ax.set_aspect("equal")
-            for i in np.argsort(-np.abs(a - e))[:n_labels]:
-                ax.annotate(str(names[i]), (e[i], a[i]), fontsize=6, xytext=(3, 3), textcoords="offset points")
             s = c["stats"]
-            ax.set_title(f"{c['method']}: ρ={s['spearman']['value']:.2f}  τ={s['kendall']['value']:.2f}")
-            ax.set_xlabel("exact patching effect (metric units)")
-            ax.text(0.02, 0.98, f"edges: {edges_label(c)}\nn={c['n']} prompts", transform=ax.transAxes,
-                    va="top", fontsize=7)
-        axes[0][0].set_ylabel("attribution score (metric units)")
-        axes[0][-1].legend(title="receiver", fontsize=7, title_fontsize=7, loc="lower right", markerscale=2)
-        fig.suptitle(f"{model}, task {task}: attribution vs exact per edge", y=1.02)
+            panels.append({"a": d["attribution"], "e": d["exact"], "kinds": d["kinds"], "names": d["names"],
+                           "title": f"{c['method']}: ρ={s['spearman']['value']:.2f}  τ={s['kendall']['value']:.2f}",
+                           "note": f"edges: {edges_label(c)}\nn={c['n']} prompts"})
+        fig = scatter_figure(panels, f"{model}, task {task}: attribution vs exact per edge", n_labels, scale, ranks)
         paths += _save(fig, out, f"scatter_{slug(model)}_{slug(task)}_n{n}")
     return paths
 
@@ -107,23 +221,45 @@ def _model_colors(cells: list[dict]) -> dict[str, Any]:
     return {m: cmap(i % 10) for i, m in enumerate(models)}
 
 
+#: The third panel of :func:`agreement_vs_n`: top-k recall with k of at least 10 edges.
+TOPK = "top-k"
+MIN_K = 10
+
+
+def recall_k(n_selected: int) -> tuple[str, str]:
+    """(statistic, note) of the top-k recall shown for ``n_selected`` compared edges: recall@1%
+    where 1% of the edges is at least :data:`MIN_K`, else recall@10 (top-1% of 110 edges would
+    be one edge: recall 0 or 1)."""
+    from bench.agreement import k_values
+
+    k1 = k_values(n_selected)["1%"]
+    return ("recall@1%", f"k = {k1} (1% of {n_selected:,} edges)") if k1 >= MIN_K else \
+        ("recall@10", f"k = 10 (1% of {n_selected:,} edges is {k1})")
+
+
 def agreement_vs_n(cells: list[dict], out: Path) -> list[Path]:
     """One row of panels per task; in each, one line per model (colour) and method (style)."""
-    stats = [("spearman", "Spearman ρ"), ("kendall", "Kendall τ-b"), ("recall@1%", "top-1% recall")]
+    stats = [("spearman", "Spearman ρ"), ("kendall", "Kendall τ-b"), (TOPK, "top-k recall")]
     tasks = list(dict.fromkeys(c["task"] for c in cells))
     fig, axes = plt.subplots(len(tasks), len(stats), figsize=(3.4 * len(stats), 3.0 * len(tasks)), squeeze=False)
     colors = _model_colors(cells)
     for row, task in zip(axes, tasks):
         tcells = [c for c in cells if c["task"] == task]
         for ax, (key, label) in zip(row, stats):
+            ks = []
             for (model, method), cs in _lines(tcells).items():
+                stat, k_note = (key, "") if key != TOPK else recall_k(cs[0]["n_edges_selected"])
+                if k_note:
+                    ks.append(f"{model}: {k_note}")
                 x = np.array([c["n"] for c in cs])
-                v = np.array([c["stats"][key]["value"] for c in cs])
-                lo = np.array([c["stats"][key]["lo"] for c in cs])
-                hi = np.array([c["stats"][key]["hi"] for c in cs])
+                v = np.array([c["stats"][stat]["value"] for c in cs])
+                lo = np.array([c["stats"][stat]["lo"] for c in cs])
+                hi = np.array([c["stats"][stat]["hi"] for c in cs])
                 edge_note = "" if cs[0]["n_edges_selected"] == cs[0]["n_edges"] else f", {cs[0]['n_edges_selected']} sampled"
                 ax.plot(x, v, METHOD_STYLE.get(method, "-."), marker="o", ms=3, color=colors[model],
                         label=f"{model} / {method}{edge_note}")
+            if ks:
+                ax.text(0.02, 0.02, "\n".join(dict.fromkeys(ks)), transform=ax.transAxes, fontsize=6, va="bottom")
                 if np.isfinite(lo).all():
                     ax.fill_between(x, lo, hi, color=colors[model], alpha=0.12, lw=0)
             _log_axes(ax, [c["n"] for c in cells], logy=False)

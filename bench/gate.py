@@ -75,6 +75,59 @@ def load_thresholds(path: str | Path | None) -> dict[str, Any]:
     return data
 
 
+def statistic_names() -> list[str]:
+    """Every statistic a cell can hold (the gateable names): those of ``bench.agreement.statistics``
+    (read off one call on a small vector holding every receiver kind) and of
+    ``bench.faithfulness``."""
+    from bench.agreement import KINDS, statistics
+    from bench.faithfulness import ORACLE_STATS, STATS
+
+    kinds = [k for k in KINDS for _ in range(2)]
+    x = np.arange(len(kinds), dtype=np.float64)
+    return [*statistics(x, x, kinds), *STATS, *ORACLE_STATS]
+
+
+def parse_bounds(items: list[str] | None, flag: str) -> dict[str, float]:
+    """``["stat=value", ...]`` of ``--min``/``--max`` as {stat: value}. A ``ThresholdError`` (exit
+    2: bad input, not a failed check) for a malformed item, a value that is not a number, or a
+    statistic no cell can hold, listing the valid statistics."""
+    import difflib
+
+    names = statistic_names()
+    out: dict[str, float] = {}
+    for item in items or []:
+        stat, sep, val = item.partition("=")
+        stat = stat.strip()
+        if not sep:
+            raise ThresholdError(f"{flag} wants STAT=VALUE, got {item!r}; statistics: {', '.join(names)}")
+        if stat not in names:
+            near = difflib.get_close_matches(stat, names, n=3)
+            raise ThresholdError(f"{flag} {item!r}: unknown statistic {stat!r}"
+                                 f"{' (did you mean ' + ' or '.join(near) + '?)' if near else ''}; "
+                                 f"statistics: {', '.join(names)}")
+        try:
+            value = float(val)
+        except ValueError:
+            raise ThresholdError(f"{flag} {item!r}: {val!r} is not a number") from None
+        if not math.isfinite(value):
+            raise ThresholdError(f"{flag} {item!r}: the bound must be a finite number")
+        out[stat] = value
+    return out
+
+
+def require_matches(cells: list[dict], rules: list[dict], source: str) -> None:
+    """A ``ThresholdError`` when no rule of ``source`` matches any cell (a run of the user's own
+    models or tasks against the project's thresholds): checking would only print a FAIL per rule."""
+    if cells and rules and not any(_matches(r, c) for r in rules for c in cells):
+        seen = sorted({f"{c['model']}/{c.get('task')}/{c['method']}/n={c['n']}" for c in cells})
+        raise ThresholdError(
+            f"no rule of {source} matches any cell of this run ({', '.join(seen[:4])}{' ...' if len(seen) > 4 else ''}): "
+            "pass bounds for every cell with --min STAT=VALUE / --max STAT=VALUE (e.g. --min spearman=0.5), or "
+            "write thresholds for this run (python -m bench thresholds RUN_DIR --out mine.json, then "
+            "--thresholds mine.json)"
+        )
+
+
 def _matches(rule: dict, cell: dict) -> bool:
     return all(k not in rule or rule[k] == cell.get(k) for k in MATCH_KEYS)
 

@@ -71,6 +71,33 @@ def default_tasks() -> list[str]:
     return [t for t in PREFERRED_TASKS if t in TASKS][:2] or ["ioi"]
 
 
+#: Command-line spellings accepted as config keys: --address, --workers (their Config names differ).
+_FLAG_KEYS = {"address": "ray_address", "workers": "ray_workers"}
+#: Negative flags accepted as config keys: no_figures = true -> figures = false, quiet -> progress.
+_NEGATED_KEYS = {"no_figures": "figures", "no_faithfulness": "faithfulness", "quiet": "progress"}
+
+
+def _config_keys(data: dict[str, Any], valid: set[str], path: Any) -> dict[str, Any]:
+    """A config file's keys as ``Config`` fields: the command-line flag spellings are accepted
+    (dashes, ``no_faithfulness = true``, ``quiet``, ``address``); anything else is a ConfigError
+    listing the valid keys."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = key.replace("-", "_")
+        name = _FLAG_KEYS.get(name, name)
+        if name in _NEGATED_KEYS:
+            if not isinstance(value, bool):
+                raise ConfigError(f"{path}: {key} is a flag: true or false, got {value!r}")
+            name, value = _NEGATED_KEYS[name], not value
+        if name not in valid:
+            raise ConfigError(f"{path}: unknown config key {key!r}; valid keys: {', '.join(sorted(valid))} "
+                              f"(and the flag spellings {', '.join(sorted(_NEGATED_KEYS))})")
+        if name in out:
+            raise ConfigError(f"{path}: {key!r} sets {name!r} a second time")
+        out[name] = value
+    return out
+
+
 @dataclass
 class Config:
     """Everything that defines a run (flags or a JSON/TOML config file with these keys).
@@ -137,10 +164,7 @@ class Config:
             data = tomllib.loads(text)
         else:
             data = json.loads(text)
-        data = data.get("bench", data)
-        unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ConfigError(f"{path}: unknown config keys {sorted(unknown)}")
+        data = _config_keys(data.get("bench", data), {f.name for f in dataclasses.fields(cls)}, path)
         overrides = {k: v for k, v in overrides.items() if v is not None}
         if "task" in overrides or "tasks" in overrides:  # a task flag replaces the file's task list
             data.pop("task", None)

@@ -82,7 +82,7 @@ def rows(results: dict) -> list[dict[str, Any]]:
         row = {
             "model": c["model"], "task": c["task"], "n": c["n"], "method": c["method"], "seed": c["seed"],
             "edges_spec": c["edges_spec"], "n_edges": c["n_edges"], "n_edges_selected": c["n_edges_selected"],
-            "groups": c["groups"], "attr_time_s": a["time_s"], "attr_repeats": a["repeats"],
+            "groups": c["groups"], "attr_engine": a.get("engine"), "attr_time_s": a["time_s"], "attr_repeats": a["repeats"],
             "attr_peak_mib": a["peak_mib"], "floor_kind": a.get("floor_kind"), "floor_s": a["floor_s"],
             "floor_ratio": a["floor_ratio"], "floor_peak_mib": a.get("floor_peak_mib"),
             "full_logits_time_s": _full(a, "time_s"), "full_logits_floor_s": _full(a, "floor_s"),
@@ -146,8 +146,9 @@ def markdown(results: dict, worst: int = 5) -> str:
         "",
         "## Cost",
         "",
-        "Times in s (attribution: median of interleaved repeats; ×floor: against the bare model's corrupted "
-        "forward + clean forward + backward with the same read-out; ×floor full: both with full logits). "
+        "Engine: the one `eap.attribute` reported (fast or bridge; results.json says why the bridge). Times in s "
+        "(attribution: median of interleaved repeats; ×floor: against the bare model's corrupted forward + clean "
+        "forward + backward with the same read-out; ×floor full: both with full logits). "
         "Exact: warm patched forwards of the selected edges; setup+I/O: caching forwards, fingerprint and "
         "results files; speed-up: warm exact for all edges / warm attribution. MiB over the pre-call baseline.",
         "",
@@ -156,12 +157,12 @@ def markdown(results: dict, worst: int = 5) -> str:
     for c in cells:
         a, cost = c["attribution"], c["exact"]["cost"]
         body.append([
-            c["model"], c["task"], str(c["n"]), c["method"], edges_label(c), str(a.get("floor_kind", "–")),
-            _f(a["time_s"]), _f(a["floor_ratio"], 2), _f(_full(a, "floor_ratio"), 2), _f(a["peak_mib"]),
-            _f(cost["compute_s"]), _f(cost["setup_io_s"]), _f(cost["fwd_eq_per_edge"], 2), _f(cost["peak_mib"]),
-            _speedup(c["speedup"]),
+            c["model"], c["task"], str(c["n"]), c["method"], edges_label(c), str(a.get("engine", "–")),
+            str(a.get("floor_kind", "–")), _f(a["time_s"]), _f(a["floor_ratio"], 2), _f(_full(a, "floor_ratio"), 2),
+            _f(a["peak_mib"]), _f(cost["compute_s"]), _f(cost["setup_io_s"]), _f(cost["fwd_eq_per_edge"], 2),
+            _f(cost["peak_mib"]), _speedup(c["speedup"]),
         ])
-    parts.append(_table(["model", "task", "n", "method", "edges", "floor", "attr s", "×floor", "×floor full",
+    parts.append(_table(["model", "task", "n", "method", "edges", "engine", "floor", "attr s", "×floor", "×floor full",
                          "attr MiB", "exact warm s", "exact setup+I/O s", "fwd-eq/edge", "exact MiB",
                          "speed-up (warm/warm)"], body))
     parts += ["", "## Agreement with exact patching", ""]

@@ -14,6 +14,9 @@ and metric), so several tests on one model/task pay for it once, and on disk whe
 (or the environment variable ``EAP_BENCH_CACHE``) names a directory, through validation's
 fingerprint-checked results files, so CI can keep it between runs.
 
+:func:`agreement` takes scores and a truth you already have (one method or several) and
+returns the same statistics with CIs, plus a scatter figure, without recomputing anything.
+
 :func:`assert_fidelity` fails with a readable message: each statistic, measured vs minimum, its
 CI, and the edges where the method is most wrong. Minima are keyword arguments ``min_<stat>``,
 with ``@`` spelled ``_at_`` and ``%`` spelled ``pct`` (``min_recall_at_10``, ``min_kendall_abs``,
@@ -214,10 +217,122 @@ def assert_fidelity(model: Any, task: Any, method: Any = "eap", *, mins: dict[st
     return fid
 
 
+@dataclass
+class Agreement:
+    """What :func:`agreement` returns: per method ``stats[method][stat] = {value, lo, hi,
+    boot_bias}``, its worst edges, over what the CIs are (``"prompt groups"`` or ``"edges"``), the
+    number of edges compared, and the figure files written."""
+
+    stats: dict[str, dict[str, dict[str, float]]]
+    worst: dict[str, list[dict]]
+    ci_over: str
+    n_edges: int
+    figure: list[Path] = field(default_factory=list)
+
+    def table(self, stats: tuple[str, ...] = ("spearman", "kendall_abs", "pearson_abs", "recall@10")) -> str:
+        """One line per method: each statistic with its 95% CI."""
+        lines = [f"{self.n_edges:,} edges, 95% CIs over {self.ci_over}"]
+        for method, st in self.stats.items():
+            cells = [f"{k} {st[k]['value']:.3f} [{st[k]['lo']:.3f}, {st[k]['hi']:.3f}]" for k in stats if k in st]
+            lines.append(f"  {method:<16} " + "  ".join(cells))
+        return "\n".join(lines)
+
+
+def _as_rows(x: Any, what: str) -> Any:
+    import numpy as np
+
+    arr = np.asarray(x.detach().double().cpu().numpy() if isinstance(x, torch.Tensor) else x, np.float64)
+    if arr.ndim not in (1, 2):
+        raise ValueError(f"{what} must be [n_edges] or [groups, n_edges], got shape {arr.shape}")
+    return arr
+
+
+def agreement(
+    scores: Any,
+    truth: Any,
+    graph: Any = None,
+    *,
+    names: list[str] | None = None,
+    kinds: list[str] | None = None,
+    bootstrap: int = 200,
+    seed: int = 0,
+    figure: str | os.PathLike | None = None,
+    worst: int = 5,
+) -> Agreement:
+    """Agreement statistics, with 95% CIs, of scores you already have with a truth you already
+    have, and a scatter figure: nothing is recomputed (unlike :func:`fidelity`).
+
+    ``scores``: one method's scores or ``{method: scores}``; ``truth``: exact effects (e.g. of
+    ``validation.patch_edges``; NaN = edge not patched). Each is a tensor or array ``[n_edges]``,
+    or ``[G, n_edges]`` with one row per prompt group (each row a mean over its group's prompts).
+    Only edges where the truth and every method are finite are compared. CIs are over prompt
+    groups (``bench.agreement.bootstrap``) when the truth and every method have the same G >= 2
+    rows, else over edges (``bench.agreement.bootstrap_edges``: group rows are averaged first);
+    ``ci_over`` says which. ``graph`` (an ``eap.Graph``) gives edge names and receiver kinds
+    (per-kind statistics, colours); or pass ``names``/``kinds``. ``figure``: a path without
+    suffix; ``<figure>.png`` and ``.pdf`` get one column per method, values (the worst edges
+    labelled) above ranks (``bench.figures.scatter_figure``)."""
+    import numpy as np
+
+    from bench.agreement import bootstrap as boot_groups
+    from bench.agreement import bootstrap_edges, statistics, worst_edges
+
+    methods = {k: _as_rows(v, f"scores[{k!r}]") for k, v in (scores if isinstance(scores, dict) else
+                                                             {"scores": scores}).items()}
+    E = _as_rows(truth, "truth")
+    n = E.shape[-1]
+    for k, A in methods.items():
+        if A.shape[-1] != n:
+            raise ValueError(f"scores[{k!r}] has {A.shape[-1]} edges, the truth {n}")
+    if graph is not None:
+        names, kinds = list(graph.edge_names), list(graph.edge_kind)
+    names = list(names) if names is not None else [f"edge {i}" for i in range(n)]
+    kinds_arr = np.asarray(list(kinds) if kinds is not None else ["edge"] * n)
+    if len(names) != n or len(kinds_arr) != n:
+        raise ValueError(f"names/kinds must have one entry per edge ({n})")
+    ok = np.isfinite(E).all(0) if E.ndim == 2 else np.isfinite(E)
+    for A in methods.values():
+        ok &= np.isfinite(A).all(0) if A.ndim == 2 else np.isfinite(A)
+    sel = np.flatnonzero(ok)
+    if sel.size < 2:
+        raise ValueError(f"only {sel.size} edges have a finite truth and finite scores; need at least 2")
+    k_sel, n_sel = kinds_arr[sel], [names[i] for i in sel]
+    by_groups = E.ndim == 2 and E.shape[0] >= 2 and all(A.ndim == 2 and A.shape[0] == E.shape[0]
+                                                        for A in methods.values())
+
+    def stat_fn(a: Any, e: Any) -> dict[str, float]:
+        return statistics(a, e, k_sel if kinds is not None else None)
+
+    def mean(x: Any) -> Any:
+        return (x.mean(0) if x.ndim == 2 else x)[sel]
+
+    stats, worst_by, panels = {}, {}, []
+    for method, A in methods.items():
+        if by_groups:
+            stats[method] = boot_groups(A[:, sel], E[:, sel], stat_fn, n_boot=bootstrap, seed=seed)
+        else:
+            stats[method] = bootstrap_edges(mean(A), mean(E), stat_fn, n_boot=bootstrap, seed=seed)
+        worst_by[method] = worst_edges(mean(A), mean(E), n_sel, list(k_sel), worst)
+        s = stats[method]
+        panels.append({"a": mean(A), "e": mean(E), "kinds": k_sel, "names": np.asarray(n_sel),
+                       "title": f"{method}: ρ={s['spearman']['value']:.2f}  τ={s['kendall']['value']:.2f}",
+                       "note": f"edges: {sel.size:,}"})
+    paths: list[Path] = []
+    if figure is not None:
+        from bench import figures
+
+        fig = figures.scatter_figure(panels, "attribution vs exact per edge")
+        target = Path(figure)
+        paths = figures.save_figure(fig, target.parent, target.name)
+    return Agreement(stats=stats, worst=worst_by, ci_over="prompt groups" if by_groups else "edges",
+                     n_edges=int(sel.size), figure=paths)
+
+
 def clear_cache() -> None:
     """Forget the models and exact truths this process holds."""
     _MODELS.clear()
     _TRUTH.clear()
 
 
-__all__ = ["Fidelity", "assert_fidelity", "check_fidelity", "clear_cache", "exact_truth", "fidelity"]
+__all__ = ["Agreement", "Fidelity", "agreement", "assert_fidelity", "check_fidelity", "clear_cache", "exact_truth",
+           "fidelity"]

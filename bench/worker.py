@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import shutil
 import sys
@@ -203,6 +204,51 @@ def groups_of(n: int, groups: int) -> list[torch.Tensor]:
     return [torch.arange(i * size, (i + 1) * size) for i in range(g)]
 
 
+def prompt_groups(model: Any, task: Any, job: Any) -> list[Any]:
+    """The task split into the job's prompt groups (:func:`groups_of`). Before any split, the
+    check ``eap.attribute`` makes for its batches: a metric closing over data of all prompts is a
+    ``TaskError`` naming ``per_prompt=`` and bench's way out, ``--groups 1``."""
+    groups = groups_of(job.n, job.groups)
+    if len(groups) > 1:
+        task.check_split(model.cfg.d_vocab, f"bench (--groups {job.groups}: {len(groups)} prompt groups, for the "
+                         "bootstrap confidence intervals)", "run bench with --groups 1 (one prompt group: it works, "
+                         "but gives no confidence intervals)")
+    return [task.subset(idx) for idx in groups]
+
+
+class EngineLog(logging.Handler):
+    """The engines ``eap.attribute`` reports while the block runs (its INFO record's
+    ``eap_engine``/``eap_engine_reason``): :meth:`summary` is ``{"engine", "engine_reason"}`` for a
+    cell, "not reported" for a method that never calls ``eap.attribute``. The logger's level is
+    restored on exit."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.seen: dict[str, str] = {}
+        self.logger = logging.getLogger("eap.attribute")
+
+    def emit(self, record: logging.LogRecord) -> None:
+        name = getattr(record, "eap_engine", None)
+        if name:
+            self.seen.setdefault(name, getattr(record, "eap_engine_reason", ""))
+
+    def __enter__(self) -> "EngineLog":
+        self.old_level = self.logger.level
+        self.logger.addHandler(self)
+        if self.logger.getEffectiveLevel() > logging.INFO:
+            self.logger.setLevel(logging.INFO)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.logger.removeHandler(self)
+        self.logger.setLevel(self.old_level)
+
+    def summary(self) -> dict[str, str]:
+        if not self.seen:
+            return {"engine": "not reported", "engine_reason": "the method did not call eap.attribute"}
+        return {"engine": "+".join(sorted(self.seen)), "engine_reason": "; ".join(r for r in self.seen.values() if r)}
+
+
 def _log(msg: str, progress: bool) -> None:
     if progress:
         print(f"[bench] {msg}", file=sys.stderr, flush=True)
@@ -246,8 +292,7 @@ def run_exact(model: Any, job: "ExactJob", progress: bool = True, executor: Any 
     graph = eap.Graph.from_model(model)
     task = _job_task(model, job)
     edges = graph.select_edges(job.edges, seed=job.seed)
-    groups = groups_of(job.n, job.groups)
-    subs = [task.subset(idx) for idx in groups]
+    subs = prompt_groups(model, task, job)
     fps = _fingerprints(model, graph, subs, edges)
     meta_path = out / "meta.json"
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else None
@@ -364,6 +409,8 @@ def run_attr(model: Any, job: "AttrJob", progress: bool = True) -> dict:
     def call(t: Any) -> torch.Tensor:
         return call_method(method, model, graph, t, kw)
 
+    groups = prompt_groups(model, task, job)  # checked before any timed call
+
     meta: dict[str, Any] = {"n_edges": graph.n_edges, "repeats": 0, "time_s": float("nan"), "times_s": [],
                             "floor_kind": readout_mode(task), "floor_s": float("nan"), "floor_ratio": float("nan"),
                             "full_logits": None, "peak_mib": float("nan"), "floor_peak_mib": float("nan")}
@@ -385,7 +432,9 @@ def run_attr(model: Any, job: "AttrJob", progress: bool = True) -> dict:
         with PeakMemory(device) as fpm:
             floor_pass(model, task)
         meta.update(peak_mib=pm.mib, floor_peak_mib=fpm.mib, memory_method=pm.method)
-    rows = [call(task.subset(idx)).float() for idx in groups_of(job.n, job.groups)]
+    with EngineLog() as engines:
+        rows = [call(sub).float() for sub in groups]
+    meta.update(engines.summary())
     torch.save(torch.stack(rows), job.out + ".pt")
     Path(job.out + ".json").write_text(json.dumps(meta, indent=1, allow_nan=True))
     return meta
@@ -455,6 +504,8 @@ def run_jobs(spec: "WorkerSpec | dict", progress: bool = True) -> None:
 
 
 def main(argv: list[str]) -> int:
+    from eap.task import TaskError
+
     path = Path(argv[0])
     spec = WorkerSpec.from_dict(json.loads(path.read_text()))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -462,7 +513,8 @@ def main(argv: list[str]) -> int:
         run_jobs(spec, progress=spec.progress)
     except Exception as exc:
         Path(str(path) + ".error").write_text(f"{type(exc).__name__}: {exc}")
-        traceback.print_exc()
+        if not isinstance(exc, TaskError):  # a task the user must fix: the message says it all
+            traceback.print_exc()
         return 1
     return 0
 

@@ -117,7 +117,9 @@ def attribute(
 
     ``engine``: ``"auto"`` (the fast engine of ``eap.fast`` where the architecture adapter
     reproduces the model and no hooks are attached, else the bridge's hooks), ``"fast"`` (or
-    ``eap.arch.UnsupportedModel``) or ``"bridge"``; the scores are the same.
+    ``eap.arch.UnsupportedModel``) or ``"bridge"``; the scores are the same. Which engine ran,
+    and why the bridge where it did, is logged at INFO by the ``eap.attribute`` logger
+    (``logging.basicConfig(level=logging.INFO)`` shows it; ``eap.passes.engine_used``).
     """
     if engine not in ENGINES:
         raise AttributionError(f"unknown engine {engine!r}; choose one of {ENGINES}")

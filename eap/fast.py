@@ -137,6 +137,18 @@ def engine_for(model: Any, engine: str = "auto") -> "FastEngine | None":
     return fast
 
 
+def bridge_reason(model: Any, engine: str = "auto") -> str:
+    """Why :func:`engine_for` gives the bridge for ``model`` (after it was called): asked for,
+    hooks attached, or the reason the fast engine does not reproduce the model (the adapter's
+    check, or its fast/bridge agreement check ``Arch.verify``, failed)."""
+    if engine == "bridge":
+        return "engine='bridge' was asked for"
+    if hooks_attached(model):
+        return "TransformerLens hooks are attached to the model (the fast engine does not run them)"
+    verdict = _VERDICTS.get(model, {}).get((model_dtype(model), model_device(model)))
+    return f"the fast engine does not reproduce this model: {verdict}" if verdict else "not known"
+
+
 def refuse_bridge_for_post_norms(model: Any, why: Exception | None = None) -> None:
     """Raise ``UnsupportedModel`` for a post-norm family (Gemma-2, ...): the bridge's hooks
     contract a head's *pre-norm* difference with the receiver gradient, which is not the

@@ -54,7 +54,7 @@ def require_edge_hooks(model: Any, why_not_fast: str | None = None) -> None:
     family = getattr(getattr(getattr(model, "original_model", None), "config", None), "model_type", "this model")
     msg = (f"TransformerLens 4 has no per-head q/k/v input or per-head result hooks for {family!r} ({reason}), "
            "so the bridge's hook path cannot compute edges here; eap-bench's plain-torch fast path "
-           "(attribute engine 'fast', patching method 'fast') is the only path for this family")
+           "(engine 'fast' for attribution, exact patching and circuits) is the only path for this family")
     raise UnsupportedModel(msg + (f"; it did not serve: {why_not_fast}" if why_not_fast else ""))
 
 

@@ -122,7 +122,7 @@ class StrategyMethod(Method):
                 options):
         return run_strategy(model, graph, task, lambda scores: self.strategy(model, graph, scores, engine, options),
                             level=level, batch_size=batch_size, memory_budget=memory_budget, progress=progress,
-                            write_graph=write_graph, label=self.name)
+                            write_graph=write_graph, label=self.name, engine=engine)
 
 
 class GradientPointsMethod(StrategyMethod):

@@ -7,7 +7,9 @@
       ``qwen3-0.6b``, ``phi-3-mini``, ``gemma-2b``, ``gpt-j-6b``,
       and a ``-tiny`` variant of each family; see ``RANDOM_SHAPES``), built offline, seedable,
       with the embedded word-level IOI tokenizer,
-  (c) a local directory with a transformers model + tokenizer saved with ``save_pretrained``,
+  (c) a local directory with a transformers model saved with ``save_pretrained``, and its
+      tokenizer if it has one (without one, ``model.tokenizer`` is None: build tasks from token
+      ids with ``eap.Task``; the built-in tasks, which need text, raise a ``TaskError``),
   (d) any HuggingFace name TransformerLens supports (downloads when online).
 
 Every model comes back in compatibility mode with raw weights (``no_processing=True``: no
@@ -15,7 +17,10 @@ LayerNorm folding or centering, like the seed's ``fold_ln=False``), with split q
 per-head results and ``hook_mlp_in`` switched on, parameters frozen, in eval mode.
 Grouped-query models (Llama, Qwen2, Mistral, Gemma-2) come back *ungrouped*: every query head
 has its own copy of its group's key/value projection (``eap.arch.ungroup_kv_heads``; the same
-function), so q, k and v inputs exist per query head as in MIB and EAP-IG.
+function), so q, k and v inputs exist per query head as in MIB and EAP-IG. (``load_model``
+ungroups the transformers model it makes itself; ``wrap_hf_model`` ungroups the one you pass, in
+place.) Loading is quiet: transformers' and TransformerLens' messages are silenced for the
+duration of the call only.
 
 ``origin_of(model)`` says how a model of ``load_model`` or ``random_model`` was made (a
 :class:`ModelOrigin`), so that another process (a Ray worker of ``validation.executor``) can make
@@ -35,126 +40,10 @@ from typing import Any
 
 import torch
 
+from eap.random_shapes import RANDOM_SHAPES  # the table of named random shapes (eap/random_shapes.py)
+
 EMBEDDED_DIR = Path(__file__).resolve().parent / "embedded"
 DEFAULT_MODEL = "toy-gpt2-4l"
-
-_LLAMA3_ROPE = dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                    original_max_position_embeddings=8192)
-
-#: Named shapes of randomly initialised models: (family, HuggingFace config fields). The full-size
-#: entries are the layer/width/head/KV-head/MLP numbers and the rope/norm facts of the published
-#: configs (HF ``config.json``); the ``-tiny`` entries keep each family's features (GQA, rope
-#: scaling, biases, partial rotary, softcaps, sliding windows) at test size. The vocabulary size of
-#: the real config is kept (the unembedding costs what it really costs); only the first ids are
-#: used, by the embedded word-level IOI tokenizer.
-RANDOM_SHAPES: dict[str, tuple[str, dict[str, Any]]] = {
-    "gpt2-small": ("gpt2", dict(n_layer=12, n_embd=768, n_head=12, vocab_size=50257, n_positions=1024)),
-    "gpt2-medium": ("gpt2", dict(n_layer=24, n_embd=1024, n_head=16, vocab_size=50257, n_positions=1024)),
-    "gpt2-large": ("gpt2", dict(n_layer=36, n_embd=1280, n_head=20, vocab_size=50257, n_positions=1024)),
-    "gpt2-tiny": ("gpt2", dict(n_layer=2, n_embd=32, n_head=4, vocab_size=512, n_positions=64)),
-    # meta-llama/Llama-3.2-1B
-    "llama-3.2-1b": ("llama", dict(
-        num_hidden_layers=16, hidden_size=2048, num_attention_heads=32, num_key_value_heads=8, head_dim=64,
-        intermediate_size=8192, hidden_act="silu", rms_norm_eps=1e-5, rope_theta=500000.0, rope_scaling=_LLAMA3_ROPE,
-        max_position_embeddings=131072, tie_word_embeddings=True, attention_bias=False, mlp_bias=False,
-        vocab_size=128256)),
-    "llama-tiny": ("llama", dict(
-        num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-        intermediate_size=64, hidden_act="silu", rms_norm_eps=1e-5, rope_theta=500000.0,
-        rope_scaling=dict(_LLAMA3_ROPE, original_max_position_embeddings=16), max_position_embeddings=64,
-        tie_word_embeddings=True, vocab_size=64)),
-    # Qwen/Qwen2.5-0.5B (q/k/v biases are part of the Qwen2 architecture)
-    "qwen2.5-0.5b": ("qwen2", dict(
-        num_hidden_layers=24, hidden_size=896, num_attention_heads=14, num_key_value_heads=2, intermediate_size=4864,
-        hidden_act="silu", rms_norm_eps=1e-6, rope_theta=1000000.0, max_position_embeddings=32768,
-        sliding_window=32768, max_window_layers=24, use_sliding_window=False, tie_word_embeddings=True,
-        vocab_size=151936)),
-    "qwen-tiny": ("qwen2", dict(
-        num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
-        hidden_act="silu", rms_norm_eps=1e-6, rope_theta=1000000.0, max_position_embeddings=64,
-        use_sliding_window=False, tie_word_embeddings=True, vocab_size=64)),
-    # EleutherAI/pythia-160m (parallel attention/MLP, rotary on a quarter of each head)
-    "pythia-160m": ("gpt-neox", dict(
-        num_hidden_layers=12, hidden_size=768, num_attention_heads=12, intermediate_size=3072, hidden_act="gelu",
-        rotary_pct=0.25, rotary_emb_base=10000, layer_norm_eps=1e-5, use_parallel_residual=True,
-        max_position_embeddings=2048, tie_word_embeddings=False, vocab_size=50304)),
-    "pythia-tiny": ("gpt-neox", dict(
-        num_hidden_layers=2, hidden_size=32, num_attention_heads=4, intermediate_size=128, hidden_act="gelu",
-        rotary_pct=0.5, rotary_emb_base=10000, layer_norm_eps=1e-5, use_parallel_residual=True,
-        max_position_embeddings=64, tie_word_embeddings=False, vocab_size=64)),
-    # google/gemma-2-2b (norms with 1 + w, post-norms, softcaps, sliding window on every other layer)
-    "gemma-2-2b": ("gemma2", dict(
-        num_hidden_layers=26, hidden_size=2304, num_attention_heads=8, num_key_value_heads=4, head_dim=256,
-        intermediate_size=9216, hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=256,
-        rms_norm_eps=1e-6, rope_theta=10000.0, attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
-        sliding_window=4096, max_position_embeddings=8192, tie_word_embeddings=True, vocab_size=256000)),
-    "gemma-2-tiny": ("gemma2", dict(
-        num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-        intermediate_size=64, hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=16, rms_norm_eps=1e-6,
-        rope_theta=10000.0, attn_logit_softcapping=50.0, final_logit_softcapping=30.0, sliding_window=4,
-        max_position_embeddings=64, tie_word_embeddings=True, vocab_size=64)),
-    # Qwen/Qwen3-0.6B (per-head q/k RMSNorm before rotary, head_dim 128 != hidden / heads)
-    "qwen3-0.6b": ("qwen3", dict(
-        num_hidden_layers=28, hidden_size=1024, num_attention_heads=16, num_key_value_heads=8, head_dim=128,
-        intermediate_size=3072, hidden_act="silu", rms_norm_eps=1e-6, rope_theta=1000000.0,
-        max_position_embeddings=40960, attention_bias=False, use_sliding_window=False, max_window_layers=28,
-        tie_word_embeddings=True, vocab_size=151936)),
-    "qwen3-tiny": ("qwen3", dict(
-        num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-        intermediate_size=64, hidden_act="silu", rms_norm_eps=1e-6, rope_theta=1000000.0, max_position_embeddings=64,
-        use_sliding_window=False, tie_word_embeddings=True, vocab_size=64)),
-    # microsoft/Phi-3-mini-4k-instruct (fused qkv_proj and gate_up_proj, sliding window 2047 on every layer)
-    "phi-3-mini": ("phi3", dict(
-        num_hidden_layers=32, hidden_size=3072, num_attention_heads=32, num_key_value_heads=32,
-        intermediate_size=8192, hidden_act="silu", rms_norm_eps=1e-5, rope_theta=10000.0,
-        max_position_embeddings=4096, original_max_position_embeddings=4096, sliding_window=2047,
-        tie_word_embeddings=False, vocab_size=32064)),
-    "phi-3-tiny": ("phi3", dict(  # grouped (as Phi-3-medium) to exercise the fused ungrouping
-        num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
-        hidden_act="silu", rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=64,
-        original_max_position_embeddings=64, sliding_window=5, tie_word_embeddings=False, vocab_size=64)),
-    # google/gemma-2b (Gemma v1: multi-query attention, 1 + w norms, embedding x sqrt(d), GeGLU)
-    "gemma-2b": ("gemma", dict(
-        num_hidden_layers=18, hidden_size=2048, num_attention_heads=8, num_key_value_heads=1, head_dim=256,
-        intermediate_size=16384, hidden_act="gelu_pytorch_tanh", rms_norm_eps=1e-6, rope_theta=10000.0,
-        max_position_embeddings=8192, tie_word_embeddings=True, vocab_size=256000)),
-    "gemma-tiny": ("gemma", dict(
-        num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=1, head_dim=16,
-        intermediate_size=64, hidden_act="gelu_pytorch_tanh", rms_norm_eps=1e-6, rope_theta=10000.0,
-        max_position_embeddings=64, tie_word_embeddings=True, vocab_size=64)),
-    # EleutherAI/gpt-j-6b (parallel attention and MLP under one LayerNorm, interleaved rotary on 64 of 256)
-    "gpt-j-6b": ("gptj", dict(
-        n_layer=28, n_embd=4096, n_head=16, rotary_dim=64, n_inner=None, n_positions=2048,
-        activation_function="gelu_new", layer_norm_epsilon=1e-5, tie_word_embeddings=False, vocab_size=50400)),
-    "gpt-j-tiny": ("gptj", dict(
-        n_layer=2, n_embd=32, n_head=4, rotary_dim=4, n_positions=64, activation_function="gelu_new",
-        layer_norm_epsilon=1e-5, tie_word_embeddings=False, vocab_size=64)),
-    # google/gemma-3-1b-pt (text): per-head q/k norms, post-norms, 5 local layers (window 512, rope 1e4) per global
-    # layer (rope 1e6), MQA, no softcaps
-    "gemma-3-1b": ("gemma3", dict(
-        num_hidden_layers=26, hidden_size=1152, num_attention_heads=4, num_key_value_heads=1, head_dim=256,
-        intermediate_size=6912, hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=256,
-        rms_norm_eps=1e-6, sliding_window=512, sliding_window_pattern=6, max_position_embeddings=32768,
-        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
-                         "full_attention": {"rope_type": "default", "rope_theta": 1000000.0}},
-        tie_word_embeddings=True, vocab_size=262144)),
-    "gemma-3-tiny": ("gemma3", dict(
-        num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-        intermediate_size=64, hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=16, rms_norm_eps=1e-6,
-        sliding_window=4, layer_types=["sliding_attention", "full_attention"], max_position_embeddings=64,
-        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10.0},
-                         "full_attention": {"rope_type": "default", "rope_theta": 1000000.0}},
-        tie_word_embeddings=True, vocab_size=64)),
-    # allenai/OLMo-2-0425-1B (no pre-norms, post-norms, q/k RMSNorm over all heads, untied unembedding)
-    "olmo-2-1b": ("olmo2", dict(
-        num_hidden_layers=16, hidden_size=2048, num_attention_heads=16, num_key_value_heads=16,
-        intermediate_size=8192, hidden_act="silu", rms_norm_eps=1e-6, rope_theta=500000.0,
-        max_position_embeddings=4096, tie_word_embeddings=False, attention_bias=False, vocab_size=100352)),
-    "olmo-2-tiny": ("olmo2", dict(
-        num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=4, intermediate_size=64,
-        hidden_act="silu", rms_norm_eps=1e-6, rope_theta=500000.0, max_position_embeddings=64,
-        tie_word_embeddings=False, vocab_size=64)),
-}
 
 #: GPT-2-style shape names accepted in a dict shape for any family (translated to its config fields).
 _GPT2_STYLE = ("n_layer", "n_embd", "n_head", "n_inner", "n_positions")
@@ -238,6 +127,11 @@ def prepare_for_edges(bridge: Any) -> Any:
     return bridge
 
 
+def _to(bridge: Any, device: torch.device) -> Any:
+    """``bridge.to(device)`` without TransformerLens' "Moving model to device" print."""
+    return bridge.to(device, print_details=False)
+
+
 def _boot(source: str, device: torch.device, dtype: torch.dtype, **kwargs: Any) -> Any:
     from transformer_lens.model_bridge import TransformerBridge
 
@@ -248,37 +142,47 @@ def _boot(source: str, device: torch.device, dtype: torch.dtype, **kwargs: Any) 
 
 @contextlib.contextmanager
 def _quiet():
-    """Silence transformers' progress bars while booting."""
-    old = os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS")
-    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
-    try:
-        from transformers.utils import logging as hf_logging
+    """Silence transformers' and the hub's progress bars and warnings, and TransformerLens'
+    prints, for the duration of one of eap's own calls; the process's settings are restored
+    exactly as they were (nothing here touches ``os.environ``)."""
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+    from transformers.utils import logging as hf_logging
 
-        verbosity = hf_logging.get_verbosity()
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
-    except Exception:  # pragma: no cover - transformers always present
-        verbosity = None
+    verbosity = hf_logging.get_verbosity()
+    hf_bar, hub_bars_off = hf_logging.is_progress_bar_enabled(), are_progress_bars_disabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    disable_progress_bars()
     try:
         yield
     finally:
-        if verbosity is not None:
-            hf_logging.set_verbosity(verbosity)
+        hf_logging.set_verbosity(verbosity)
+        if hf_bar:
             hf_logging.enable_progress_bar()
-        if old is None:
-            os.environ.pop("HF_HUB_DISABLE_PROGRESS_BARS", None)
-        else:
-            os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = old
+        if not hub_bars_off:
+            enable_progress_bars()
 
 
 def _check_local_dir(path: Path) -> None:
     if not (path / "config.json").is_file():
         raise ModelLoadError(f"{path} is not a saved transformers model: config.json is missing")
-    if not any((path / f).is_file() for f in ("tokenizer.json", "vocab.json", "tokenizer.model")):
-        raise ModelLoadError(
-            f"{path} has no tokenizer (expected tokenizer.json, vocab.json or tokenizer.model): "
-            "save one next to the model with tokenizer.save_pretrained(path)"
-        )
+
+
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model")
+
+
+def _without_tokenizer(source: str) -> bool:
+    """A local model directory that holds no tokenizer (see :data:`TOKENIZER_FILES`)."""
+    path = Path(source)
+    return path.is_dir() and not any((path / f).is_file() for f in TOKENIZER_FILES)
+
+
+def _drop_tokenizer(bridge: Any) -> Any:
+    """``bridge.tokenizer = None``: TransformerLens would otherwise make up an empty tokenizer, on
+    which built-in tasks would tokenize every word to nothing. Tasks that need text then raise a
+    ``TaskError`` saying a tokenizer is needed."""
+    bridge.tokenizer = None
+    return bridge
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
@@ -298,9 +202,9 @@ def _is_cached(name: str) -> bool:
         from huggingface_hub import try_to_load_from_cache
 
         hit = try_to_load_from_cache(name, "config.json")
-        return isinstance(hit, str)
-    except Exception:
+    except ValueError:  # not a valid repository id (huggingface_hub's HFValidationError)
         return False
+    return isinstance(hit, str)
 
 
 def random_model(
@@ -372,7 +276,7 @@ def random_model(
                 block.mlp.W_out.zero_()
                 if getattr(block.mlp, "b_out", None) is not None:
                     block.mlp.b_out.zero_()
-    bridge = bridge.to(device)
+    bridge = _to(bridge, device)
     _ORIGINS[bridge] = ModelOrigin(shape=shape if isinstance(shape, str) else dict(shape), seed=int(seed), arch=arch)
     return bridge
 
@@ -411,10 +315,12 @@ def _boot_pretrained(source: str, device: torch.device, dtype: torch.dtype) -> A
         and (getattr(config, fam.n_kv_heads, None) or 0) not in (0, getattr(config, fam.n_heads))
     )
     if not grouped:
-        return _boot(source, device, dtype, **kwargs)
-    with _quiet():
-        hf_model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation="eager")
-    return _boot(source, device, dtype, hf_model=_ready_hf_model(hf_model, device, dtype), **kwargs).to(device)
+        bridge = _boot(source, device, dtype, **kwargs)
+    else:
+        with _quiet():
+            hf_model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation="eager")
+        bridge = _to(_boot(source, device, dtype, hf_model=_ready_hf_model(hf_model, device, dtype), **kwargs), device)
+    return _drop_tokenizer(bridge) if _without_tokenizer(source) else bridge
 
 
 def _saved_generic_tokenizer(source: str) -> Any:
@@ -446,7 +352,11 @@ def load_model(
 ) -> Any:
     """Load a model ready for edge work (see module docstring for what names mean).
 
-    ``device=None`` means CUDA when available, else CPU; ``dtype=None`` means float32.
+    ``device=None`` means CUDA when available, else CPU; ``dtype=None`` means float32. Quiet: the
+    messages of transformers and TransformerLens are silenced for this call only. Grouped-query
+    models are ungrouped in the transformers model loaded here (nothing you hold is changed; see
+    :func:`wrap_hf_model` for a model you pass in). A directory without a tokenizer loads with
+    ``model.tokenizer = None``.
     """
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or torch.float32
@@ -488,12 +398,20 @@ def load_model(
 
 
 def wrap_hf_model(hf_model: Any, tokenizer: Any, device: torch.device | str, dtype: torch.dtype) -> Any:
-    """A model ready for edge work around a transformers model in memory and its tokenizer (the
-    weights are used as they are; grouped-query attention is ungrouped)."""
+    """A model ready for edge work around a transformers model in memory and its tokenizer (None:
+    no tokenizer; tasks are then built from token ids). The weights are used as they are.
+
+    Grouped-query attention is ungrouped *in place*: ``hf_model`` itself (the object you pass)
+    gets per-query-head key/value projections and a config saying so (``eap_grouped_kv_heads``
+    holds the original count). Pass a copy (``copy.deepcopy``) to keep yours grouped.
+    ``load_model`` and ``random_model`` make their own transformers models, so nothing you hold is
+    changed by them."""
     device = torch.device(device)
     hf_model = _ready_hf_model(hf_model, device, dtype)
     with tempfile.TemporaryDirectory() as tmp:
         hf_model.config.save_pretrained(tmp)
+        if tokenizer is None:
+            return _drop_tokenizer(_boot(tmp, device, dtype, hf_model=hf_model))
         tokenizer.save_pretrained(tmp)
         return _boot(tmp, device, dtype, hf_model=hf_model, tokenizer=_saved_generic_tokenizer(tmp))
 
@@ -504,23 +422,33 @@ def portable(model: Any) -> dict[str, Any]:
     objects, unlike the bridge itself (a bridge that has run carries TransformerLens state whose
     unpickled copy computes other last bits)."""
     hf_model, tokenizer = getattr(model, "original_model", None), getattr(model, "tokenizer", None)
-    if hf_model is None or tokenizer is None:
+    if hf_model is None:
         raise ModelLoadError(f"cannot send a {type(model).__name__} to another process: it needs a transformers "
-                             "model (original_model) and a tokenizer, like the models of eap.load_model")
+                             "model (original_model), like the models of eap.load_model")
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"), _quiet():  # the names of the transformers model's own weights
         names = set(AutoModelForCausalLM.from_config(hf_model.config).state_dict())
     state = {}
-    for key, value in hf_model.state_dict().items():
-        # the bridge wraps transformers modules: their weights appear under '._original_component'
-        plain = key.replace("._original_component", "")
-        if plain in names and plain not in state:
-            state[plain] = value.detach().cpu()
+    for key, value in _plain_state(hf_model):
+        if key in names and key not in state:
+            state[key] = value.detach().cpu()
     missing = sorted(names - set(state))
     if missing:
         raise ModelLoadError(f"cannot find the transformers weights {missing[:5]} in the model")
     return {"config": hf_model.config, "state": state, "tokenizer": tokenizer}
+
+
+def _plain_state(module: Any, prefix: str = "") -> list[tuple[str, torch.Tensor]]:
+    """(name, tensor) of a module's parameters and buffers under the transformers model's own
+    names: a TransformerLens bridge component wraps a transformers module as its public
+    ``original_component``, whose path segment is dropped here."""
+    out = [(prefix + n, t) for n, t in (*module.named_parameters(recurse=False), *module.named_buffers(recurse=False))]
+    wrapped = getattr(module, "original_component", None)
+    for name, child in module.named_children():
+        path = prefix if (wrapped is not None and child is wrapped) else f"{prefix}{name}."
+        out.extend(_plain_state(child, path))
+    return out
 
 
 def from_portable(data: dict[str, Any], device: torch.device | str | None = None,
@@ -534,11 +462,16 @@ def from_portable(data: dict[str, Any], device: torch.device | str | None = None
     with _quiet():
         hf_model = AutoModelForCausalLM.from_config(data["config"], dtype=dtype)
     hf_model.load_state_dict(state, strict=True)
-    return wrap_hf_model(hf_model, data["tokenizer"], device, dtype).to(device)
+    return _to(wrap_hf_model(hf_model, data["tokenizer"], device, dtype), device)
 
 
 def describe(model: Any) -> dict[str, Any]:
-    """Shape facts of a model, for reports (``n_key_value_heads``: before ungrouping)."""
+    """Shape facts of a model, for reports.
+
+    ``n_key_value_heads`` is the count before ungrouping. ``n_params`` is the checkpoint's
+    parameter count (the transformers model as saved: grouped key/value projections, tied
+    embeddings once); ``n_params_ungrouped`` what the model holds after ``load_model`` ungrouped
+    its key/value heads (equal for models that were never grouped)."""
     from eap.arch import UnsupportedModel, arch_spec
 
     cfg = model.cfg
@@ -547,6 +480,7 @@ def describe(model: Any) -> dict[str, Any]:
         family, kv = spec.family, spec.grouped_kv_heads or spec.n_kv_heads
     except (UnsupportedModel, AttributeError, TypeError, ValueError):
         family, kv = getattr(cfg, "architecture", None), getattr(cfg, "n_key_value_heads", None) or cfg.n_heads
+    n_params, n_ungrouped = checkpoint_params(model)
     return {
         "family": family,
         "n_layers": cfg.n_layers,
@@ -555,7 +489,42 @@ def describe(model: Any) -> dict[str, Any]:
         "d_model": cfg.d_model,
         "d_mlp": getattr(cfg, "d_mlp", None),
         "d_vocab": cfg.d_vocab,
-        "n_params": sum(p.numel() for p in model.parameters()),
+        "n_params": n_params,
+        "n_params_ungrouped": n_ungrouped,
         "device": str(model_device(model)),
         "dtype": str(model_dtype(model)).replace("torch.", ""),
     }
+
+
+def checkpoint_params(model: Any) -> tuple[int, int]:
+    """(parameters of the checkpoint, parameters after ungrouping the key/value heads).
+
+    Counted on a meta-device copy of the transformers model built from its config (no memory),
+    with the key/value head count the checkpoint had (``eap_grouped_kv_heads``, recorded by
+    ``eap.arch.ungroup_kv_heads``). A model without a transformers ``original_model``: the sum over
+    ``model.parameters()``, twice."""
+    hf_config = getattr(getattr(model, "original_model", None), "config", None)
+    if hf_config is None:
+        n = sum(p.numel() for p in model.parameters())
+        return n, n
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    from eap.arch import UnsupportedModel, family_of
+
+    def count(config: Any) -> int:
+        with torch.device("meta"), _quiet():
+            return sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+
+    ungrouped = count(hf_config)
+    grouped = getattr(hf_config, "eap_grouped_kv_heads", None)
+    if not grouped:
+        return ungrouped, ungrouped
+    try:
+        fam = family_of(str(getattr(hf_config, "model_type", "")))
+    except UnsupportedModel:
+        return ungrouped, ungrouped
+    original = copy.deepcopy(hf_config)
+    setattr(original, fam.n_kv_heads, int(grouped))
+    return count(original), ungrouped

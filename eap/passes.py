@@ -17,6 +17,7 @@ sender difference ``corrupted - clean``, gradient on the clean run ("noising").
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Callable, Protocol
 
 import torch
@@ -26,15 +27,20 @@ from tqdm.auto import tqdm
 
 from eap.arch import Readout, arch_spec
 from eap.budget import attribution_batch_size
-from eap.fast import FastEngine
+from eap.fast import FastEngine, bridge_reason
 from eap.graph import Graph, HookGroup
 from eap.hooks import (
     StopForward, check_edge_hooks, leaf_input_hook, run_until_stop, sender_difference_hooks, stop_hook, with_grad_hook,
 )
 from eap.models import model_device, model_dtype
-from eap.task import Task, TaskError
+from eap.task import Task
 
 LEVELS = ("edge", "node")
+
+#: ``eap.attribute`` logs the engine of each call at INFO under its own name; the record carries
+#: ``eap_engine`` ('fast' or 'bridge') and ``eap_engine_reason`` (why the bridge; '' for fast),
+#: for tools (bench records them per cell).
+log = logging.getLogger("eap.attribute")
 
 
 class AttributionError(ValueError):
@@ -76,7 +82,7 @@ def check_task_inputs(model: Any, graph: Graph, task: Task) -> None:
 def run_strategy(
     model: Any, graph: Graph, task: Task, make_strategy: Callable[[Tensor], Strategy], *,
     level: str, batch_size: int | None, memory_budget: int | float | str | None, progress: bool,
-    write_graph: bool, label: str,
+    write_graph: bool, label: str, engine: str = "auto",
 ) -> Float[Tensor, " n"]:
     """Score every edge (``level='edge'``) or sender (``'node'``) with the strategy that
     ``make_strategy(scores)`` builds around a zero score matrix ``[n_senders, n_receivers]``
@@ -93,22 +99,18 @@ def run_strategy(
     # accumulate in at least float32 (a half-precision model would otherwise sum in half)
     scores = torch.zeros(graph.n_senders, graph.n_receivers, device=device, dtype=torch.promote_types(dtype, torch.float32))
     strategy = make_strategy(scores)
+    used, reason = engine_used(model, strategy, label, engine)
+    log.info("eap.attribute %s: %s engine%s", label, used, f" ({reason})" if reason else "",
+             extra={"eap_engine": used, "eap_engine_reason": reason})
     chosen = batch_size is not None
     if batch_size is None:
         batch_size = strategy.auto_batch_size(task, memory_budget)
     else:
         strategy.plan(task, batch_size, memory_budget)
     if batch_size < task.n_prompts:
-        problem = task.subset_problem(model.cfg.d_vocab)
-        if problem is not None:
-            why = (f"batch_size={batch_size}" if chosen else
-                   f"the memory budget holds {batch_size} prompts per batch (eap.budget)")
-            raise TaskError(
-                f"{problem}: the metric seems to close over data of all {task.n_prompts} prompts, but {why} "
-                f"splits them. Pass the per-prompt data (answer ids, positions, ...) through "
-                f"Task(per_prompt=...) so the metric is called as metric(logits, **batch_data), or use "
-                f"batch_size >= {task.n_prompts} (a larger memory_budget)."
-            )
+        why = (f"batch_size={batch_size}" if chosen else
+               f"the memory budget holds {batch_size} prompts per batch (eap.budget)")
+        task.check_split(model.cfg.d_vocab, why, f"use batch_size >= {task.n_prompts} (a larger memory_budget)")
     batches = list(task.batches(batch_size))
     bar = tqdm(batches, desc=f"{label} attribution", unit="batch", disable=not progress or len(batches) == 1)
     for batch in bar:
@@ -120,6 +122,15 @@ def run_strategy(
     if write_graph:
         graph.scores = scores * graph.mask
     return out
+
+
+def engine_used(model: Any, strategy: Any, label: str, engine: str) -> tuple[str, str]:
+    """('fast' | 'bridge', why the bridge: '' for fast) of one attribution call's strategy."""
+    if not isinstance(strategy, GradientMethod):
+        return "bridge", f"{label!r} runs on the bridge engine only (eap.atp)"
+    if strategy.fast is not None:
+        return "fast", ""
+    return "bridge", bridge_reason(model, engine)
 
 
 class GradientMethod:

@@ -13,8 +13,10 @@ Conventions
   mean over prompts of metric(patched) - metric(clean).
 * Per-prompt data the metric needs (answer positions, token ids, ...) goes in ``per_prompt``:
   a dict of tensors whose first dimension is ``n_prompts``. The metric function is called as
-  ``metric_fn(logits, **per_prompt)``, which lets a task be split into batches
-  (:meth:`Task.subset`) without the user writing any batching code.
+  ``metric_fn(logits, **entries)`` with the entries of ``per_prompt`` its signature names (all
+  of them if it takes ``**kwargs``), which lets a task be split into batches
+  (:meth:`Task.subset`) without the user writing any batching code. A metric parameter without
+  a default that ``per_prompt`` lacks is a ``TaskError`` when the task is made.
 * A metric may instead close over tensors of all ``n_prompts`` (``metric(logits)`` indexing
   fixed ``io``/``s`` answer ids, as the seed notebook and EAP-IG users write it). Such a metric
   can only be called on all prompts at once: attribution then needs ``batch_size >= n_prompts``
@@ -30,6 +32,7 @@ Conventions
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
@@ -41,6 +44,29 @@ MetricFn = Callable[..., Tensor]
 
 class TaskError(ValueError):
     """Raised for malformed tasks and metrics."""
+
+
+def accepted_entries(fn: Callable[..., Any], per_prompt: dict[str, Tensor], what: str) -> tuple[str, ...] | None:
+    """The ``per_prompt`` keys ``fn(x, **entries)`` is called with: None (all of them) when ``fn``
+    takes ``**kwargs`` or has no readable signature, else the keyword parameters it names. A
+    parameter after the first without a default that ``per_prompt`` lacks is a ``TaskError``."""
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):  # a builtin without a signature: pass everything
+        return None
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return None
+    named = [p for p in params[1:] if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    missing = [p.name for p in named if p.default is p.empty and p.name not in per_prompt]
+    required_positional = [p.name for p in params[1:] if p.kind is p.POSITIONAL_ONLY and p.default is p.empty]
+    if missing or required_positional or not params:
+        raise TaskError(
+            f"the {what} {getattr(fn, '__qualname__', fn)!r} is called as {what}(x, **entries) with the per_prompt "
+            f"entries its signature names; it requires {missing or required_positional or 'no input'} but per_prompt "
+            f"holds {sorted(per_prompt) or 'nothing'}. Add them to Task(per_prompt=...), give them defaults, or "
+            "take **kwargs"
+        )
+    return tuple(p.name for p in named if p.name in per_prompt)
 
 
 class Task:
@@ -81,6 +107,8 @@ class Task:
                 )
         if readout is not None and not {"readout_pos", "readout_tokens"} <= per_prompt.keys():
             raise TaskError("a task with a readout needs per_prompt['readout_pos'] and ['readout_tokens']")
+        self._metric_keys = accepted_entries(metric, per_prompt, "metric")
+        self._readout_keys = accepted_entries(readout, per_prompt, "readout") if readout is not None else None
         self.clean = clean.long()
         self.corrupted = corrupted.long()
         self.metric_fn = metric
@@ -107,15 +135,20 @@ class Task:
     # ----------------------------------------------------------------- metric
     def metric(self, logits: Float[Tensor, "n seq vocab"]) -> Float[Tensor, " n"]:
         """One metric value per prompt, checked for shape and finiteness."""
-        out = self.metric_fn(logits, **self.per_prompt)
+        out = self.metric_fn(logits, **self.entries(self.per_prompt, self._metric_keys))
         return self._check(out, logits.shape[0], "metric")
 
     def readout(self, selected: Float[Tensor, "n k"]) -> Float[Tensor, " n"]:
         """Metric from the logits of ``readout_tokens`` at ``readout_pos`` only."""
         if self.readout_fn is None:
             raise TaskError(f"task {self.name!r} defines no readout")
-        out = self.readout_fn(selected, **self.per_prompt)
+        out = self.readout_fn(selected, **self.entries(self.per_prompt, self._readout_keys))
         return self._check(out, selected.shape[0], "readout")
+
+    @staticmethod
+    def entries(per_prompt: dict[str, Tensor], keys: tuple[str, ...] | None) -> dict[str, Tensor]:
+        """The ``per_prompt`` entries a metric or readout is called with (all when ``keys`` is None)."""
+        return per_prompt if keys is None else {k: per_prompt[k] for k in keys}
 
     @property
     def has_readout(self) -> bool:
@@ -135,20 +168,33 @@ class Task:
         idx = torch.tensor([0, n - 1] if n > 2 else [0], device=self.clean.device)
         sub = self.subset(idx)
         k = len(idx)
-        probes = [("metric", self.metric_fn, torch.zeros(k, self.seq_len, int(d_vocab), device=self.clean.device))]
+        probes = [("metric", self.metric_fn, self._metric_keys,
+                   torch.zeros(k, self.seq_len, int(d_vocab), device=self.clean.device))]
         if self.readout_fn is not None:
             width = self.per_prompt["readout_tokens"].shape[-1] if self.per_prompt["readout_tokens"].ndim > 1 else 1
-            probes.append(("readout", self.readout_fn, torch.zeros(k, width, device=self.clean.device)))
-        for what, fn, fake in probes:
+            probes.append(("readout", self.readout_fn, self._readout_keys, torch.zeros(k, width, device=self.clean.device)))
+        for what, fn, keys, fake in probes:
             try:
                 with torch.no_grad():
-                    out = fn(fake, **sub.per_prompt)
+                    out = fn(fake, **self.entries(sub.per_prompt, keys))
             except Exception as exc:  # any failure on a subset is the finding
                 return (f"the {what} failed on {k} of the {n} prompts ({type(exc).__name__}: {exc})")
             if not isinstance(out, Tensor) or tuple(out.shape) != (k,):
                 got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
                 return f"the {what} returned shape {got} for {k} of the {n} prompts (expected [{k}])"
         return None
+
+    def check_split(self, d_vocab: int, splitter: str, way_out: str) -> None:
+        """A ``TaskError`` when the metric cannot be evaluated on a subset of the prompts
+        (:meth:`subset_problem`) although ``splitter`` (what splits them, e.g. "batch_size=4")
+        will; the message names ``per_prompt=`` and ``way_out``, the caller's other remedy."""
+        problem = self.subset_problem(d_vocab)
+        if problem is not None:
+            raise TaskError(
+                f"{problem}: the metric seems to close over data of all {self.n_prompts} prompts, but {splitter} "
+                f"splits them. Pass the per-prompt data (answer ids, positions, ...) through "
+                f"Task(per_prompt=...) so the metric is called as metric(logits, **batch_data), or {way_out}."
+            )
 
     def check_tokens(self, d_vocab: int, n_ctx: int | None = None) -> None:
         """Raise ``TaskError`` if a prompt holds a token id outside ``[0, d_vocab)`` or the prompts

@@ -277,7 +277,7 @@ def test_fast_eap_equals_hf_derivatives_and_the_bridge(fam):
         with pytest.raises(UnsupportedModel, match="no per-head q/k/v input.*'gptj'.*fast path"):
             attribute(model, g, task, engine="bridge", progress=False)
         with pytest.raises(UnsupportedModel, match="'gptj'"):
-            validation.patch_edges(model, g, task, [0, 1], method="hooks", progress=False)
+            validation.patch_edges(model, g, task, [0, 1], engine="bridge", progress=False)
     else:
         bridge = attribute(model, g, task, engine="bridge", progress=False)
         torch.testing.assert_close(fast, bridge, rtol=1e-6, atol=1e-7 * want.abs().max())

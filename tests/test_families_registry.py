@@ -61,7 +61,7 @@ def test_undescribed_family_gets_one_clear_refusal(tmp_path, kv_heads):
     calls = [lambda: attribute(model, g, task, progress=False),
              lambda: attribute(model, g, task, engine="bridge", progress=False),
              lambda: validation.patch_edges(model, g, task, [0, 1], progress=False),
-             lambda: validation.patch_edges(model, g, task, [0, 1], method="hooks", progress=False),
+             lambda: validation.patch_edges(model, g, task, [0, 1], engine="bridge", progress=False),
              lambda: validation.evaluate_circuit(model, g, task, [0, 1])]
     for call in calls:
         with pytest.raises(UnsupportedModel, match=msg) as err:

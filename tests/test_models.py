@@ -39,8 +39,8 @@ def test_directory_without_tokenizer(tmp_path):
     shutil.copytree(EMBEDDED_DIR / "toy-gpt2-2l", tmp_path / "m")
     for f in ("tokenizer.json", "tokenizer_config.json"):
         (tmp_path / "m" / f).unlink()
-    with pytest.raises(ModelLoadError, match="no tokenizer"):
-        load_model(tmp_path / "m", device="cpu")
+    # issue 23: loads (tasks from token ids need no tokenizer); tests/test_models_load.py
+    assert load_model(tmp_path / "m", device="cpu").tokenizer is None
 
 
 def test_directory_without_model(tmp_path):

@@ -28,7 +28,6 @@ import importlib.metadata
 import importlib.util
 import json
 import os
-import pkgutil
 import types
 from pathlib import Path
 from typing import Any
@@ -37,16 +36,14 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-import eap.arch
-
 #: Format of results files (part of every fingerprint).
 FORMAT = "eap-bench/validation/2"
 #: Modules whose code determines exact-patching numbers (missing ones are skipped). The graph
 #: module is not among them: the edge list itself is hashed (``fingerprint_parts["edges"]``).
-#: The architecture adapter is a package (``eap.arch``): each of its modules counts.
-_ARCH_MODULES = tuple(sorted(f"eap.arch.{m.name}" for m in pkgutil.iter_modules(eap.arch.__path__)))
 PATCHING_MODULES = (
-    "validation.patch", "validation.units", "validation.runner", *_ARCH_MODULES, "eap.hooks", "eap.task",
+    "validation.patch", "validation.units", "validation.runner", "eap.arch.family", "eap.arch.spec", "eap.arch.norm",
+    "eap.arch.rotary", "eap.arch.readout", "eap.arch.blocks", "eap.arch.ungroup", "eap.arch.postnorm",
+    "eap.arch.mixednorm", "eap.hooks", "eap.task",
 )
 #: Elements per chunk when summing a parameter in float64 (bounds the transient copy).
 _SUM_CHUNK = 2**18

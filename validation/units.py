@@ -32,7 +32,9 @@ from torch import Tensor
 
 from eap.budget import PatchPlan
 from eap.graph import Graph, GraphError
-from eap.hooks import StopForward, edge_hooks_unavailable, require_edge_hooks, run_until_stop, sender_difference_hooks, stop_hook
+from eap.hooks import (
+    StopForward, edge_hooks_unavailable, require_edge_hooks, run_until_stop, sender_difference_hooks, stop_hook,
+)
 from eap.task import Task
 from validation.runner import BlockRunner
 
@@ -61,8 +63,8 @@ def _collect(model: Any, graph: Graph, task: Task, residuals: bool, differences:
     stops there.
 
     A model whose TransformerLens adapter has no per-head hooks (``eap.hooks.edge_hooks_unavailable``,
-    GPT-J) gets the same cache from ``runner`` (the adapter's blocks; the bridge computes only
-    the input embeddings)."""
+    GPT-J) gets the same cache from ``runner`` (``BlockRunner.collect``: the adapter's blocks; the
+    model computes only the input embeddings)."""
     if edge_hooks_unavailable(model) is not None:
         if runner is None:
             require_edge_hooks(model, "exact patching was asked for on the hook path")

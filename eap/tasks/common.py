@@ -17,6 +17,7 @@ Conventions of the built-in tasks (on top of :mod:`eap.task`'s):
 from __future__ import annotations
 
 import numbers
+import string
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -24,7 +25,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from eap.task import Task
+from eap.task import Task, TaskError
 
 #: Punctuation the task templates use and the word-level tokenizer isolates.
 PUNCTUATION: tuple[str, ...] = (",", ".")
@@ -52,10 +53,43 @@ def check_n(n: Any) -> int:
 
 
 def tokenizer_of(model: Any, task: str) -> Any:
+    """``model.tokenizer``, or a ``TaskError``: the built-in tasks are made from text."""
     tokenizer = getattr(model, "tokenizer", None)
     if tokenizer is None:
-        raise ValueError(f"model has no .tokenizer; {task} needs it to tokenize the prompts")
+        raise TaskError(
+            f"model has no tokenizer; {task} builds its prompts from text and needs one (save the tokenizer "
+            "next to the model with tokenizer.save_pretrained, or make your own eap.Task from token ids)"
+        )
     return tokenizer
+
+
+def unknown_words(tokenizer: Any, texts: Sequence[str]) -> list[str]:
+    """Words of ``texts`` that ``tokenizer`` maps (wholly or partly) to its unknown token, in
+    first-seen order, stripped of surrounding punctuation. [] for a tokenizer without one."""
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if unk is None:
+        return []
+    out: list[str] = []
+    for text in dict.fromkeys(texts):
+        if unk not in encode(tokenizer, text):
+            continue
+        for word in text.split():
+            bare = word.strip(string.punctuation) or word
+            if bare not in out and unk in encode(tokenizer, " " + word):
+                out.append(bare)
+    return out
+
+
+def check_known(tokenizer: Any, texts: Sequence[str], task: str) -> None:
+    """A ``TaskError`` naming the words of ``texts`` the tokenizer does not know (they would
+    become its unknown token, and the prompts nonsense)."""
+    bad = unknown_words(tokenizer, texts)
+    if bad:
+        raise TaskError(
+            f"{task}: {len(bad)} prompt words are unknown to this tokenizer and would become its unknown token "
+            f"{getattr(tokenizer, 'unk_token', None)!r}: {', '.join(bad[:20])}{' ...' if len(bad) > 20 else ''}. "
+            f"{task} needs every word of its prompts in the tokenizer's vocabulary"
+        )
 
 
 def encode(tokenizer: Any, text: str) -> list[int]:
@@ -80,13 +114,15 @@ def pad_id(tokenizer: Any) -> int:
 
 
 def right_pad(
-    tokenizer: Any, clean_texts: Sequence[str], corrupt_texts: Sequence[str]
+    tokenizer: Any, clean_texts: Sequence[str], corrupt_texts: Sequence[str], task: str = "this task"
 ) -> tuple[Int[Tensor, "n seq"], Int[Tensor, "n seq"], Int[Tensor, " n"]]:
     """Tokenize clean/corrupted text pairs and right-pad them to one length.
 
     Returns (clean, corrupted, end) with ``end`` the index of each prompt's last real token.
-    Raises if a clean prompt and its corruption tokenize to different lengths.
+    Raises a ``TaskError`` if a word becomes the unknown token (:func:`check_known`), and if a
+    clean prompt and its corruption tokenize to different lengths.
     """
+    check_known(tokenizer, [*clean_texts, *corrupt_texts], task)
     clean_ids = [encode(tokenizer, t) for t in clean_texts]
     corrupt_ids = [encode(tokenizer, t) for t in corrupt_texts]
     return pad_ids(tokenizer, clean_ids, corrupt_ids, clean_texts, corrupt_texts)
@@ -103,7 +139,7 @@ def pad_ids(
     for i, (a, b) in enumerate(zip(clean_ids, corrupt_ids)):
         if len(a) != len(b):
             what = f": {clean_texts[i]!r} / {corrupt_texts[i]!r}" if clean_texts and corrupt_texts else ""
-            raise ValueError(
+            raise TaskError(
                 f"clean and corrupted prompt {i} tokenize to different lengths ({len(a)} vs "
                 f"{len(b)}){what}"
             )

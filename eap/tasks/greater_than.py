@@ -40,7 +40,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from eap.task import Task
+from eap.task import Task, TaskError
 from eap.tasks import common
 
 TEMPLATE = "The {noun} lasted from the year {cc}{yy} to the year {cc}"
@@ -70,7 +70,7 @@ def year_token_ids(tokenizer) -> list[int]:
     ids = [common.single_token(tokenizer, f"{y:02d}") for y in range(N_YEARS)]
     missing = [f"{y:02d}" for y, t in enumerate(ids) if t is None]
     if missing:
-        raise ValueError(
+        raise TaskError(
             f"greater-than needs every two-digit year 00-99 to be a single token; this tokenizer "
             f"splits or does not know {len(missing)} of them: {', '.join(missing[:10])}"
         )
@@ -115,7 +115,8 @@ def generate(
         raise ValueError(f"start years must be ints in 2..98 (the paper's 02-98), got {bad or 'none'}")
     noun_pool = [w for w in (NOUNS if nouns is None else nouns) if common.single_token(tokenizer, " " + w) is not None]
     if not noun_pool:
-        raise ValueError("none of the nouns is a single token (with a leading space) for this tokenizer")
+        raise TaskError("greater-than: none of the nouns is a single token (known, with a leading space) for this "
+                        f"tokenizer ({', '.join(NOUNS if nouns is None else nouns)[:80]}); it needs at least one")
     year_ids = year_token_ids(tokenizer)
     combos = valid_combinations(tokenizer, CENTURIES if centuries is None else centuries, years, year_ids)
     if combinations is not None:
@@ -125,9 +126,10 @@ def generate(
         drop = {(str(c), int(y)) for c, y in exclude_combinations}
         combos = [c for c in combos if c not in drop]
     if not combos:
-        raise ValueError(
-            'no (century, start year) tokenizes as [" CC", "YY"] with this tokenizer; greater-than '
-            "needs single-token centuries and two-digit year tokens"
+        raise TaskError(
+            'no (century, start year) tokenizes as [" CC", "YY"] with this tokenizer; greater-than needs '
+            f"single-token centuries (with a leading space; tried {', '.join(CENTURIES if centuries is None else centuries)}) "
+            "and two-digit year tokens"
         )
     rng = random.Random(seed)
     clean_texts, corrupt_texts, used_nouns, used_cc, used_yy = [], [], [], [], []
@@ -139,12 +141,12 @@ def generate(
         used_nouns.append(noun)
         used_cc.append(cc)
         used_yy.append(yy)
-    clean, corrupted, end = common.right_pad(tokenizer, clean_texts, corrupt_texts)
+    clean, corrupted, end = common.right_pad(tokenizer, clean_texts, corrupt_texts, "greater-than")
     year_t = torch.tensor(year_ids, dtype=torch.long)
     for i, yy in enumerate(used_yy):  # the start year is the only difference, one token each
         diff = (clean[i] != corrupted[i]).nonzero().flatten().tolist()
         if len(diff) != 1 or clean[i, diff[0]] != year_t[yy] or corrupted[i, diff[0]] != year_t[CORRUPT_YEAR]:
-            raise ValueError(
+            raise TaskError(
                 f"prompt {i} ({clean_texts[i]!r}) does not tokenize with the start year as one "
                 f"year token that the corruption replaces by '01'"
             )

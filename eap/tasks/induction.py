@@ -27,7 +27,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from eap.task import Task
+from eap.task import Task, TaskError
 from eap.tasks import common
 
 METRICS = ("logit_diff", "normalized")
@@ -58,8 +58,12 @@ def generate(
     if isinstance(length, bool) or not isinstance(length, int) or length < 2:
         raise ValueError(f"length must be an int >= 2 (tokens A and B at least), got {length!r}")
     pool = eligible_tokens(tokenizer, d_vocab) if tokens is None else torch.as_tensor(tokens).long().unique()
+    special = sorted(set(pool.tolist()) & set(getattr(tokenizer, "all_special_ids", []) or []))
+    if special:
+        raise TaskError(f"induction: tokens= holds special token ids {special[:10]} (pad/unknown/eos); it needs "
+                        "ordinary tokens only")
     if pool.numel() < 2 * length:
-        raise ValueError(
+        raise TaskError(
             f"induction with length {length} needs {2 * length} distinct tokens per prompt (sequence "
             f"+ fresh corruption); only {pool.numel()} are available"
         )

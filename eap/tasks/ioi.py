@@ -31,7 +31,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from eap.task import Task
+from eap.task import Task, TaskError
 from eap.tasks import common
 from eap.tasks.common import PUNCTUATION  # noqa: F401  (kept importable from here)
 from eap.tasks.ioi_words import ABBA_TEMPLATES, BABA_TEMPLATES, NAMES, OBJECTS, PLACES, words  # noqa: F401
@@ -97,16 +97,18 @@ def generate(
     templates = templates_for(prompt_type)
     pool = single_token_names(tokenizer, names)
     if len(pool) < MIN_NAMES:
-        raise ValueError(
-            f"only {len(pool)} of the names are a single token for this tokenizer; IOI needs at "
-            f"least {MIN_NAMES} (IO, S and three fresh corrupted names)"
+        raise TaskError(
+            f"only {len(pool)} of the names are a single known token (with a leading space) for this tokenizer"
+            f"{': ' + ', '.join(pool) if pool else ''}; IOI needs at least {MIN_NAMES} (IO, S and three fresh "
+            "corrupted names), and reads the IO and S names as single tokens"
         )
     name_list = list(pool)
     if pairs is not None:
         pairs = [tuple(p) for p in pairs]
         missing = sorted({x for p in pairs for x in p} - pool.keys())
         if missing:
-            raise ValueError(f"pair names not single tokens / not in the name pool: {missing[:5]}")
+            raise TaskError(f"IOI reads the pair names as single tokens; not single known tokens (with a leading "
+                            f"space) or not in the name pool: {missing[:5]}")
         if any(a == b for a, b in pairs) or not pairs:
             raise ValueError("pairs must be a non-empty list of (IO, S) with IO != S")
     excluded = {frozenset(p) for p in exclude_pairs} if exclude_pairs else set()
@@ -132,7 +134,7 @@ def generate(
         used_templates.append(tmpl)
         corrupt_names.append((x, y, z))
 
-    clean, corrupted, end = common.right_pad(tokenizer, clean_texts, corrupt_texts)
+    clean, corrupted, end = common.right_pad(tokenizer, clean_texts, corrupt_texts, "IOI")
     answers = {
         "io": torch.tensor([pool[w] for w in io_names], dtype=torch.long),
         "s": torch.tensor([pool[w] for w in s_names], dtype=torch.long),

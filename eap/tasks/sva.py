@@ -29,7 +29,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from eap.task import Task
+from eap.task import Task, TaskError
 from eap.tasks import common
 
 # (singular, plural); both forms single words.
@@ -84,7 +84,8 @@ def _verb_ids(tokenizer) -> list[tuple[int, int]]:
     for sg, pl in VERBS:
         a, b = common.single_token(tokenizer, " " + sg), common.single_token(tokenizer, " " + pl)
         if a is None or b is None:
-            raise ValueError(f"agreement needs ' {sg}' and ' {pl}' to be single tokens for this tokenizer")
+            raise TaskError(f"agreement reads ' {sg}' and ' {pl}' as single tokens (its metric compares their "
+                            "logits); this tokenizer splits or does not know them")
         ids.append((a, b))
     return ids
 
@@ -113,7 +114,7 @@ def generate(
         raise ValueError(f"unknown templates {bad or 'none'}; expected some of {tuple(TEMPLATES)}")
     pool = _usable_nouns(tokenizer, nouns)
     if len(pool) < 2:
-        raise ValueError(
+        raise TaskError(
             f"only {len(pool)} nouns have single-token singular and plural forms for this tokenizer; "
             "agreement needs at least 2 (subject and attractor)"
         )
@@ -153,7 +154,7 @@ def generate(
         attractors.append(fields["a"] if "{a}" in TEMPLATES[tmpl] else "")
         used_templates.append(tmpl)
         verbs.append(f"{VERBS[v][int(s_pl)]} (not {VERBS[v][int(not s_pl)]})")
-    clean, corrupted, end = common.right_pad(tokenizer, clean_texts, corrupt_texts)
+    clean, corrupted, end = common.right_pad(tokenizer, clean_texts, corrupt_texts, "agreement")
     info = dict(
         clean_texts=clean_texts,
         corrupted_texts=corrupt_texts,

@@ -173,7 +173,20 @@ def _run_gate_cells(spec: dict, run_dir: Path, quiet: bool, bootstrap: int | Non
     return run(Config(**spec), run_dir)
 
 
+def cmd_gate_certify(args: argparse.Namespace) -> int:
+    """``gate --certify PATH...``: fail when a certificate bounds more than --max-missed misses."""
+    try:
+        rows = gate_mod.check_certificates(args.certify, args.max_missed, args.confidence)
+    except (gate_mod.ThresholdError, KeyError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(gate_mod.certificate_table(rows))
+    return 0 if all(r["ok"] for r in rows) else 1
+
+
 def cmd_gate(args: argparse.Namespace) -> int:
+    if args.certify:
+        return cmd_gate_certify(args)
     rules: list[dict] = []
     thresholds = None
     adhoc = bool(args.min or args.max)
@@ -313,6 +326,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run", action="store_true", help="compute the cells the thresholds file names (into run_dir)")
     p.add_argument("--bootstrap", type=int, help="bootstrap replicates with --run")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--certify", nargs="+", metavar="CERT", help="gate certificates instead (files or directories of "
+                   "`python -m validation certify --json` output): fail when one bounds more than --max-missed "
+                   "unsampled edges above its tau")
+    p.add_argument("--max-missed", type=int, default=0, help="with --certify: misses allowed by the upper bound (M)")
+    p.add_argument("--confidence", type=float, help="with --certify: the least confidence a certificate must state")
     p.set_defaults(fn=cmd_gate)
     p = sub.add_parser("thresholds", help="write a thresholds file by the protocol (bench/gate.py)")
     p.add_argument("run_dir", nargs="?", help="a run directory to take the measured values from")

@@ -378,3 +378,66 @@ def sensitivity_table(rows: list[dict]) -> str:
         out.append(f"{r['method']:<16} {r['degradation']:<20} {r['strength']:>18.3g}{unit:<8} {drop:>16}  "
                    + "; ".join(r["first_failures"]))
     return "\n".join(out)
+
+
+# ----------------------------------------------------------------------- certificate gate
+#: ``kind`` of a certificate file (``validation.Certificate.save_json``).
+CERTIFICATE_KIND = "eap-bench/certificate/1"
+
+
+def find_certificates(paths: list[str | Path]) -> list[Path]:
+    """Certificate files named directly, or ``*.json`` files of that kind under named directories.
+    Raises ``ThresholdError`` for a path that does not exist or a directory without one."""
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = [f for f in sorted(p.rglob("*.json")) if _is_certificate(f)]
+            if not found:
+                raise ThresholdError(f"{p}: no certificate (*.json written by `python -m validation certify --json`)")
+            out += found
+        elif p.is_file():
+            out.append(p)
+        else:
+            raise ThresholdError(f"{p}: no such certificate file or directory")
+    return out
+
+
+def _is_certificate(path: Path) -> bool:
+    try:
+        return json.loads(path.read_text()).get("kind") == CERTIFICATE_KIND
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def check_certificates(paths: list[str | Path], max_missed: int, confidence: float | None = None) -> list[dict]:
+    """One row per certificate: PASS when its one-sided upper bound on the unsampled edges outside
+    the circuit with |effect| > tau (``missed_upper``, at the certificate's confidence) is at most
+    ``max_missed`` (and, with ``confidence``, the certificate was made at least that confident)."""
+    rows = []
+    for f in find_certificates(paths):
+        try:
+            cert = json.loads(f.read_text())
+        except ValueError as exc:
+            raise ThresholdError(f"{f}: not JSON ({exc})") from exc
+        if not isinstance(cert, dict) or cert.get("kind") != CERTIFICATE_KIND:
+            raise ThresholdError(f"{f}: not a certificate (kind {CERTIFICATE_KIND!r} expected)")
+        note = ""
+        ok = int(cert["missed_upper"]) <= max_missed
+        if confidence is not None and float(cert["confidence"]) < confidence:
+            ok, note = False, f"made at confidence {cert['confidence']} < {confidence}"
+        rows.append({"file": str(f), "missed_upper": int(cert["missed_upper"]), "max_missed": int(max_missed),
+                     "confidence": float(cert["confidence"]), "threshold": float(cert["threshold"]),
+                     "n_patched": int(cert["n_patched"]), "n_edges": int(cert["n_edges"]),
+                     "found": len(cert["found_misses"]), "ok": ok, "note": note})
+    return rows
+
+
+def certificate_table(rows: list[dict]) -> str:
+    out = []
+    for r in rows:
+        out.append(f"{'PASS' if r['ok'] else 'FAIL'} {r['file']}: at most {r['missed_upper']} unsampled edges with "
+                   f"|effect| > {r['threshold']:.4g} at {r['confidence']:.0%} confidence (allowed {r['max_missed']}); "
+                   f"{r['found']} misses found; {r['n_patched']} of {r['n_edges']} edges patched {r['note']}")
+    n_fail = sum(not r["ok"] for r in rows)
+    out.append(f"{len(rows) - n_fail}/{len(rows)} certificates passed" + (f", {n_fail} FAILED" if n_fail else ""))
+    return "\n".join(out)

@@ -50,7 +50,7 @@ from bench.worker import AttrJob, ExactJob, ExecutorSpec, FaithJob, WorkerSpec, 
 from eap.methods import REGISTRY as METHOD_REGISTRY
 
 SCHEMA_VERSION = 2
-DEFAULT_MODELS = ["toy-gpt2-2l", "toy-gpt2-4l", "toy-llama-4l"]
+DEFAULT_MODELS = ["toy-gpt2-2l", "toy-gpt2-4l", "toy-llama-4l", "toy-gemma2-4l"]
 #: Tasks of the default run: the first two of these that ``eap.tasks.TASKS`` has.
 PREFERRED_TASKS = ("ioi", "greater-than", "induction", "sva")
 #: Methods of the default run: the registry's methods marked ``bench_default`` (``eap.methods``).

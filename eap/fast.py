@@ -39,6 +39,16 @@ How the fast engine computes one prompt batch
    receivers: a tensor hook on a view of the MLP input used only by the MLP branch; logits: on
    the final residual. Nothing is stored beyond what autograd keeps for the backward.
 
+Post-norm families (Gemma-2; ``eap.arch.postnorm``): the residual stream gets each layer's
+post-normed attention sum; a head's row of the buffer is its pre-norm difference ``d_u`` until the
+clean pass reaches its layer, which replaces it by ``J_PN(S) d_u`` (``S`` the clean pre-norm sum):
+the first-order term of exact patching's ``PN(S + d_u) - PN(S)``. With several gradient points
+(``eap-ig``, ``clean-corrupted``) each point's pass uses the Jacobian at its own ``S`` (the pre-norm
+differences are kept for that). ``FastEngine(post_norm='ignore')``
+keeps the raw ``d_u`` (EAP-IG's ``attribute.py``), on request only. The bridge's hooks cannot
+apply the Jacobian, so post-norm families never fall back to the bridge
+(:func:`refuse_bridge_for_post_norms`).
+
 With a task read-out (one position per prompt) the last block's MLP runs at the read-out
 positions only, in both passes: the metric reads the final residual there alone and the MLP is
 position-wise, so its output elsewhere (buffer row zero there) and its receiver's gradient
@@ -60,7 +70,9 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from eap.arch import Arch, UnsupportedModel
+from eap.arch import Arch, UnsupportedModel, arch_spec
+from eap.arch.mixednorm import own_block_backward, whole_normed
+from eap.arch.postnorm import post_norm_jvp
 from eap.graph import Graph
 from eap.hooks import StopForward, require_edge_hooks, run_until_stop
 from eap.models import model_device, model_dtype
@@ -93,6 +105,7 @@ def engine_for(model: Any, engine: str = "auto") -> "FastEngine | None":
         raise ValueError(f"unknown engine {engine!r}; choose one of {ENGINES}")
     if engine == "bridge":
         require_edge_hooks(model)  # GPT-J: TransformerLens has no per-head hooks, the fast engine is the only one
+        refuse_bridge_for_post_norms(model)
         return None
     if hooks_attached(model):
         if engine == "fast":
@@ -100,6 +113,7 @@ def engine_for(model: Any, engine: str = "auto") -> "FastEngine | None":
                 "the model has TransformerLens hooks attached; the fast engine does not run them "
                 "(use engine='auto' or 'bridge', which attribute through the bridge with its hooks)"
             )
+        refuse_bridge_for_post_norms(model)
         return None
     verdicts = _VERDICTS.setdefault(model, {})
     key = (model_dtype(model), model_device(model))
@@ -116,6 +130,7 @@ def engine_for(model: Any, engine: str = "auto") -> "FastEngine | None":
         if engine == "fast":
             raise
         require_edge_hooks(model, str(exc))
+        refuse_bridge_for_post_norms(model, exc)
         if not known:
             warnings.warn(f"{exc}; attributing through the bridge's hooks (same scores, slower)", stacklevel=3)
         return None
@@ -132,6 +147,21 @@ def bridge_reason(model: Any, engine: str = "auto") -> str:
         return "TransformerLens hooks are attached to the model (the fast engine does not run them)"
     verdict = _VERDICTS.get(model, {}).get((model_dtype(model), model_device(model)))
     return f"the fast engine does not reproduce this model: {verdict}" if verdict else "not known"
+
+
+def refuse_bridge_for_post_norms(model: Any, why: Exception | None = None) -> None:
+    """Raise ``UnsupportedModel`` for a post-norm family (Gemma-2, ...): the bridge's hooks
+    contract a head's *pre-norm* difference with the receiver gradient, which is not the
+    first-order term of patching the edge (``eap.arch.postnorm``); only the fast engine applies
+    the post-norm's Jacobian. ``why``: the reason the fast engine cannot run."""
+    spec = arch_spec(model)
+    if spec.post_norms:
+        reason = f" ({why})" if why is not None else ""
+        raise UnsupportedModel(
+            f"{spec.family}: a post-norm acts on the sum of heads; attribution there needs the fast engine "
+            f"(it applies the post-norm's Jacobian to each head's difference), which cannot run{reason}. The "
+            "bridge's hooks would silently drop that Jacobian (EAP-IG's variant: FastEngine(post_norm='ignore'))"
+        )
 
 
 # ------------------------------------------------------------------------------------ layout
@@ -232,17 +262,77 @@ class _HeadProjections(torch.autograd.Function):
         return inputs.sum(0), None, None, None, None
 
 
+def _mixed_projections(x: Tensor, arch: Arch, layer: int, sink: "_Scores | None", at: _LayerRows) -> tuple[Tensor, ...]:
+    """q, k (through the q/k norms over all heads) and v of every head; with ``sink`` the
+    receivers' gradients are formed in the backward (:class:`_MixedHeadProjections`)."""
+    if sink is not None:
+        return _MixedHeadProjections.apply(x, arch, layer, sink, at)
+    lw = arch.layers[layer]
+    q, k, v = arch.qkv(layer, lw.ln1(x))
+    return whole_normed(lw.q_norm_whole, q), whole_normed(lw.k_norm_whole, k), v
+
+
+class _MixedHeadProjections(torch.autograd.Function):
+    """:class:`_HeadProjections` for q/k norms over all heads (OLMo-2): head H's q receiver
+    gradient goes through the diagonal block ``J_HH`` of the q norm's Jacobian (its own view,
+    ``eap.arch.mixednorm``), while the residual's gradient goes through the whole Jacobian, so
+    it is formed separately (it is not the sum of the receivers' gradients)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, arch: Arch, layer: int, sink: "_Scores", at: _LayerRows) -> tuple[Tensor, ...]:
+        lw = arch.layers[layer]
+        q, k, v = arch.qkv(layer, lw.ln1(x))
+        ctx.save_for_backward(x, q, k, v)
+        ctx.arch, ctx.layer, ctx.sink, ctx.at = arch, layer, sink, at
+        return whole_normed(lw.q_norm_whole, q), whole_normed(lw.k_norm_whole, k), v
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Tensor) -> tuple[Tensor | None, ...]:
+        x, *raws = ctx.saved_tensors
+        lw = ctx.arch.layers[ctx.layer]
+        B, P, d = x.shape
+        H = ctx.arch.spec.n_heads
+        back = lw.ln1.backward_at(x.reshape(B * P, d))
+        inputs = ctx.sink.workspace(3 * H)
+        resid = x.new_zeros(B * P, d, dtype=grads[0].dtype)
+        heads = lambda t: t.transpose(0, 1).reshape(H, B * P, -1)  # noqa: E731  [B, H, P, dh] -> [H, B*P, dh]
+        flat = lambda t: t.transpose(1, 2).reshape(B * P, -1)  # noqa: E731  [B, H, P, dh] -> [B*P, H dh]
+        kinds = zip(grads, raws, (lw.W_Q, lw.W_K, lw.W_V), (lw.b_Q, lw.b_K, lw.b_V),
+                    (lw.q_norm_whole, lw.k_norm_whole, None))
+        for j, (g, raw, W, b, norm) in enumerate(kinds):
+            rows = inputs[j * H : (j + 1) * H]
+            if norm is None:  # v: the receivers' gradients add up to the residual's
+                back.through_linear(heads(g), W, heads(raw), b, result=rows)
+                resid += rows.sum(0)
+                continue
+            full, own = own_block_backward(norm, flat(raw), flat(g), H)  # [B*P, H dh] each
+            own = own.view(B * P, H, -1).transpose(0, 1)
+            back.through_linear(own, W, heads(raw), b, result=rows)
+            Hd = W.shape[0] * W.shape[2]
+            W_flat = W.permute(1, 0, 2).reshape(1, d, Hd)
+            b_flat = None if b is None else b.reshape(1, Hd)
+            resid += back.through_linear(full.unsqueeze(0), W_flat, flat(raw).unsqueeze(0), b_flat)[0]
+        ctx.sink.add(ctx.at.qkv, ctx.at.qkv_up, inputs.view(3 * H, B, P, d))
+        return resid.view(B, P, d), None, None, None, None
+
+
 # ------------------------------------------------------------------------------------ engine
 class FastEngine:
     """EAP's passes on the adapter's blocks (module docstring). Built per ``attribute`` call
     from views of the model's weights (no copies); raises ``UnsupportedModel`` where the adapter
     does not describe the model."""
 
-    def __init__(self, model: Any) -> None:
+    def __init__(self, model: Any, post_norm: str = "jacobian") -> None:
+        """``post_norm`` (post-norm families only): 'jacobian' (the default: a head's difference
+        reaches its receivers through the post-norm's Jacobian at the clean run, the first-order
+        term of exact patching) or 'ignore' (EAP-IG's ``attribute.py``: the raw pre-norm
+        difference; for reproducing MIB numbers, not the first-order term)."""
+        if post_norm not in ("jacobian", "ignore"):
+            raise ValueError(f"post_norm must be 'jacobian' or 'ignore', got {post_norm!r}")
         self.model = model
         self.arch = Arch(model, fused_qkv=False)
-        if self.arch.spec.post_norms:
-            raise UnsupportedModel(f"{self.arch.spec.family}: post-norms (per-head outputs not additive)")
+        self.post_norm = post_norm
+        self._pre_norm: dict[int, Tensor] | None = None  # heads' pre-norm differences per layer (several points)
 
     def embed(self, tokens: Tensor) -> Float[Tensor, "b p d"]:
         """The input residual (``blocks.0.hook_resid_pre``), computed by the bridge itself."""
@@ -271,6 +361,7 @@ class FastEngine:
         buf = torch.empty(graph.n_senders, b, p, spec.d_model, device=scores.device, dtype=model_dtype(self.model))
         sink = _Scores(buf, scores)
         where = self._readout_where(task)
+        self._pre_norm = {} if len(points) > 1 and self.arch.spec.post_norms else None
         with torch.no_grad():
             if replacement is None:
                 buf[0] = self.embed(task.corrupted)
@@ -358,19 +449,23 @@ class FastEngine:
         return base + out
 
     def _attention(self, i: int, x: Tensor, buf: Tensor, at: _LayerRows, mode: str, sink: _Scores | None) -> Tensor:
-        """Attention's write into the residual stream (heads + ``b_O``); per-head results into
-        ``buf`` per ``mode``; with ``sink``, the q/k/v receivers' gradients in the backward."""
+        """Attention's write into the residual stream (heads + ``b_O``, then any post-norm);
+        per-head results into ``buf`` per ``mode`` (post-norms, 'subtract': then through the
+        post-norm's Jacobian, module docstring); with ``sink``, the q/k/v receivers' gradients in
+        the backward."""
         arch, spec = self.arch, self.arch.spec
         lw = arch.layers[i]
         B, P, d = x.shape
         H, dh = spec.n_heads, spec.d_head
-        if sink is None:
+        if lw.q_norm_whole is not None:  # OLMo-2: q/k norms over all heads (eap.arch.mixednorm)
+            q, k, v = _mixed_projections(x, arch, i, sink, at)
+        elif sink is None:
             q, k, v = arch.qkv(i, lw.ln1(x))
         else:
             q, k, v = _HeadProjections.apply(x, arch, i, sink, at)
         q, k = arch.qk_normed(i, q, k)  # per-head q/k norms (Qwen3): plain autograd after the projections
         if spec.positions == "rotary":
-            cos, sin = arch.rope(P, x)
+            cos, sin = arch.rope(P, x, i)
             q, k = arch.rotate(q, cos, sin), arch.rotate(k, cos, sin)
         z = arch.attend(i, q, k, v)  # [B, H, P, dh]
         if mode == "keep":
@@ -385,7 +480,16 @@ class FastEngine:
                 results -= per_head.detach()
                 out = per_head.sum(0)
             out = out.view(B, P, d)
-        return out if lw.b_O is None else out + lw.b_O
+        out = out if lw.b_O is None else out + lw.b_O
+        if lw.ln1_post is None:
+            return out
+        if self.post_norm == "jacobian" and mode != "set":  # head rows: J_PN(S) (corrupted - clean) at this point
+            rows = buf[at.heads : at.heads + H]
+            if mode == "subtract" and self._pre_norm is not None:  # later gradient points need them again
+                self._pre_norm[i] = rows.clone()
+            raw = rows if mode == "subtract" else self._pre_norm[i]
+            rows.copy_(post_norm_jvp(lw.ln1_post, out.detach(), raw))
+        return lw.ln1_post(out)
 
     def _metric(self, resid: Float[Tensor, "b *p d"], task: Task) -> Float[Tensor, " b"]:
         """Per-prompt metric from the final residual, read out by ``eap.arch.Readout`` (only the

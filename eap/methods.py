@@ -29,7 +29,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from eap.atp import VARIANTS, AtP, AtPOptions
-from eap.fast import engine_for
+from eap.fast import engine_for, refuse_bridge_for_post_norms
 from eap.graph import Graph
 from eap.hooks import require_edge_hooks
 from eap.passes import LEVELS, AttributionError, GradientMethod, Strategy, run_strategy
@@ -174,6 +174,7 @@ class AtPMethod(StrategyMethod):
             raise AttributionError(f"{self.name!r} runs on the bridge engine only (eap.atp); use engine='auto' "
                                    "or 'bridge'")
         require_edge_hooks(model, f"{self.name!r} runs on the bridge engine only (eap.atp)")  # GPT-J: no such engine
+        refuse_bridge_for_post_norms(model)  # the bridge's hooks have no post-norm Jacobian
         return AtP(model, graph, self.atp, scores)
 
 

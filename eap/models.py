@@ -258,6 +258,10 @@ def random_model(
     special = dict(bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
                    pad_token_id=tokenizer.pad_token_id)
     config = AutoConfig.for_model(fam.model_types[0], **fields, **special)
+    if not getattr(config, "architectures", None):  # TransformerLens picks its adapter by this name (OLMo-2)
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+        config.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[fam.model_types[0]]]
     if attn_only:
         config.attn_only = True
     device = torch.device(device) if device is not None else default_device()

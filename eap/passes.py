@@ -25,7 +25,7 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from eap.arch import Readout
+from eap.arch import Readout, arch_spec
 from eap.budget import attribution_batch_size
 from eap.fast import FastEngine, bridge_reason
 from eap.graph import Graph, HookGroup
@@ -89,6 +89,12 @@ def run_strategy(
     ``make_strategy(scores)`` builds around a zero score matrix ``[n_senders, n_receivers]``
     (at least float32, on the model's device): batches of ``batch_size`` prompts (None: as many
     as fit ``memory_budget``), each weighted ``1 / n_prompts``. See ``eap.attribute``."""
+    if level == "node" and arch_spec(model).whole_qk_norm:
+        raise AttributionError(
+            f"{arch_spec(model).family}: a q/k norm over all heads couples the heads, so a node's first-order effect "
+            "is not the sum of its edges' (each head's own view, eap.arch.mixednorm); node-level attribution is not "
+            "offered for this family (validation.patch_nodes gives exact node effects)"
+        )
     device, dtype = model_device(model), model_dtype(model)
     task = task.to(device)
     # accumulate in at least float32 (a half-precision model would otherwise sum in half)

@@ -99,4 +99,29 @@ RANDOM_SHAPES: dict[str, tuple[str, dict[str, Any]]] = {
     "gpt-j-tiny": ("gptj", dict(
         n_layer=2, n_embd=32, n_head=4, rotary_dim=4, n_positions=64, activation_function="gelu_new",
         layer_norm_epsilon=1e-5, tie_word_embeddings=False, vocab_size=64)),
+    # google/gemma-3-1b-pt (text): per-head q/k norms, post-norms, 5 local layers (window 512, rope 1e4) per global
+    # layer (rope 1e6), MQA, no softcaps
+    "gemma-3-1b": ("gemma3", dict(
+        num_hidden_layers=26, hidden_size=1152, num_attention_heads=4, num_key_value_heads=1, head_dim=256,
+        intermediate_size=6912, hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=256,
+        rms_norm_eps=1e-6, sliding_window=512, sliding_window_pattern=6, max_position_embeddings=32768,
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                         "full_attention": {"rope_type": "default", "rope_theta": 1000000.0}},
+        tie_word_embeddings=True, vocab_size=262144)),
+    "gemma-3-tiny": ("gemma3", dict(
+        num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        intermediate_size=64, hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=16, rms_norm_eps=1e-6,
+        sliding_window=4, layer_types=["sliding_attention", "full_attention"], max_position_embeddings=64,
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10.0},
+                         "full_attention": {"rope_type": "default", "rope_theta": 1000000.0}},
+        tie_word_embeddings=True, vocab_size=64)),
+    # allenai/OLMo-2-0425-1B (no pre-norms, post-norms, q/k RMSNorm over all heads, untied unembedding)
+    "olmo-2-1b": ("olmo2", dict(
+        num_hidden_layers=16, hidden_size=2048, num_attention_heads=16, num_key_value_heads=16,
+        intermediate_size=8192, hidden_act="silu", rms_norm_eps=1e-6, rope_theta=500000.0,
+        max_position_embeddings=4096, tie_word_embeddings=False, attention_bias=False, vocab_size=100352)),
+    "olmo-2-tiny": ("olmo2", dict(
+        num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=4, intermediate_size=64,
+        hidden_act="silu", rms_norm_eps=1e-6, rope_theta=500000.0, max_position_embeddings=64,
+        tie_word_embeddings=False, vocab_size=64)),
 }

@@ -3,6 +3,7 @@
     HF_HUB_OFFLINE=1 .venv/bin/python scripts/train_embedded.py toy-gpt2-2l
     HF_HUB_OFFLINE=1 .venv/bin/python scripts/train_embedded.py toy-gpt2-4l
     HF_HUB_OFFLINE=1 .venv/bin/python scripts/train_embedded.py toy-llama-4l
+    HF_HUB_OFFLINE=1 .venv/bin/python scripts/train_embedded.py toy-gemma2-4l --max-minutes 10
 
 One model learns IOI, greater-than, induction and subject-verb agreement (``eap.tasks.TASKS``)
 with the shared word-level tokenizer (:func:`eap.tasks.vocab.word_level_tokenizer`).
@@ -80,6 +81,12 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "toy-gpt2-4l": dict(arch="gpt2", n_layers=4, d_model=128, n_heads=8, d_mlp=512, min_steps=2500, decay_steps=3500),
     "toy-llama-4l": dict(
         arch="llama", n_layers=4, d_model=128, n_heads=8, n_kv_heads=2, d_mlp=384, min_steps=2000, decay_steps=3000,
+    ),
+    # post-norm family (Gemma-2's block: 1 + w RMSNorms before and after attention and MLP, GeGLU,
+    # embedding scaling, attention and final softcaps 50 / 30, sliding window on every other layer)
+    "toy-gemma2-4l": dict(
+        arch="gemma2", n_layers=4, d_model=128, n_heads=4, n_kv_heads=2, d_mlp=384, sliding_window=8,
+        min_steps=2000, decay_steps=3000,
     ),
 }
 N_POSITIONS = 32
@@ -305,6 +312,19 @@ def build_model(cfg: dict[str, Any], tok):
             **special,
         )
         return GPT2LMHeadModel(config)
+    if cfg["arch"] == "gemma2":
+        from transformers import Gemma2Config, Gemma2ForCausalLM
+
+        d_head = cfg["d_model"] // cfg["n_heads"]
+        config = Gemma2Config(
+            vocab_size=len(tok), hidden_size=cfg["d_model"], intermediate_size=cfg["d_mlp"],
+            num_hidden_layers=cfg["n_layers"], num_attention_heads=cfg["n_heads"],
+            num_key_value_heads=cfg["n_kv_heads"], head_dim=d_head, query_pre_attn_scalar=d_head,
+            max_position_embeddings=N_POSITIONS, sliding_window=cfg["sliding_window"],
+            attn_logit_softcapping=50.0, final_logit_softcapping=30.0, hidden_activation="gelu_pytorch_tanh",
+            tie_word_embeddings=True, attention_dropout=0.0, attn_implementation="eager", **special,
+        )
+        return Gemma2ForCausalLM(config)
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
@@ -480,10 +500,13 @@ HELD_OUT = {
 def model_card(card: dict) -> str:
     c, t, e, r = card["config"], card["training"], card["eval"], card["results"]
     kv = f", {c['n_kv_heads']} KV heads (grouped-query)" if c["n_kv_heads"] != c["n_heads"] else ""
-    family = (
-        "GPT-2 architecture (LayerNorm, learned positions, GELU MLP)" if c["arch"] == "gpt2"
-        else "Llama architecture (RMSNorm, rotary positions, grouped-query attention, SwiGLU MLP)"
-    )
+    family = {
+        "gpt2": "GPT-2 architecture (LayerNorm, learned positions, GELU MLP)",
+        "llama": "Llama architecture (RMSNorm, rotary positions, grouped-query attention, SwiGLU MLP)",
+        "gemma2": "Gemma-2 architecture (post-norm family: 1 + w RMSNorms before and after attention and MLP, "
+                  "GeGLU MLP, rotary positions, grouped-query attention, embedding scaling, attention and final "
+                  "logit softcaps, a sliding window on every other layer)",
+    }[c["arch"]]
     reproduce = (
         f"\n\n(Stopped by the time limit: add `--max-steps {t['steps']}` to reproduce the same steps on another machine.)"
         if t["stopped_by"] == "time limit" else ""

@@ -261,13 +261,17 @@ def test_half_precision_attribution_tracks_float32(dtype):
 
 
 # ------------------------------------------------------------------------------ refusals
-def test_gemma2_edges_are_refused_not_approximated():
+def test_gemma2_edges_are_not_approximated():
+    """Gemma-2 edges are defined through the recomputed post-norm (tests/test_postnorm.py); the
+    paths that would silently approximate it (the bridge's hooks) are refused."""
     model = random_model("gemma-2-tiny", seed=0, **F64)
     g = Graph.from_model(model)
     task = random_task(model, n=2, seq=5)
-    with pytest.raises(UnsupportedModel, match="post_attention_layernorm"):
-        attribute(model, g, task, progress=False)
-    with pytest.raises(UnsupportedModel, match="not additive"):
+    with pytest.raises(UnsupportedModel, match="post-norm"):
+        attribute(model, g, task, progress=False, engine="bridge")
+    with pytest.raises(UnsupportedModel, match="post-norm"):
+        attribute(model, g, task, method="atp*", progress=False)
+    with pytest.raises(UnsupportedModel, match="post-norm"):
         validation.patch_edges(model, g, task, [0, 1], progress=False, engine="bridge")
 
 

@@ -18,7 +18,7 @@ from eap.models import DEFAULT_MODEL, load_model
 from eap.tasks import TASKS
 
 EMBEDDED = Path(__file__).resolve().parents[1] / "eap" / "embedded"
-REQUIRED = ["toy-gpt2-2l", "toy-gpt2-4l", "toy-llama-4l"]
+REQUIRED = ["toy-gpt2-2l", "toy-gpt2-4l", "toy-llama-4l", "toy-gemma2-4l"]  # the last: a post-norm family
 NAMES = sorted(p.parent.name for p in EMBEDDED.glob("*/card.json"))
 # What each card must state, per task: (lowest, highest) mean clean metric.
 RANGES = {"ioi": (2.5, 6.0), "greater-than": (0.4, 0.9), "induction": (2.5, 6.0), "sva": (2.5, 6.0)}

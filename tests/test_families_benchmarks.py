@@ -27,7 +27,7 @@ from eap.measure import median, time_interleaved
 pytestmark = [pytest.mark.benchmark, pytest.mark.usefixtures("one_thread")]
 
 SHAPES = ["gpt2-small", "pythia-160m", "llama-3.2-1b", "qwen2.5-0.5b", "gemma-2-2b", "qwen3-0.6b", "phi-3-mini",
-          "gemma-2b", "gpt-j-6b"]
+          "gemma-2b", "gpt-j-6b", "gemma-3-1b", "olmo-2-1b"]
 N_LAYERS = 2
 N_PROMPTS = 8
 EDGES = "stratified:300"

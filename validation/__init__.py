@@ -12,6 +12,9 @@ metric(patched) - metric(clean), in the metric's units, where "patched" adds
         -> CircuitEval (per_prompt, mean, clean, corrupted, effect, faithfulness): the metric with
         every edge outside the circuit patched at once (MIB/EAP-IG evaluate_graph; several
         circuits per forward)
+    certify(model, graph, task, scores, budget=K, threshold=tau, confidence=0.95, seed=0, out=None, ...)
+        -> Certificate: verify the top edges exactly, sample the rest by an error signal, and bound
+        the unsampled edges above tau that attribution missed (docs/certify.md)
     throughput(model, graph, task, n_edges=256) -> dict (edges_per_s, forward_equivalents_per_edge)
     fingerprint(model, graph, task, edges_idx, scale=1.0, kind='edges') -> str
     default_path(model, graph, task, edges_idx, scale=1.0, kind='edges', root=None) -> Path
@@ -32,6 +35,8 @@ units are saved (a rerun resumes). CLI: ``python -m validation --help``.
 """
 
 from validation.speed import forward_seconds, throughput
+from validation.certify import Certificate, certify, run_certificate
+from validation.certify_stats import CertifyError
 from validation.circuit import CircuitError, CircuitEval, circuit_masks, evaluate_circuit
 from validation.executor import Executor, ExecutorError, LocalExecutor, RayExecutor, executor_from_spec
 from validation.options import CircuitStats, PatchOptions, PatchStats
@@ -42,10 +47,10 @@ from validation.store import (
 )
 
 __all__ = [
-    "BlockRunner", "CircuitError", "CircuitEval", "CircuitStats", "Executor", "ExecutorError", "LocalExecutor",
+    "BlockRunner", "Certificate", "CertifyError", "CircuitError", "CircuitEval", "CircuitStats", "Executor", "ExecutorError", "LocalExecutor",
     "PatchError", "PatchInterrupted", "PatchOptions", "PatchStats", "RayExecutor",
     "StoreError", "StoreLocked", "StoreMismatch", "UnsupportedModel",
-    "circuit_masks", "default_path", "evaluate_circuit", "fingerprint", "forward_seconds", "load_file", "load_values",
+    "certify", "circuit_masks", "default_path", "evaluate_circuit", "fingerprint", "forward_seconds", "load_file", "load_values",
     "executor_from_spec", "merge",
-    "patch_edges", "patch_nodes", "throughput",
+    "patch_edges", "patch_nodes", "run_certificate", "throughput",
 ]

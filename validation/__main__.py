@@ -4,6 +4,9 @@
     python -m validation --model random:gpt2-small --n 1024 --edges stratified:100 --memory-budget 2GiB
     python -m validation --model toy-gpt2-4l --edges all --intervention mean   # zero, mean, mean-positional
     python -m validation merge results/x.0.pt results/x.1.pt --out results/x.pt
+    python -m validation --model toy-gpt2-4l --task greater-than --edges all   # or --task mypkg.tasks:my_task
+    python -m validation certify --model toy-gpt2-4l --budget 300 --threshold 2% --out results/cert
+    python -m validation circuit --model toy-gpt2-4l --graph circuit.json     # faithfulness of circuits
     python -m validation --model random:gpt2-small --edges all --executor ray [--address auto|ray://host:port]
         [--workers K] [--gpus-per-worker F]     # Ray workers (pip install 'eap-bench[ray]')
 
@@ -21,15 +24,7 @@ import sys
 import torch
 
 from eap.interventions import INTERVENTIONS
-
-
-def _dtype(name: str | None):
-    if name is None:
-        return None
-    table = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if name not in table:
-        raise SystemExit(f"unknown --dtype {name!r}; use one of {sorted(table)}")
-    return table[name]
+from validation.cli_commands import SUBCOMMANDS, add_task_args, dtype_arg as _dtype
 
 
 def _edges_arg(spec: str):
@@ -55,6 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     import validation
 
+    if argv[:1] and argv[0] in SUBCOMMANDS:  # certify, circuit (validation.cli_commands)
+        return SUBCOMMANDS[argv[0]](argv[1:])
     if argv[:1] == ["merge"]:
         p = argparse.ArgumentParser(prog="python -m validation merge", description="merge shard results files")
         p.add_argument("paths", nargs="+")
@@ -67,10 +64,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m validation", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="toy-gpt2-4l")
-    p.add_argument("--n", type=int, default=64, help="number of IOI prompts")
+    p.add_argument("--n", type=int, default=64, help="number of prompts")
     p.add_argument("--seed", type=int, default=0, help="seed of the prompts and of sampled edge selections")
-    p.add_argument("--prompt-type", default="mixed")
-    p.add_argument("--metric", default="logit_diff")
+    add_task_args(p)
+    p.add_argument("--prompt-type", default=None, help="IOI only (default: mixed)")
+    p.add_argument("--metric", default=None, help="the task's metric (default: the task's raw metric)")
     p.add_argument("--edges", default="all", help="all | topk:K (needs --scores) | sample:K | stratified:K | "
                    "comma-separated indices/names | file:PATH (one name per line)")
     p.add_argument("--scores", default=None, help="graph file (.pt or .json) whose scores rank topk:K")
@@ -138,7 +136,13 @@ def _run(a: argparse.Namespace, executor) -> int:
 
     model = eap.load_model(a.model, device=a.device, dtype=_dtype(a.dtype))
     graph = Graph.from_model(model)
-    task = eap.tasks.ioi(model, a.n, seed=a.seed, prompt_type=a.prompt_type, metric=a.metric)
+    from eap.task import TaskError
+    from validation.cli_commands import make_task
+
+    if a.prompt_type is not None and a.task != "ioi":
+        raise TaskError(f"--prompt-type is an IOI option; for --task {a.task!r} use --task-kwargs")
+    extra = {k: v for k, v in (("prompt_type", a.prompt_type), ("metric", a.metric)) if v is not None}
+    task = make_task(model, a, extra)
     scores = None
     if a.scores:
         read = Graph.from_json if a.scores.endswith(".json") else Graph.from_pt
@@ -200,6 +204,8 @@ def _cli() -> int:
     from validation.runner import UnsupportedModel
     from validation.store import StoreError
     from eap.interventions import InterventionError
+    from validation.certify_stats import CertifyError
+    from validation.circuit import CircuitError
 
     try:
         return main()
@@ -207,7 +213,7 @@ def _cli() -> int:
         print(f"\n{exc or 'interrupted'}", file=sys.stderr)
         return 130
     except (BudgetError, GraphError, HookError, ModelLoadError, TaskError, PatchError, StoreError,
-            UnsupportedModel, InterventionError) as exc:
+            UnsupportedModel, InterventionError, CertifyError, CircuitError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

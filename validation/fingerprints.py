@@ -42,7 +42,8 @@ FORMAT = "eap-bench/validation/2"
 #: module is not among them: the edge list itself is hashed (``fingerprint_parts["edges"]``).
 PATCHING_MODULES = (
     "validation.patch", "validation.units", "validation.runner", "eap.arch.family", "eap.arch.spec", "eap.arch.norm",
-    "eap.arch.rotary", "eap.arch.readout", "eap.arch.blocks", "eap.arch.ungroup", "eap.hooks", "eap.task",
+    "eap.arch.rotary", "eap.arch.readout", "eap.arch.blocks", "eap.arch.ungroup", "eap.arch.postnorm",
+    "eap.arch.mixednorm", "eap.hooks", "eap.task",
 )
 #: Elements per chunk when summing a parameter in float64 (bounds the transient copy).
 _SUM_CHUNK = 2**18

@@ -60,7 +60,7 @@ from eap.task import Task, TaskError
 from validation.errors import PatchError
 from validation.executor import resolve_executor
 from validation.options import PatchOptions, PatchStats, path_name, resolve_engine
-from validation.runner import BlockRunner, UnsupportedModel
+from validation.runner import BlockRunner, UnsupportedModel, refuse_hooks_for_post_norms
 from validation.store import ResultStore, describe_request, fingerprint_of, fingerprint_parts
 from validation.units import PatchJob, Unit, item_weights, unit_keys
 from validation.units import compute_unit, prepare_batch  # noqa: F401  (re-exported: where they used to live)
@@ -127,9 +127,11 @@ def prepare_call(model: Any, task: Task, engine: str, batch_size: int | None, re
             if engine == "fast":
                 raise
             require_edge_hooks(model, str(exc))  # a model without edge hooks has no hook path to fall back to
+            refuse_hooks_for_post_norms(model, what, exc)
             warnings.warn(f"{exc}; using the (slower) hook-based {what} path")
     else:
         require_edge_hooks(model)
+        refuse_hooks_for_post_norms(model, what)
     return task, runner, use_readout and runner is not None
 
 

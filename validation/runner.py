@@ -32,13 +32,27 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from eap.arch import Arch, UnsupportedModel
+from eap.arch import Arch, UnsupportedModel, arch_spec
+from eap.arch.postnorm import post_normed_difference
 from eap.graph import Graph, HookGroup
 from eap.hooks import StopForward, run_until_stop
 
-__all__ = ["BlockRunner", "UnsupportedModel"]
+__all__ = ["BlockRunner", "UnsupportedModel", "refuse_hooks_for_post_norms"]
 
 Point = tuple[str, int]
+
+
+def refuse_hooks_for_post_norms(model: Any, what: str, why: Exception | None = None) -> None:
+    """Raise ``UnsupportedModel`` for a post-norm family on the hook path: a head's edge there
+    is defined through its layer's recomputed post-norm (``eap.arch.postnorm``), which only the
+    block runner computes. ``why``: the reason the runner cannot run."""
+    spec = arch_spec(model)
+    if spec.post_norms:
+        reason = f" ({why})" if why is not None else ""
+        raise UnsupportedModel(
+            f"{spec.family}: a post-norm acts on the sum of heads; {what} there runs on the block runner "
+            f"(method='auto' or 'fast'), which recomputes it per edge; the hook path does not{reason}"
+        )
 
 
 class BlockRunner:
@@ -114,9 +128,11 @@ class BlockRunner:
             return ("post", layer), new - arch.mlp(layer, x_in).unsqueeze(0)
         if kind not in ("q", "k", "v") or head is None:
             raise ValueError(f"unknown receiver kind {kind!r} (head {head})")
-        clean = {k: arch.head_input(layer, head, k, x_in) for k in "qkv"}
+        whole = arch.spec.whole_qk_norm  # OLMo-2: the other heads' q/k slices stay clean (eap.arch.mixednorm)
+        clean = {k: arch.head_input(layer, head, k, x_in, context=x_in if whole else None) for k in "qkv"}
         r0 = arch.head_result(layer, head, clean["q"], clean["k"], clean["v"])
-        patched = arch.head_input(layer, head, kind, (x_in.unsqueeze(0) + D).flatten(0, 1))
+        patched = arch.head_input(layer, head, kind, (x_in.unsqueeze(0) + D).flatten(0, 1),
+                                  context=x_in.repeat(m, 1, 1) if whole else None)
         qkv = {k: (patched if k == kind else v.repeat(m, 1, 1)) for k, v in clean.items()}
         dr = arch.head_result(layer, head, qkv["q"], qkv["k"], qkv["v"]).view_as(D) - r0.unsqueeze(0)
         post = arch.layers[layer].ln1_post
@@ -124,6 +140,38 @@ class BlockRunner:
             full = arch.attn(layer, x_in, post=False)
             dr = post(full.unsqueeze(0) + dr) - post(full).unsqueeze(0)
         return self.sender_point("head", layer), dr
+
+    def post_normed_difference(
+        self, layer: int, S: Float[Tensor, "nb p d"], D: Float[Tensor, "m nb p d"]
+    ) -> Float[Tensor, "m nb p d"]:
+        """Post-norm families: the change ``PN_L(S + D) - PN_L(S)`` of layer ``layer``'s
+        attention write when its pre-norm sum ``S`` moves by ``D`` (``eap.arch.postnorm``)."""
+        return post_normed_difference(self.arch.layers[layer].ln1_post, S, D)
+
+    def through_post_norms(
+        self, graph: Graph, senders: Int[Tensor, " m"], D: Float[Tensor, "m nb p d"], pre: list[Tensor],
+        sums: dict[int, Tensor],
+    ) -> Float[Tensor, "m nb p d"]:
+        """Post-norm families: copy i's row of ``D`` (sender ``senders[i]``'s pre-norm difference
+        times ``scale`` for a head) becomes ``PN_L(S_L + D) - PN_L(S_L)`` for a head of layer L,
+        ``S_L`` the layer's clean pre-norm attention sum from its clean input ``pre[L]`` (kept in
+        ``sums``); MLP and input rows are already residual-stream changes. In place; returned."""
+        layer = self.head_layers(graph).to(senders.device)[senders]  # -1: not a head
+        for L in layer.unique().tolist():
+            if L >= 0:
+                if L not in sums:
+                    sums[L] = self.arch.attn(L, pre[L], post=False)
+                rows = layer == L
+                D[rows] = self.post_normed_difference(L, sums[L], D[rows])
+        return D
+
+    def head_layers(self, graph: Graph) -> Int[Tensor, " n_senders"]:
+        """The layer of every sender that is a head, -1 for the others (input, MLPs)."""
+        layer = torch.full((graph.n_senders,), -1, dtype=torch.long)
+        for g in graph.sender_groups:
+            if g.kind == "head":
+                layer[g.start : g.start + g.size] = g.layer
+        return layer
 
     def sender_point(self, kind: str, layer: int) -> Point:
         """Where a sender ('input', 'head' or 'mlp' of ``layer``) writes into the residual stream."""
@@ -222,10 +270,13 @@ class BlockRunner:
         correction ``sum_u patched[i, u, r] * (corrupted_u - current_u)``, with ``current_u``
         sender u's output in this row's run so far (EAP-IG's ``evaluate_graph``): each head's
         q, k and v input, each MLP input and the logits get their own input; the residual
-        stream itself is the sum of the current outputs."""
-        spec = self.arch.spec
-        if spec.post_norms:
-            raise UnsupportedModel(f"{spec.family}: per-head outputs pass a norm on their sum; circuits are not defined")
+        stream itself is the sum of the current outputs.
+
+        Post-norm families (EAP-IG's ``evaluate_graph`` with normalisation before and after): a
+        head's output is its pre-norm result, and a receiver's correction from layer L's heads is
+        ``PN_L(S_L + sum_h patched * (corrupted_h - current_h)) - PN_L(S_L)`` with ``S_L`` layer
+        L's current pre-norm attention sum (all heads + ``b_O``) in this row's run
+        (:class:`_PostNormCorrection`); MLP and input senders stay additive."""
         c, S = patched.shape[0], graph.n_senders
         _, nb, p, d = corrupted.shape
         H = self.n_heads
@@ -234,9 +285,13 @@ class BlockRunner:
         dif[:, 0] = corrupted[0] - embed
         x = embed.repeat(c, 1, 1)
 
+        post = _PostNormCorrection(self, graph, dif) if self.arch.spec.post_norms else None
+
         def correction(g: HookGroup) -> Float[Tensor, "c r nb p d"]:
             up = g.n_upstream
             m = patched[:, :up, g.start : g.start + g.size].transpose(1, 2)  # [c, r, up]
+            if post is not None:
+                return post(m)
             return torch.matmul(m, dif[:, :up].reshape(c, up, nb * p * d)).view(c, g.size, nb, p, d)
 
         def record(start: int, out: Float[Tensor, "c k nb p d"]) -> None:
@@ -253,13 +308,16 @@ class BlockRunner:
             for kind in "qkv":
                 x_in = x.view(c, 1, nb, p, d) + correction(groups[kind])  # [c, H, nb, p, d]
                 x_in = x_in.transpose(1, 2).reshape(c * nb, H, p, d)
-                qkv.append(self.arch.own_head_inputs(layer, kind, x_in))
+                ctx = x if self.arch.spec.whole_qk_norm else None  # OLMo-2: other heads' slices from the residual
+                qkv.append(self.arch.own_head_inputs(layer, kind, x_in, context=ctx))
             res = self.arch.head_results(layer, *qkv)  # [c * nb, H, p, d]
             record(heads_at[layer], res.view(c, nb, H, p, d).transpose(1, 2))
             attn = res.sum(1)
             b_O = self.arch.layers[layer].b_O
             if b_O is not None:
                 attn = attn + b_O
+            if post is not None:
+                attn = post.attention_write(layer, attn)
             if self.attn_only:
                 x = x + attn
                 continue
@@ -268,3 +326,33 @@ class BlockRunner:
             record(mlp_at[layer], out.view(c, 1, nb, p, d))
             x = mid + out + (attn if self.parallel else 0)
         return x + correction(by_layer[self.n_layers]["logits"]).view(c * nb, p, d)
+
+
+class _PostNormCorrection:
+    """Receiver corrections in a post-norm family (``BlockRunner.run_circuits``): additive for
+    the input and MLP senders, through each earlier layer's recomputed post-norm for its heads."""
+
+    def __init__(self, runner: BlockRunner, graph: Graph, dif: Float[Tensor, "c n_senders nb p d"]) -> None:
+        self.runner, self.dif = runner, dif
+        self.heads = {g.layer: g.start for g in graph.sender_groups if g.kind == "head"}
+        self.additive = (runner.head_layers(graph) < 0).to(device=dif.device, dtype=dif.dtype)  # [n_senders]
+        self.sums: dict[int, Tensor] = {}  # layer -> current pre-norm attention sum [c nb, p, d]
+
+    def attention_write(self, layer: int, attn: Float[Tensor, "c_nb p d"]) -> Float[Tensor, "c_nb p d"]:
+        """Keep layer ``layer``'s current pre-norm sum; return its post-normed write."""
+        self.sums[layer] = attn
+        return self.runner.arch.layers[layer].ln1_post(attn)
+
+    def __call__(self, m: Float[Tensor, "c r up"]) -> Float[Tensor, "c r nb p d"]:
+        c, r, up = m.shape
+        _, _, nb, p, d = self.dif.shape
+        H = self.runner.n_heads
+        flat = self.dif[:, :up].reshape(c, up, nb * p * d)
+        out = torch.matmul(m * self.additive[:up], flat).view(c, r, nb, p, d)
+        for layer, start in self.heads.items():
+            if start + H > up:
+                continue
+            A = torch.matmul(m[:, :, start : start + H], flat[:, start : start + H]).view(c, r, nb, p, d)
+            S = self.sums[layer].view(c, 1, nb, p, d)
+            out += self.runner.post_normed_difference(layer, S, A)
+        return out

@@ -164,6 +164,7 @@ class _Evaluator:
         self.use_readout = use_readout
         self.rn = runner
         self._base: dict[tuple, Tensor] = {}
+        self._attn_sums: dict[int, Tensor] = {}
 
     # -------------------------------------------------------------- metric
     def _task_of(self, P: slice) -> Task:
@@ -189,6 +190,13 @@ class _Evaluator:
         where, L = point
         c = self.cache
         return {"pre": c.pre, "mid": c.mlp_in, "post": c.post}[where][L]
+
+    def through_post_norms(self, senders: Int[Tensor, " m"], D: Float[Tensor, "m nb p d"]) -> Float[Tensor, "m nb p d"]:
+        """The residual-stream change of each copy's sender (``D``: its output difference times
+        ``scale``): ``D`` itself, except in a post-norm family (``BlockRunner.through_post_norms``)."""
+        if self.rn is None or not self.rn.arch.spec.post_norms:
+            return D
+        return self.rn.through_post_norms(self.graph, senders, D, self.cache.pre, self._attn_sums)
 
     # -------------------------------------------------------------- fast
     def inject(self, point: tuple[str, int], D: Float[Tensor, "m nb p d"], P: slice) -> Float[Tensor, "m nb"]:
@@ -355,6 +363,7 @@ def compute_unit(job: PatchJob, ev: _Evaluator, unit: Unit) -> Float[Tensor, " k
             D = ev.cache.delta[senders]
             if job.scale != 1.0:
                 D = D * job.scale
+            D = ev.through_post_norms(senders, D)
             out[c0 : c0 + m] = ev.measure(job.kind, unit.key, D).double().sum(1).cpu()
     return out
 

@@ -42,8 +42,8 @@ to half precision before the metric).
 from eap.arch.blocks import Arch, Layer
 from eap.arch.errors import UnsupportedModel
 from eap.arch.family import (
-    ENTRY_POINT_GROUP, FAMILIES, GEMMA, GEMMA2, GPT2, GPT_NEOX, GPTJ, LLAMA, MISTRAL, PHI3, QWEN2, QWEN3, Family,
-    family_named, family_of, load_entry_points, register_family, registered_families, unregister_family,
+    ENTRY_POINT_GROUP, FAMILIES, GEMMA, GEMMA2, GEMMA3, GPT2, GPT_NEOX, GPTJ, LLAMA, MISTRAL, OLMO2, PHI3, QWEN2, QWEN3,
+    Family, family_named, family_of, load_entry_points, register_family, registered_families, unregister_family,
 )
 from eap.arch.norm import Norm, NormBackward
 from eap.arch.readout import Readout
@@ -52,8 +52,8 @@ from eap.arch.spec import ArchSpec, arch_spec, check_edges, graph_spec
 from eap.arch.ungroup import ungroup_kv_heads
 
 __all__ = [
-    "ENTRY_POINT_GROUP", "Arch", "ArchSpec", "FAMILIES", "Family", "GEMMA", "GEMMA2", "GPT2", "GPTJ", "GPT_NEOX",
-    "LLAMA", "Layer", "MISTRAL", "Norm", "NormBackward", "PHI3", "QWEN2", "QWEN3", "Readout", "UnsupportedModel",
+    "ENTRY_POINT_GROUP", "Arch", "ArchSpec", "FAMILIES", "Family", "GEMMA", "GEMMA2", "GEMMA3", "GPT2", "GPTJ", "GPT_NEOX",
+    "LLAMA", "Layer", "MISTRAL", "Norm", "NormBackward", "OLMO2", "PHI3", "QWEN2", "QWEN3", "Readout", "UnsupportedModel",
     "apply_rotary", "arch_spec", "check_edges", "family_named", "family_of", "graph_spec", "load_entry_points", "register_family",
     "registered_families", "ungroup_kv_heads", "unregister_family",
 ]

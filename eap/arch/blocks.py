@@ -12,6 +12,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from eap.arch.errors import UnsupportedModel
+from eap.arch.mixednorm import own_views, whole_normed
 from eap.arch.norm import Norm
 from eap.arch.readout import Readout, softcap
 from eap.arch.rotary import apply_rotary
@@ -46,6 +47,8 @@ class Layer:
     b_out: Tensor | None
     scale: float
     window: int | None
+    q_norm_whole: Norm | None = None  # OLMo-2: RMSNorm over all heads' q features (eap.arch.mixednorm)
+    k_norm_whole: Norm | None = None
 
 
 def _flat_heads(w: Float[Tensor, "H d dh"]) -> Float[Tensor, "d H_dh"]:
@@ -134,9 +137,16 @@ class Arch:
             raise UnsupportedModel(f"layer {i}: the attention module has no 'scaling' attribute")
         has_mlp = not spec.attn_only
         post = spec.post_norms
+        pre = (lambda n: Norm.of(n, spec)) if spec.pre_norms else (lambda n: Norm.identity())
+        whole = {}
+        if spec.whole_qk_norm:
+            whole = {f"{t}_norm_whole": Norm(spec.norm, getattr(hf_attn, f"{t}_norm").weight.detach(), None,
+                                             float(getattr(hf_attn, f"{t}_norm").variance_epsilon), spec.norm_offset,
+                                             spec.norm_weight_in_fp32) for t in "qk"}
         qk = spec.qk_norm != "none"
         return Layer(
-            ln1=Norm.of(blk.ln1, spec), ln2=Norm.of(blk.ln1 if spec.shared_norm else blk.ln2, spec) if has_mlp else None,
+            ln1=pre(getattr(blk, "ln1", None)), **whole,
+            ln2=pre(getattr(blk, "ln1" if spec.shared_norm else "ln2", None)) if has_mlp else None,
             ln1_post=Norm.of(blk.ln1_post, spec) if post else None, ln2_post=Norm.of(blk.ln2_post, spec) if post else None,
             q_norm=Norm.of(attn.q_norm, spec) if qk else None, k_norm=Norm.of(attn.k_norm, spec) if qk else None,
             W_Q=W_Q, W_K=W_K, W_V=W_V, b_Q=b_Q, b_K=b_K, b_V=b_V, W_O=W_O, b_O=b_O, W_qkv=W_qkv, b_qkv=b_qkv,
@@ -147,13 +157,18 @@ class Arch:
         )
 
     # ------------------------------------------------------------------ positions
-    def rope(self, n_pos: int, like: Tensor) -> tuple[Tensor, Tensor]:
-        """cos, sin ``[n_pos, rotary_dim]`` from the model's own rotary module (any rope scaling)."""
-        key = (n_pos, like.device, like.dtype)
+    def rope(self, n_pos: int, like: Tensor, layer: int | None = None) -> tuple[Tensor, Tensor]:
+        """cos, sin ``[n_pos, rotary_dim]`` from the model's own rotary module (any rope scaling);
+        ``layer``: needed where layers have their own rotary bases (Gemma-3's local/global)."""
+        kind = self.spec.rope_types[layer] if self.spec.rope_types and layer is not None else None
+        if self.spec.rope_types and kind is None:
+            raise ValueError(f"{self.spec.family}: rotary positions differ per layer; pass the layer")
+        key = (n_pos, like.device, like.dtype, kind)
         if key not in self._rope:
             pos = torch.arange(n_pos, device=like.device)[None]
+            args = () if kind is None else (kind,)
             with torch.no_grad():
-                cos, sin = self.rotary_module(like.new_zeros(1, n_pos, 1), pos)
+                cos, sin = self.rotary_module(like.new_zeros(1, n_pos, 1), pos, *args)
             if self.spec.rotary_returns == "sin_cos":
                 cos, sin = sin, cos
             cos, sin = cos[0], sin[0]
@@ -217,8 +232,10 @@ class Arch:
         H, dh = spec.n_heads, spec.d_head
         q, k, v = self.qkv(layer, lw.ln1(x))
         q, k = self.qk_normed(layer, q, k)
+        if lw.q_norm_whole is not None:
+            q, k = whole_normed(lw.q_norm_whole, q), whole_normed(lw.k_norm_whole, k)
         if spec.positions == "rotary":
-            cos, sin = self.rope(P, x)
+            cos, sin = self.rope(P, x, layer)
             k = self.rotate(k, cos, sin)
             if pos is None:
                 q = self.rotate(q, cos, sin)
@@ -270,16 +287,23 @@ class Arch:
         norm = {"q": self.layers[layer].q_norm, "k": self.layers[layer].k_norm}.get(kind)
         return t if norm is None else norm(t)
 
-    def head_input(self, layer: int, head: int, kind: str, x_in: Float[Tensor, "N P d"]) -> Float[Tensor, "N P dh"]:
-        """One head's q, k or v (rotated for q and k) from its pre-norm input ``x_in``."""
-        return self.own_head_inputs(layer, kind, x_in.unsqueeze(1), heads=slice(head, head + 1)).squeeze(1)
+    def head_input(
+        self, layer: int, head: int, kind: str, x_in: Float[Tensor, "N P d"], context: Tensor | None = None,
+    ) -> Float[Tensor, "N P dh"]:
+        """One head's q, k or v (rotated for q and k) from its pre-norm input ``x_in``
+        (``context``: see :meth:`own_head_inputs`)."""
+        return self.own_head_inputs(layer, kind, x_in.unsqueeze(1), heads=slice(head, head + 1),
+                                    context=context).squeeze(1)
 
     def own_head_inputs(
-        self, layer: int, kind: str, x: Float[Tensor, "N Hs P d"], heads: slice = slice(None)
+        self, layer: int, kind: str, x: Float[Tensor, "N Hs P d"], heads: slice = slice(None),
+        context: Float[Tensor, "N P d"] | None = None,
     ) -> Float[Tensor, "N Hs P dh"]:
         """The q, k or v (rotated for q and k) of the query heads ``heads`` (default all), each
         from its *own* pre-norm input: ``x[:, i]`` is the input of head ``heads[i]`` (e.g. a
-        circuit whose edges are patched per receiver)."""
+        circuit whose edges are patched per receiver). A q/k norm over all heads (OLMo-2) also
+        needs ``context``, the residual the *other* heads' slices are projected from: each head
+        gets its own view (``eap.arch.mixednorm.own_views``); other families ignore it."""
         lw = self.layers[layer]
         W = {"q": lw.W_Q, "k": lw.W_K, "v": lw.W_V}[kind][heads]  # [Hs, d, dh]
         b = {"q": lw.b_Q, "k": lw.b_K, "v": lw.b_V}[kind]
@@ -287,16 +311,25 @@ class Arch:
         if b is not None:
             out = out + b[heads].unsqueeze(-2)
         out = self._kind_normed(layer, kind, out)
+        whole = {"q": lw.q_norm_whole, "k": lw.k_norm_whole}.get(kind)
+        if whole is not None:
+            if context is None:
+                raise ValueError(f"{self.spec.family}: a q/k norm over all heads needs the context residual")
+            (ctx,) = self.head_inputs(layer, kind, context, rotate=False, qk_normed=False)  # [N, H, P, dh]
+            out = own_views(whole, ctx, out, heads)
         if kind != "v" and self.spec.positions == "rotary":
-            cos, sin = self.rope(x.shape[-2], x)
+            cos, sin = self.rope(x.shape[-2], x, layer)
             out = self.rotate(out, cos, sin)
         return out
 
-    def head_inputs(self, layer: int, kinds: str, x_in: Float[Tensor, "*N P d"]) -> list[Float[Tensor, "*N H P dh"]]:
+    def head_inputs(
+        self, layer: int, kinds: str, x_in: Float[Tensor, "*N P d"], rotate: bool = True, qk_normed: bool = True,
+    ) -> list[Float[Tensor, "*N H P dh"]]:
         """Every head's q, k and/or v (``kinds``, e.g. ``"qk"``; rotated for q and k) from their
         shared pre-norm input ``x_in``: one norm, then one projection of all heads per kind (the
         same numbers as :meth:`head_input`; :meth:`own_head_inputs` when each head has its own input).
-        A list in the order of ``kinds``."""
+        A list in the order of ``kinds``. ``rotate=False``: before rotary; ``normed=False``:
+        before a q/k norm over all heads (OLMo-2)."""
         lw = self.layers[layer]
         normed = lw.ln1(x_in)
         out = []
@@ -308,8 +341,11 @@ class Arch:
             if b is not None:
                 y = y + b.reshape(-1)
             y = self._kind_normed(layer, kind, y.unflatten(-1, (H, dh)).transpose(-2, -3))  # [*N, H, P, dh]
-            if kind != "v" and self.spec.positions == "rotary":
-                cos, sin = self.rope(x_in.shape[-2], x_in)
+            whole = {"q": lw.q_norm_whole, "k": lw.k_norm_whole}.get(kind)
+            if whole is not None and qk_normed:
+                y = whole_normed(whole, y)
+            if kind != "v" and rotate and self.spec.positions == "rotary":
+                cos, sin = self.rope(x_in.shape[-2], x_in, layer)
                 y = self.rotate(y, cos, sin)
             out.append(y)
         return out

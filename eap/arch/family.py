@@ -65,6 +65,9 @@ class Family:
     gated_mlp: bool = True
     parallel: bool | str = False
     post_norms: bool = False  # Gemma-2: a norm after attention (on the sum of heads) and after the MLP
+    pre_norms: bool = True  # OLMo-2: no norm before attention and MLP (only the post-norms)
+    whole_qk_norm: bool = False  # OLMo-2: one RMSNorm over all heads' q (and k) features (eap.arch.mixednorm)
+    rope_per_layer_type: bool = False  # Gemma-3: the rotary module takes the layer type (local/global bases)
     # read-out
     final_softcap: str | None = None
 
@@ -104,8 +107,16 @@ GPTJ = Family(
     kv_proj=None,
     gated_mlp=False, parallel=True,
 )
+#: OLMo-2: post-norms without pre-norms, q/k RMSNorm over the whole projected q and k (couples heads)
+OLMO2 = Family("olmo2", ("olmo2",), post_norms=True, pre_norms=False, whole_qk_norm=True)
+#: Gemma-3 (text): Gemma-2's block with per-head q/k norms (1 + w), local/global layers with their own rotary bases
+GEMMA3 = Family(
+    "gemma3", ("gemma3_text",), act="hidden_activation", norm_offset=1.0, norm_weight_in_fp32=True,
+    windows="layer_types", attn_softcap="attn_logit_softcapping", post_norms=True,
+    final_softcap="final_logit_softcapping", qk_norm="head", rope_per_layer_type=True,
+)
 #: the families eap-bench describes itself (registered at import)
-FAMILIES: tuple[Family, ...] = (GPT2, GPT_NEOX, LLAMA, MISTRAL, QWEN2, GEMMA2, QWEN3, PHI3, GEMMA, GPTJ)
+FAMILIES: tuple[Family, ...] = (GPT2, GPT_NEOX, LLAMA, MISTRAL, QWEN2, GEMMA2, QWEN3, PHI3, GEMMA, GPTJ, OLMO2, GEMMA3)
 
 _REGISTRY: dict[str, Family] = {}  # by name
 _BY_MODEL_TYPE: dict[str, Family] = {}

@@ -38,9 +38,16 @@ class Norm:
         return cls(spec.norm, None if w is None else w.detach(), None if b is None else b.detach(), float(eps),
                    spec.norm_offset, spec.norm_weight_in_fp32)
 
+    @classmethod
+    def identity(cls) -> "Norm":
+        """No norm (OLMo-2 has none before attention and MLP): ``x`` itself."""
+        return cls("none", None, None, 0.0)
+
     def __call__(self, x: Tensor, out_dtype: torch.dtype | None = None) -> Tensor:
         """Normalise the last dimension; ``out_dtype`` (default: ``x``'s) is the result's dtype."""
         out_dtype = out_dtype or x.dtype
+        if self.kind == "none":
+            return x if out_dtype == x.dtype else x.to(out_dtype)
         if self.kind == "layernorm":
             w, b = self.weight, self.bias
             if out_dtype != x.dtype:
@@ -64,6 +71,8 @@ class Norm:
         mean(v * x_hat)``). Computed in the precision autograd uses through :meth:`__call__`:
         RMSNorm in float32 (HF's upcast), LayerNorm in ``x``'s dtype, at least float32."""
         c = torch.float32 if self.kind == "rmsnorm" else torch.promote_types(x.dtype, torch.float32)
+        if self.kind == "none":  # the identity: r = 1, nothing to project out
+            return NormBackward(x.new_ones(x.shape[:-1] + (1,), dtype=c), None, None, x.new_zeros(x.shape, dtype=c), False)
         xc = x.to(c)
         if self.kind == "layernorm":
             xc = xc - xc.mean(-1, keepdim=True)

@@ -45,6 +45,9 @@ class ArchSpec:
     qk_norm: str = "none"  # 'head': each head's q and k are normalised over d_head before rotary (Qwen3)
     scores_fp32: bool = False  # q.k in float32 whatever the model dtype (GPT-J)
     grouped_kv_heads: int | None = None  # KV heads before ungrouping (None if never grouped)
+    pre_norms: bool = True  # False: no norm before attention / MLP (OLMo-2)
+    whole_qk_norm: bool = False  # q/k norm over all heads' features (OLMo-2; eap.arch.mixednorm)
+    rope_types: tuple[str, ...] = ()  # per layer, the rotary module's layer type (Gemma-3); () if shared
     problems: tuple[str, ...] = field(default=())  # features the block runner does not implement
 
     def graph_spec(self) -> GraphSpec:
@@ -123,6 +126,8 @@ def _spec_from_config(cfg: Any, d_vocab: int | None = None) -> ArchSpec:
         final_softcap=float(final_cap) if final_cap else None, shared_norm=fam.shared_norm,
         rotary_returns=fam.rotary_returns, qk_norm=fam.qk_norm, scores_fp32=fam.scores_fp32,
         grouped_kv_heads=int(grouped) if grouped else None, problems=tuple(problems),
+        pre_norms=fam.pre_norms, whole_qk_norm=fam.whole_qk_norm,
+        rope_types=tuple(_get(cfg, "layer_types") or ["full_attention"] * L) if fam.rope_per_layer_type else (),
     )
 
 
@@ -139,7 +144,7 @@ def _spec_from_model(model: Any) -> ArchSpec:
     kv = getattr(cfg, "n_key_value_heads", None) or spec.n_heads
     problems = list(spec.problems)
     for flag, what in (("use_qk_norm", "q/k norm"), ("use_local_attn", "local attention (TransformerLens)")):
-        if flag == "use_qk_norm" and spec.qk_norm != "none":
+        if flag == "use_qk_norm" and (spec.qk_norm != "none" or spec.whole_qk_norm):
             continue  # described by the family
         if getattr(cfg, flag, False):
             problems.append(what)
@@ -150,7 +155,8 @@ def _spec_from_model(model: Any) -> ArchSpec:
 
 def check_edges(model: Any) -> ArchSpec:
     """Raise ``UnsupportedModel`` unless the edge graph (per-head senders, per-query-head q/k/v
-    receivers, additive residual stream) is right for ``model``; returns its :class:`ArchSpec`."""
+    receivers) is right for ``model``; returns its :class:`ArchSpec`. Post-norm families pass:
+    their head edges are defined through the recomputed post-norm (``eap.arch.postnorm``)."""
     cfg = model.cfg
     spec = arch_spec(model)  # first: a family eap.arch does not describe is refused as such, MHA or GQA
     n_kv = getattr(cfg, "n_key_value_heads", None)
@@ -159,12 +165,5 @@ def check_edges(model: Any) -> ArchSpec:
             f"grouped-query attention with grouped k/v hooks (n_key_value_heads={n_kv}, n_heads={cfg.n_heads}): "
             "the edge graph has q, k and v receivers per query head (as MIB and EAP-IG); load the model with "
             "eap.load_model, which ungroups the key/value heads (same function, one k/v input per query head)"
-        )
-    if spec.post_norms:
-        raise UnsupportedModel(
-            f"{spec.family}: a norm after attention (post_attention_layernorm) acts on the sum of all heads, so "
-            "per-head outputs are not additive into the residual stream and a single head->receiver edge has no "
-            "exact meaning there; eap-bench refuses edge and node work on this family rather than approximate it "
-            "(see docs/architectures.md)"
         )
     return spec

@@ -23,6 +23,14 @@ def ungroup_kv_heads(hf_model: Any) -> int | None:
     kv = int(getattr(cfg, fam.n_kv_heads, None) or H)
     if kv == H:
         return None
+    if fam.whole_qk_norm:
+        raise UnsupportedModel(
+            f"{fam.name}: grouped key/value heads ({kv} for {H} query heads) under a k norm over all key heads: "
+            "the k/v receivers' statistics must be taken over the original key/value heads with only one "
+            "query head's group slice patched, which eap-bench does not implement (copying the key/value "
+            "heads per query head would change the patched values); only n_key_value_heads == "
+            "num_attention_heads is supported for this family"
+        )
     if (fam.kv_proj is None and fam.qkv_proj is None) or H % kv:
         raise UnsupportedModel(f"{fam.name}: cannot ungroup {kv} key/value heads for {H} query heads")
     groups = H // kv

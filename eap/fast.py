@@ -305,7 +305,8 @@ class _MixedHeadProjections(torch.autograd.Function):
                 back.through_linear(heads(g), W, heads(raw), b, result=rows)
                 resid += rows.sum(0)
                 continue
-            full, own = own_block_backward(norm, flat(raw), flat(g), H)  # [B*P, H dh] each
+            groups = lw.k_groups if j == 1 else 1  # k: statistics over the original key heads (GQA)
+            full, own = own_block_backward(norm, flat(raw), flat(g), H, groups)  # [B*P, H dh] each
             own = own.view(B * P, H, -1).transpose(0, 1)
             back.through_linear(own, W, heads(raw), b, result=rows)
             Hd = W.shape[0] * W.shape[2]

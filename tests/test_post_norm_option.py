@@ -1,0 +1,67 @@
+"""The gradient methods' ``post_norm`` option (``eap.methods.POST_NORM_OPTION``).
+
+'jacobian' (default): a head's difference passes its layer's post-norm Jacobian (the first-order
+term of exact patching). 'ignore': EAP-IG's attribute.py variant, the raw pre-norm difference
+contracted with the receiver gradient. The reference for 'ignore' is the bridge's hooks (they
+contract the raw ``hook_result`` differences with the hooked receiver gradients: no Jacobian),
+computed independently of the fast engine. Float64 tiny models.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from eap import Graph, attribute, random_model
+from eap.methods import REGISTRY
+from eap.passes import AttributionError, GradientMethod
+
+from conftest import random_task
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+F64 = dict(device="cpu", dtype=torch.float64)
+
+
+def bridge_scores(model, g, task, points):
+    """Gradient-points scores on the bridge's hooks (raw pre-norm head differences)."""
+    scores = torch.zeros(g.n_senders, g.n_receivers, dtype=torch.float64)
+    GradientMethod(model, g, points, scores, None).accumulate(task, 1.0 / task.n_prompts)
+    return scores[g.edge_sender, g.edge_receiver]
+
+
+@pytest.mark.parametrize("method,points", [("eap", [(1.0, 1.0)]), ("clean-corrupted", [(1.0, 0.5), (0.0, 0.5)])])
+def test_ignore_is_the_raw_pre_norm_variant_on_gemma2(method, points):
+    model = random_model("gemma-2-tiny", seed=1, **F64)
+    g = Graph.from_model(model)
+    task = random_task(model, n=3, seq=6, seed=10)
+    default = attribute(model, g, task, method=method, progress=False).double()
+    jac = attribute(model, g, task, method=method, post_norm="jacobian", progress=False).double()
+    ignore = attribute(model, g, task, method=method, post_norm="ignore", progress=False).double()
+    torch.testing.assert_close(default, jac, rtol=0, atol=0)  # the default is the Jacobian
+    want = bridge_scores(model, g, task, points)
+    torch.testing.assert_close(ignore, want, rtol=1e-6, atol=1e-7 * float(want.abs().max()))  # float32 norms in HF
+    assert (ignore - default).abs().max() > 0.05 * default.abs().max()  # a different quantity
+
+
+def test_both_values_agree_without_post_norms():
+    model = random_model(dict(n_layer=2, n_embd=16, n_head=2, n_positions=32), seed=0, **F64)
+    g = Graph.from_model(model)
+    task = random_task(model, n=3, seq=6, seed=4)
+    for method in ("eap", "eap-ig"):
+        a = attribute(model, g, task, method=method, progress=False)
+        b = attribute(model, g, task, method=method, post_norm="ignore", progress=False)
+        assert a.abs().max() > 0 and torch.equal(a, b)
+
+
+def test_option_is_declared_and_checked():
+    for name in ("eap", "eap-ig", "clean-corrupted"):
+        opt = {o.name: o for o in REGISTRY.get(name).options}["post_norm"]
+        assert opt.default == "jacobian" and opt.choices == ("jacobian", "ignore")
+    assert REGISTRY.get("eap-ig").options[0].name == "ig_steps"
+    model = random_model(dict(n_layer=1, n_embd=16, n_head=2, n_positions=32), seed=0, **F64)
+    g = Graph.from_model(model)
+    task = random_task(model, n=2, seq=5, seed=4)
+    with pytest.raises(AttributionError, match="post_norm must be one of"):
+        attribute(model, g, task, method="eap", post_norm="none", progress=False)
+    with pytest.raises(AttributionError, match="no option post_norm"):
+        attribute(model, g, task, method="atp-qk", post_norm="ignore", progress=False)

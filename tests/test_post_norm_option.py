@@ -65,3 +65,16 @@ def test_option_is_declared_and_checked():
         attribute(model, g, task, method="eap", post_norm="none", progress=False)
     with pytest.raises(AttributionError, match="no option post_norm"):
         attribute(model, g, task, method="atp-qk", post_norm="ignore", progress=False)
+
+
+def test_bench_config_passes_post_norm_to_the_gradient_methods():
+    from bench.matrix import Config, ConfigError
+    from bench.plugins import resolve_method
+
+    eap, atp = resolve_method("eap"), resolve_method("atp-qk")
+    assert Config(models=["m"], tasks=["ioi"]).method_kwargs_for(eap) == {"batch_size": None}
+    cfg = Config(models=["m"], tasks=["ioi"], post_norm="ignore")
+    assert cfg.method_kwargs_for(eap) == {"batch_size": None, "post_norm": "ignore"}
+    assert cfg.method_kwargs_for(atp) == {"batch_size": None}  # not an option of AtP
+    with pytest.raises(ConfigError, match="post_norm must be one of"):
+        Config(models=["toy-gpt2-2l"], tasks=["ioi"], post_norm="none").check()

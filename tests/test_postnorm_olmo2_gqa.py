@@ -129,3 +129,23 @@ def test_real_shape_is_the_published_config():
     assert (s.n_layers, s.d_model, s.n_heads, s.n_kv_heads, s.d_head, s.d_mlp, s.d_vocab) == (
         64, 5120, 40, 8, 128, 27648, 100352)
     assert s.whole_qk_norm and not s.pre_norms and s.post_norms
+
+
+def test_a_saved_grouped_model_loads_and_agrees(olmo_gqa, tmp_path):
+    """What a user does: save_pretrained a grouped OLMo-2, eap.load_model it (ungrouped there)."""
+    import eap
+    from eap.models import _word_tokenizer
+
+    model, g, grouped = olmo_gqa
+    grouped.save_pretrained(tmp_path)
+    _word_tokenizer().save_pretrained(tmp_path)
+    loaded = eap.load_model(tmp_path, device="cpu", dtype=torch.float64)
+    assert arch_spec(loaded).grouped_kv_heads == 2 and Graph.from_model(loaded).n_edges == g.n_edges
+    assert eap.models.checkpoint_params(loaded)[0] == sum(p.numel() for p in grouped.parameters())
+    tokens = torch.randint(3, model.cfg.d_vocab, (2, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(tokens).to(torch.float64), grouped(tokens).logits, atol=1e-6, rtol=1e-6)
+    task = random_task(loaded, n=2, seq=5, seed=2)
+    k = [e for e in range(g.n_edges) if g.edge_names[e].endswith("<k>")]
+    torch.testing.assert_close(validation.patch_edges(loaded, g, task, k, progress=False)[k],
+                               validation.patch_edges(model, g, task, k, progress=False)[k], atol=1e-12, rtol=1e-9)

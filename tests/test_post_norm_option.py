@@ -22,6 +22,31 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 F64 = dict(device="cpu", dtype=torch.float64)
 
 
+def naive_raw_eap(model, g, task):
+    """EAP without the post-norm Jacobian, from the definition with plain hooks and autograd:
+    score(u -> r) = (corrupted - clean pre-norm output of u) . d mean(metric) / d (input of r),
+    the gradient taken at the clean run (a zero leaf added at every receiver's hook)."""
+    from eap.hooks import as_nodes
+
+    from test_validation import _sender_outputs
+
+    diff = (_sender_outputs(model, g, task.corrupted) - _sender_outputs(model, g, task.clean)).double()
+    leaves = {}
+
+    def add(group):
+        def hook(x, hook=None):
+            leaves[group.hook] = torch.zeros_like(x, requires_grad=True)
+            return x + leaves[group.hook]
+
+        return hook
+
+    logits = model.run_with_hooks(task.clean, fwd_hooks=[(r.hook, add(r)) for r in g.receiver_groups])
+    task.metric(logits).mean().backward()
+    grads = torch.cat([as_nodes(leaves[r.hook].grad, r) for r in g.receiver_groups]).double()  # [n_receivers, ...]
+    full = torch.einsum("ubpd,rbpd->ur", diff, grads)
+    return full[g.edge_sender, g.edge_receiver]
+
+
 def bridge_scores(model, g, task, points):
     """Gradient-points scores on the bridge's hooks (raw pre-norm head differences)."""
     scores = torch.zeros(g.n_senders, g.n_receivers, dtype=torch.float64)
@@ -40,6 +65,9 @@ def test_ignore_is_the_raw_pre_norm_variant_on_gemma2(method, points):
     torch.testing.assert_close(default, jac, rtol=0, atol=0)  # the default is the Jacobian
     want = bridge_scores(model, g, task, points)
     torch.testing.assert_close(ignore, want, rtol=1e-6, atol=1e-7 * float(want.abs().max()))  # float32 norms in HF
+    if method == "eap":
+        naive = naive_raw_eap(model, g, task)
+        torch.testing.assert_close(ignore, naive, rtol=1e-6, atol=1e-7 * float(naive.abs().max()))
     assert (ignore - default).abs().max() > 0.05 * default.abs().max()  # a different quantity
 
 

@@ -348,7 +348,7 @@ def run(cfg: Config, run_dir: str | Path) -> dict[str, Any]:
     if old_cfg.exists():
         prev = json.loads(old_cfg.read_text())
         defaults = {f.name: f.default for f in dataclasses.fields(Config) if f.default is not dataclasses.MISSING}
-        diff = [k for k in FIXED_KEYS if prev.get(k, defaults.get(k)) != dataclasses.asdict(cfg)[k]]  # older runs: default
+        diff = [k for k in FIXED_KEYS if prev.get(k, defaults.get(k)) != dataclasses.asdict(cfg)[k]]  # older: default
         if diff:
             raise ConfigError(f"{run_dir} was run with other {', '.join(diff)} ("
                              + ", ".join(f"{k}={prev.get(k)!r}" for k in diff) + "); use another --out")

@@ -20,6 +20,11 @@ Methods
                      (AtP*'s GradDrop; magnitudes per the paper, signed; ``eap.atp``).
 ``atp*``             both fixes (Kramar et al. 2024, adapted to edges; see ``eap.atp``, docs/atp.md).
 
+``eap``, ``eap-ig`` and ``clean-corrupted`` take ``post_norm='jacobian'`` (default: on post-norm
+families a head's difference passes the post-norm's Jacobian, the first-order term of exact
+patching) or ``'ignore'`` (EAP-IG's ``attribute.py`` variant, for reproducing MIB numbers;
+``eap.arch.postnorm``); elsewhere both give the same scores.
+
 How it is computed (per prompt batch)
 -------------------------------------
 1. corrupted forward, no grad: forward hooks write every sender's output into one preallocated

@@ -29,7 +29,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from eap.atp import VARIANTS, AtP, AtPOptions
-from eap.fast import engine_for, refuse_bridge_for_post_norms
+from eap.fast import POST_NORMS, engine_for, refuse_bridge_for_post_norms
 from eap.graph import Graph
 from eap.hooks import require_edge_hooks
 from eap.passes import LEVELS, AttributionError, GradientMethod, Strategy, run_strategy
@@ -44,13 +44,14 @@ __all__ = [
 @dataclass(frozen=True)
 class Option:
     """One typed option of a method: ``name``, its ``type`` (int, float, bool, str), ``default``,
-    a one-line ``doc`` and, for numbers, an inclusive ``minimum``."""
+    a one-line ``doc``, for numbers an inclusive ``minimum``, for strings the allowed ``choices``."""
 
     name: str
     type: type
     default: Any
     doc: str
     minimum: float | None = None
+    choices: tuple[Any, ...] = ()
 
     def check(self, value: Any, method: str) -> Any:
         """``value`` if it has this option's type (and minimum), else an ``AttributionError``."""
@@ -62,6 +63,8 @@ class Option:
                                    f"got {type(value).__name__} {value!r}")
         if self.minimum is not None and value < self.minimum:
             raise AttributionError(f"{self.name} must be >= {self.minimum:g}, got {value}")
+        if self.choices and value not in self.choices:
+            raise AttributionError(f"{method}: option {self.name} must be one of {self.choices}, got {value!r}")
         return value
 
 
@@ -125,23 +128,37 @@ class StrategyMethod(Method):
                             write_graph=write_graph, label=self.name, engine=engine)
 
 
+#: every gradient method's option: how a head's difference passes a post-norm (``eap.arch.postnorm``)
+POST_NORM_OPTION = Option(
+    "post_norm", str, "jacobian", "post-norm families: 'jacobian' (first-order term of exact patching) or 'ignore' "
+    "(EAP-IG's attribute.py: raw pre-norm head differences, for reproducing MIB numbers); same scores elsewhere",
+    choices=POST_NORMS)
+
+
 class GradientPointsMethod(StrategyMethod):
     """Gradients at fixed points between the corrupted and the clean input, contracted at every
-    receiver (``eap.passes.GradientMethod``), on the fast engine or the bridge."""
+    receiver (``eap.passes.GradientMethod``), on the fast engine or the bridge. Every such method
+    has the option ``post_norm`` (:data:`POST_NORM_OPTION`, after its own ``options``), passed to
+    the fast engine (``eap.fast.FastEngine``)."""
 
     def __init__(self, name: str, summary: str, points: Callable[..., list[tuple[float, float]]], *,
                  options: tuple[Option, ...] = (), bench_default: bool = False, builtin: bool = False) -> None:
-        super().__init__(name, summary, options=options, bench_default=bench_default, builtin=builtin)
+        super().__init__(name, summary, options=(*options, POST_NORM_OPTION), bench_default=bench_default,
+                         builtin=builtin)
         self._points = points
 
     def points(self, **options: Any) -> list[tuple[float, float]]:
         """(alpha, weight) pairs: the input of each backward pass is ``clean + (1 - alpha) *
         (corrupted - clean)`` and its gradient counts with ``weight``. ``options`` this method
         does not declare are ignored (``eap.attribute`` passes ``ig_steps`` to every method)."""
-        return self._points(**self.bind({}, shared=options))
+        bound = self.bind({}, shared=options)
+        bound.pop(POST_NORM_OPTION.name)
+        return self._points(**bound)
 
     def strategy(self, model, graph, scores, engine, options):
-        return GradientMethod(model, graph, self._points(**options), scores, engine_for(model, engine))
+        own = dict(options)
+        post_norm = own.pop(POST_NORM_OPTION.name)
+        return GradientMethod(model, graph, self._points(**own), scores, engine_for(model, engine, post_norm))
 
 
 class AtPMethod(StrategyMethod):

@@ -58,7 +58,7 @@ DEFAULT_METHODS = tuple(m.name for m in METHOD_REGISTRY if m.bench_default)
 METHODS = DEFAULT_METHODS  # the older name
 REPO = Path(__file__).resolve().parent.parent
 #: Settings a run directory is tied to (cells measured under other values would not be comparable).
-FIXED_KEYS = ("seed", "groups", "ig_steps", "batch_size", "device", "dtype")
+FIXED_KEYS = ("seed", "groups", "ig_steps", "post_norm", "batch_size", "device", "dtype")
 
 
 class ConfigError(ValueError):
@@ -105,7 +105,9 @@ class Config:
     ``tasks``: task specs (built-in names, ``module:function``, entry-point names); ``task``: one
     task (the older spelling, same as ``tasks=[task]``). ``task_kwargs``: keyword arguments of the
     task builder, ``{task: {...}}`` (with a single task also just ``{...}``). ``method_kwargs``:
-    ``{method: {...}}`` for plug-in methods (built-ins take ``batch_size`` and ``ig_steps``).
+    ``{method: {...}}`` for plug-in methods (built-ins take ``batch_size``, ``ig_steps`` and
+    ``post_norm``: the gradient methods' option, ``eap.methods.POST_NORM_OPTION``; 'ignore' is
+    EAP-IG's variant on post-norm families, for reproducing MIB numbers).
     ``threads``: torch CPU threads in the workers (default: torch's; 1 gives steadier timings on a
     busy machine). ``executor``: where the exact truth's units are computed, 'local' or 'ray'
     (``validation.executor.RayExecutor`` with ``ray_address``, ``ray_workers``,
@@ -129,6 +131,7 @@ class Config:
     repeats: int = 3
     bootstrap: int = 200
     ig_steps: int = 5
+    post_norm: str = "jacobian"
     batch_size: int | None = None
     device: str | None = None
     dtype: str | None = None
@@ -177,6 +180,10 @@ class Config:
     def check(self) -> tuple[dict[str, Plugin], dict[str, Plugin]]:
         """Validate settings and resolve every task and method (imports plug-ins, so a bad
         plug-in fails here, before any model is loaded). Returns ({task: Plugin}, {method: Plugin})."""
+        from eap.fast import POST_NORMS
+
+        if self.post_norm not in POST_NORMS:
+            raise ConfigError(f"post_norm must be one of {POST_NORMS}, got {self.post_norm!r}")
         if self.isolate not in ("model", "job", "none"):
             raise ConfigError("isolate must be 'model', 'job' or 'none'")
         if self.executor not in ("local", "ray"):
@@ -204,10 +211,12 @@ class Config:
 
     def method_kwargs_for(self, plugin: Plugin) -> dict[str, Any]:
         """Keyword arguments a method is called with: for built-ins ``batch_size`` and every
-        option the method declares (``eap.methods.Option``) that this config sets under the same
-        name (``ig_steps`` for ``eap-ig``); ``method_kwargs[spec]`` for plug-ins."""
+        option the method declares (``eap.methods.Option``) that this config sets, under the same
+        name, to another value than the option's default (``ig_steps`` for ``eap-ig``,
+        ``post_norm`` for the gradient methods); ``method_kwargs[spec]`` for plug-ins."""
         if plugin.builtin:
-            own = {o.name: getattr(self, o.name) for o in plugin.method.options if hasattr(self, o.name)}
+            own = {o.name: getattr(self, o.name) for o in plugin.method.options
+                   if hasattr(self, o.name) and getattr(self, o.name) != o.default}  # defaults: the method's own
             return {"batch_size": self.batch_size, **own}
         return dict(self.method_kwargs.get(plugin.spec, {}))
 
@@ -350,7 +359,8 @@ def run(cfg: Config, run_dir: str | Path) -> dict[str, Any]:
     old_cfg = run_dir / "config.json"
     if old_cfg.exists():
         prev = json.loads(old_cfg.read_text())
-        diff = [k for k in FIXED_KEYS if prev.get(k) != dataclasses.asdict(cfg)[k]]
+        defaults = {f.name: f.default for f in dataclasses.fields(Config) if f.default is not dataclasses.MISSING}
+        diff = [k for k in FIXED_KEYS if prev.get(k, defaults.get(k)) != dataclasses.asdict(cfg)[k]]  # older: default
         if diff:
             raise ConfigError(f"{run_dir} was run with other {', '.join(diff)} ("
                              + ", ".join(f"{k}={prev.get(k)!r}" for k in diff) + "); use another --out")

@@ -33,6 +33,11 @@ what "corrupted" means above: ``replacement_u`` takes ``out_u(corrupted)``'s pla
 ``(replacement_u - out_u(clean)) . d metric / d in_v``. The methods that need corrupted *inputs*
 (``eap-ig``, ``clean-corrupted``, the AtP variants) refuse the others.
 
+``eap``, ``eap-ig`` and ``clean-corrupted`` take ``post_norm='jacobian'`` (default: on post-norm
+families a head's difference passes the post-norm's Jacobian, the first-order term of exact
+patching) or ``'ignore'`` (EAP-IG's ``attribute.py`` variant, for reproducing MIB numbers;
+``eap.arch.postnorm``); elsewhere both give the same scores.
+
 How it is computed (per prompt batch)
 -------------------------------------
 1. corrupted forward, no grad: forward hooks write every sender's output into one preallocated

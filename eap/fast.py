@@ -92,7 +92,11 @@ def hooks_attached(model: Any) -> bool:
     return any(hp.fwd_hooks or hp.bwd_hooks for hp in model.hook_dict.values())
 
 
-def engine_for(model: Any, engine: str = "auto") -> "FastEngine | None":
+#: ``FastEngine``'s ``post_norm`` values (the gradient methods' ``post_norm`` option, ``eap.methods``)
+POST_NORMS = ("jacobian", "ignore")
+
+
+def engine_for(model: Any, engine: str = "auto", post_norm: str = "jacobian") -> "FastEngine | None":
     """The engine for one ``eap.attribute`` call: a :class:`FastEngine`, or None for the bridge.
 
     ``auto``: the fast engine unless the model has hooks attached (silently the bridge, which
@@ -100,7 +104,9 @@ def engine_for(model: Any, engine: str = "auto") -> "FastEngine | None":
     reason the first time). ``fast``: the fast engine, else ``UnsupportedModel``. ``bridge``: None.
     Whether the adapter reproduces a model (``Arch.verify`` against the bridge's forward) is
     checked once per model, dtype and device; the engine itself (views of the weights) is
-    built per call, so weights changed in place are seen."""
+    built per call, so weights changed in place are seen. ``post_norm``: the fast engine's
+    (:class:`FastEngine`); the bridge has only 'ignore''s arithmetic and is refused for post-norm
+    families whatever the value."""
     if engine not in ENGINES:
         raise ValueError(f"unknown engine {engine!r}; choose one of {ENGINES}")
     if engine == "bridge":
@@ -121,7 +127,7 @@ def engine_for(model: Any, engine: str = "auto") -> "FastEngine | None":
     try:
         if known and verdicts[key] is not None:
             raise UnsupportedModel(verdicts[key])
-        fast = FastEngine(model)
+        fast = FastEngine(model, post_norm=post_norm)
         if not known:
             fast.arch.verify(model)
             verdicts[key] = None
@@ -305,7 +311,8 @@ class _MixedHeadProjections(torch.autograd.Function):
                 back.through_linear(heads(g), W, heads(raw), b, result=rows)
                 resid += rows.sum(0)
                 continue
-            full, own = own_block_backward(norm, flat(raw), flat(g), H)  # [B*P, H dh] each
+            groups = lw.k_groups if j == 1 else 1  # k: statistics over the original key heads (GQA)
+            full, own = own_block_backward(norm, flat(raw), flat(g), H, groups)  # [B*P, H dh] each
             own = own.view(B * P, H, -1).transpose(0, 1)
             back.through_linear(own, W, heads(raw), b, result=rows)
             Hd = W.shape[0] * W.shape[2]
@@ -327,8 +334,8 @@ class FastEngine:
         reaches its receivers through the post-norm's Jacobian at the clean run, the first-order
         term of exact patching) or 'ignore' (EAP-IG's ``attribute.py``: the raw pre-norm
         difference; for reproducing MIB numbers, not the first-order term)."""
-        if post_norm not in ("jacobian", "ignore"):
-            raise ValueError(f"post_norm must be 'jacobian' or 'ignore', got {post_norm!r}")
+        if post_norm not in POST_NORMS:
+            raise ValueError(f"post_norm must be one of {POST_NORMS}, got {post_norm!r}")
         self.model = model
         self.arch = Arch(model, fused_qkv=False)
         self.post_norm = post_norm

@@ -29,7 +29,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from eap.atp import VARIANTS, AtP, AtPOptions
-from eap.fast import engine_for, refuse_bridge_for_post_norms
+from eap.fast import POST_NORMS, engine_for, refuse_bridge_for_post_norms
 from eap.graph import Graph
 from eap.hooks import require_edge_hooks
 from eap.passes import LEVELS, AttributionError, GradientMethod, Strategy, run_strategy
@@ -44,13 +44,14 @@ __all__ = [
 @dataclass(frozen=True)
 class Option:
     """One typed option of a method: ``name``, its ``type`` (int, float, bool, str), ``default``,
-    a one-line ``doc`` and, for numbers, an inclusive ``minimum``."""
+    a one-line ``doc``, for numbers an inclusive ``minimum``, for strings the allowed ``choices``."""
 
     name: str
     type: type
     default: Any
     doc: str
     minimum: float | None = None
+    choices: tuple[Any, ...] = ()
 
     def check(self, value: Any, method: str) -> Any:
         """``value`` if it has this option's type (and minimum), else an ``AttributionError``."""
@@ -62,6 +63,8 @@ class Option:
                                    f"got {type(value).__name__} {value!r}")
         if self.minimum is not None and value < self.minimum:
             raise AttributionError(f"{self.name} must be >= {self.minimum:g}, got {value}")
+        if self.choices and value not in self.choices:
+            raise AttributionError(f"{method}: option {self.name} must be one of {self.choices}, got {value!r}")
         return value
 
 
@@ -131,13 +134,23 @@ class StrategyMethod(Method):
                             write_graph=write_graph, label=self.name, engine=engine)
 
 
+#: every gradient method's option: how a head's difference passes a post-norm (``eap.arch.postnorm``)
+POST_NORM_OPTION = Option(
+    "post_norm", str, "jacobian", "post-norm families: 'jacobian' (first-order term of exact patching) or 'ignore' "
+    "(EAP-IG's attribute.py: raw pre-norm head differences, for reproducing MIB numbers); same scores elsewhere",
+    choices=POST_NORMS)
+
+
 class GradientPointsMethod(StrategyMethod):
     """Gradients at fixed points between the corrupted and the clean input, contracted at every
-    receiver (``eap.passes.GradientMethod``), on the fast engine or the bridge."""
+    receiver (``eap.passes.GradientMethod``), on the fast engine or the bridge. Every such method
+    has the option ``post_norm`` (:data:`POST_NORM_OPTION`, after its own ``options``), passed to
+    the fast engine (``eap.fast.FastEngine``)."""
 
     def __init__(self, name: str, summary: str, points: Callable[..., list[tuple[float, float]]], *,
                  options: tuple[Option, ...] = (), bench_default: bool = False, builtin: bool = False) -> None:
-        super().__init__(name, summary, options=options, bench_default=bench_default, builtin=builtin)
+        super().__init__(name, summary, options=(*options, POST_NORM_OPTION), bench_default=bench_default,
+                         builtin=builtin)
         self._points = points
 
     def points(self, **options: Any) -> list[tuple[float, float]]:
@@ -145,12 +158,15 @@ class GradientPointsMethod(StrategyMethod):
         (corrupted - clean)`` and its gradient counts with ``weight``. ``options`` this method
         does not declare are ignored (``eap.attribute`` passes ``ig_steps`` to every method)."""
         bound = self.bind({}, shared=options)
+        bound.pop(POST_NORM_OPTION.name)
         return self._points(**{k: v for k, v in bound.items() if k not in _REPLACEMENT_OPTIONS})
 
     def strategy(self, model, graph, scores, engine, options):
-        points = self._points(**{k: v for k, v in options.items() if k not in _REPLACEMENT_OPTIONS})
-        return GradientMethod(model, graph, points, scores, engine_for(model, engine),
-                              options.get("intervention", "patching"), options.get("reference"))
+        own = dict(options)
+        post_norm = own.pop(POST_NORM_OPTION.name)
+        points = self._points(**{k: v for k, v in own.items() if k not in _REPLACEMENT_OPTIONS})
+        return GradientMethod(model, graph, points, scores, engine_for(model, engine, post_norm),
+                              own.get("intervention", "patching"), own.get("reference"))
 
 
 class AtPMethod(StrategyMethod):
@@ -186,6 +202,7 @@ class IGActivationsMethod(StrategyMethod):
 
         if engine == "fast":
             raise AttributionError(f"{self.name!r} runs on the bridge engine only; use engine='auto' or 'bridge'")
+        refuse_bridge_for_post_norms(model)  # the bridge's hooks have no post-norm Jacobian
         return IGActivations(model, graph, options["ig_steps"], scores, options["intervention"], options["reference"])
 
 

@@ -124,4 +124,14 @@ RANDOM_SHAPES: dict[str, tuple[str, dict[str, Any]]] = {
         num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=4, intermediate_size=64,
         hidden_act="silu", rms_norm_eps=1e-6, rope_theta=500000.0, max_position_embeddings=64,
         tie_word_embeddings=False, vocab_size=64)),
+    # allenai/OLMo-2-0325-32B: grouped-query (40 query heads, 8 key/value heads) under the k norm
+    # over all key heads (statistics over the original key heads; eap.arch.mixednorm)
+    "olmo-2-32b": ("olmo2", dict(
+        num_hidden_layers=64, hidden_size=5120, num_attention_heads=40, num_key_value_heads=8,
+        intermediate_size=27648, hidden_act="silu", rms_norm_eps=1e-6, rope_theta=500000.0,
+        max_position_embeddings=4096, tie_word_embeddings=False, attention_bias=False, vocab_size=100352)),
+    "olmo-2-tiny-gqa": ("olmo2", dict(
+        num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
+        hidden_act="silu", rms_norm_eps=1e-6, rope_theta=500000.0, max_position_embeddings=64,
+        tie_word_embeddings=False, vocab_size=64)),
 }

@@ -18,7 +18,7 @@ from transformers.models.olmo2.modeling_olmo2 import apply_rotary_pos_emb
 
 import validation
 from eap import Graph, attribute, random_model
-from eap.arch import Arch, UnsupportedModel, arch_spec, graph_spec
+from eap.arch import Arch, graph_spec
 
 from conftest import random_task
 from test_architectures import closed_form_edges
@@ -57,23 +57,25 @@ def naive_forward(hf, tokens, patch=None, own=True):
     for L, layer in enumerate(m.layers):
         at = layer.self_attn
         H, dh = hf.config.num_attention_heads, at.head_dim
+        groups = H // hf.config.num_key_value_heads  # GQA: query head h reads key/value head h // groups
         qs, ks, vs = [], [], []
         vq, vk = {}, {}
         for h in range(H):
             outs = []
             for kind, lin, norm in (("q", at.q_proj, at.q_norm), ("k", at.k_proj, at.k_norm), ("v", at.v_proj, None)):
                 x_in = x + patch.get((L, kind, h), 0)
+                s = h if kind == "q" else h // groups  # head h's slice of this projection
                 if norm is None:
-                    outs.append(lin(x_in)[..., h * dh:(h + 1) * dh])
+                    outs.append(lin(x_in)[..., s * dh:(s + 1) * dh])
                 elif own or (L, kind, h) not in patch:
-                    outs.append(own_view(lin, norm, x, x_in, h, dh))
+                    outs.append(own_view(lin, norm, x, x_in, s, dh))
                 else:  # the hook variant: every head sees the changed statistics
-                    (vq if kind == "q" else vk)["all"] = own_view(lin, norm, x, x_in, h, dh, own=False)
+                    (vq if kind == "q" else vk)["all"] = own_view(lin, norm, x, x_in, s, dh, own=False)
                     outs.append(None)
             qs.append(outs[0]), ks.append(outs[1]), vs.append(outs[2])
-        for store, lst in ((vq, qs), (vk, ks)):
+        for store, lst, g in ((vq, qs, 1), (vk, ks, groups)):
             if "all" in store:
-                lst[:] = [store["all"][..., h * dh:(h + 1) * dh] for h in range(H)]
+                lst[:] = [store["all"][..., h // g * dh:(h // g + 1) * dh] for h in range(H)]
         q = torch.stack(qs, 1)  # [B, H, P, dh]
         k = torch.stack(ks, 1)
         v = torch.stack(vs, 1)
@@ -90,9 +92,10 @@ def naive_forward(hf, tokens, patch=None, own=True):
     return hf.lm_head(m.norm(x))
 
 
-def naive_edges(model, graph, task, edges, own=True):
-    """One naive forward per edge; a head sender's difference through its layer's post-norm."""
-    hf = model.original_model
+def naive_edges(model, graph, task, edges, own=True, hf=None):
+    """One naive forward per edge; a head sender's difference through its layer's post-norm.
+    ``hf``: the HF model the forwards run (default: the bridge's own, ungrouped)."""
+    hf = hf if hf is not None else model.original_model
     clean = _sender_outputs(model, graph, task.clean)
     diff = _sender_outputs(model, graph, task.corrupted) - clean
     sums = {g.layer: clean[g.start:g.start + g.size].sum(0) for g in graph.sender_groups if g.kind == "head"}
@@ -194,15 +197,6 @@ def test_edge_count_follows_the_closed_form():
     spec = graph_spec(AutoConfig.for_model("olmo2", **RANDOM_SHAPES["olmo-2-1b"][1]))
     assert (spec.n_layers, spec.n_heads, spec.d_model) == (16, 16, 2048)
     assert Graph(spec).n_edges == closed_form_edges(16, 16)
-
-
-def test_grouped_kv_heads_are_refused():
-    shape = dict(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
-                 intermediate_size=64, max_position_embeddings=64)
-    with pytest.raises(UnsupportedModel, match="original key/value heads"):
-        random_model(shape, seed=0, arch="olmo2", **F64)
-    assert arch_spec({"model_type": "olmo2", "num_hidden_layers": 2, "hidden_size": 8,
-                      "num_attention_heads": 2}).whole_qk_norm
 
 
 def test_gradient_points_use_their_own_jacobians(olmo):

@@ -31,7 +31,9 @@ key/value projection (``repeat_interleave`` of the weights), which computes the 
 so the bridge's ``hook_k_input`` / ``hook_v_input`` have one slice per query head. Patching
 ``a3.h5<k>`` then means: the key input *seen by query head 5 only* is patched; the other heads
 of its KV group still read the clean key input. Cost: the k/v projections become
-``n_heads / n_kv_heads`` times larger (about +10% FLOPs on Llama-3.1-8B).
+``n_heads / n_kv_heads`` times larger (about +10% FLOPs on Llama-3.1-8B). Under a k norm over
+all key heads (OLMo-2-32B) the norm's weight is repeated too, and a k receiver's statistics are
+still those of the original key heads (:mod:`eap.arch.mixednorm`).
 
 Numerics follow the bridge (which follows HF): RMSNorm statistics and (for Llama-like families)
 the attention softmax are computed in float32 whatever the model dtype, then cast back.

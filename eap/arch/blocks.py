@@ -49,6 +49,7 @@ class Layer:
     window: int | None
     q_norm_whole: Norm | None = None  # OLMo-2: RMSNorm over all heads' q features (eap.arch.mixednorm)
     k_norm_whole: Norm | None = None
+    k_groups: int = 1  # query heads per original key head under k_norm_whole (GQA ungrouped; eap.arch.mixednorm)
 
 
 def _flat_heads(w: Float[Tensor, "H d dh"]) -> Float[Tensor, "d H_dh"]:
@@ -143,6 +144,8 @@ class Arch:
             whole = {f"{t}_norm_whole": Norm(spec.norm, getattr(hf_attn, f"{t}_norm").weight.detach(), None,
                                              float(getattr(hf_attn, f"{t}_norm").variance_epsilon), spec.norm_offset,
                                              spec.norm_weight_in_fp32) for t in "qk"}
+        if spec.whole_qk_norm and spec.grouped_kv_heads:
+            whole["k_groups"] = H // spec.grouped_kv_heads
         qk = spec.qk_norm != "none"
         return Layer(
             ln1=pre(getattr(blk, "ln1", None)), **whole,
@@ -316,7 +319,7 @@ class Arch:
             if context is None:
                 raise ValueError(f"{self.spec.family}: a q/k norm over all heads needs the context residual")
             (ctx,) = self.head_inputs(layer, kind, context, rotate=False, qk_normed=False)  # [N, H, P, dh]
-            out = own_views(whole, ctx, out, heads)
+            out = own_views(whole, ctx, out, heads, lw.k_groups if kind == "k" else 1)
         if kind != "v" and self.spec.positions == "rotary":
             cos, sin = self.rope(x.shape[-2], x, layer)
             out = self.rotate(out, cos, sin)

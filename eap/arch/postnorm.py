@@ -15,7 +15,8 @@ follows MIB/EAP-IG (``evaluate_graph`` with normalisation before and after):
 
 With an identity post-norm both reduce to ``d_u`` (the additive definition of the other
 families). EAP-IG's own ``attribute.py`` contracts the raw ``d_u`` with the receiver gradient
-(no Jacobian); ``eap.fast.FastEngine(post_norm='ignore')`` reproduces that variant on request.
+(no Jacobian); the gradient methods' option ``post_norm='ignore'`` (``eap.attribute(...,
+post_norm='ignore')``, ``eap.fast.FastEngine(post_norm='ignore')``) reproduces that variant on request.
 """
 
 from __future__ import annotations

@@ -14,7 +14,12 @@ def ungroup_kv_heads(hf_model: Any) -> int | None:
     """Ungroup a grouped-query HF model in place: each query head gets its own copy of its
     group's key/value projection (``repeat_interleave`` of the weights: the same function).
     Returns the original number of KV heads (None if the model was not grouped). The config
-    records it as ``eap_grouped_kv_heads`` and says ``num_key_value_heads == num_attention_heads``."""
+    records it as ``eap_grouped_kv_heads`` and says ``num_key_value_heads == num_attention_heads``.
+
+    Under a k norm over all key heads (OLMo-2) the norm's weight is repeated too: the mean of
+    squares over the copies is the mean over the original heads, so the clean function is the
+    same. Patched values are not taken over the copies: a k receiver's statistics are those of
+    the original key heads (``eap.arch.mixednorm``, ``groups``)."""
     cfg = hf_model.config
     fam = family_of(str(getattr(cfg, "model_type", "")))
     if fam.n_kv_heads is None:
@@ -23,14 +28,6 @@ def ungroup_kv_heads(hf_model: Any) -> int | None:
     kv = int(getattr(cfg, fam.n_kv_heads, None) or H)
     if kv == H:
         return None
-    if fam.whole_qk_norm:
-        raise UnsupportedModel(
-            f"{fam.name}: grouped key/value heads ({kv} for {H} query heads) under a k norm over all key heads: "
-            "the k/v receivers' statistics must be taken over the original key/value heads with only one "
-            "query head's group slice patched, which eap-bench does not implement (copying the key/value "
-            "heads per query head would change the patched values); only n_key_value_heads == "
-            "num_attention_heads is supported for this family"
-        )
     if (fam.kv_proj is None and fam.qkv_proj is None) or H % kv:
         raise UnsupportedModel(f"{fam.name}: cannot ungroup {kv} key/value heads for {H} query heads")
     groups = H // kv
@@ -42,6 +39,8 @@ def ungroup_kv_heads(hf_model: Any) -> int | None:
         if fam.kv_proj is not None:
             for name in fam.kv_proj:
                 _repeat_rows(getattr(module, name), [(0, kv, groups)])
+            if fam.whole_qk_norm:  # OLMo-2: the k norm's weight covers every key head's features
+                _repeat_weight(module.k_norm, kv, groups)
         else:  # fused [q; k; v] rows (Phi-3): q stays, k and v rows are repeated per query head
             _repeat_rows(getattr(module, fam.qkv_proj), [(0, H, 1), (H, kv, groups), (H + kv, kv, groups)])
         module.num_key_value_groups = 1
@@ -72,3 +71,12 @@ def _repeat_rows(lin: torch.nn.Linear, blocks: list[tuple[int, int, int]]) -> No
         if lin.bias is not None:
             lin.bias = torch.nn.Parameter(rebuild(lin.bias), requires_grad=lin.bias.requires_grad)
     lin.out_features = lin.weight.shape[0]
+
+
+def _repeat_weight(norm: torch.nn.Module, n_heads: int, copies: int) -> None:
+    """A norm over ``n_heads`` heads' features gets each head's slice of its weight repeated
+    ``copies`` times (``repeat_interleave`` of head blocks, as :func:`_repeat_rows`)."""
+    w = norm.weight
+    with torch.no_grad():
+        new = w.view(n_heads, -1).repeat_interleave(copies, dim=0).reshape(-1)
+        norm.weight = torch.nn.Parameter(new, requires_grad=w.requires_grad)

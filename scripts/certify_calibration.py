@@ -13,8 +13,8 @@ Then, with the truth as the oracle (nothing patched again), over ``--seeds`` sam
   sampler, and the negative control (unweighted mean of the weighted sample): its coverage and bias;
 * table 2: patched search edges needed to find half of the misses outside a fixed verified
   block (the top 1% of edges by |EAP score|, at least 5), uniform / weighted (the efficiency ratio);
-* figures ``docs/sample/certify_bound.png`` (bound vs truth per seed) and
-  ``docs/sample/certify_found.png`` (misses found vs search budget, weighted vs uniform).
+* figures ``docs/figures/certify_bound.png`` (bound vs truth per seed) and
+  ``docs/figures/certify_found.png`` (misses found vs search budget, weighted vs uniform).
 
 Markdown tables go to stdout (pasted into docs/certify.md).
 """
@@ -31,7 +31,7 @@ import validation
 from validation.certify_oracle import budget_to_find, calibrate, found_curve
 
 MODELS = ("toy-gpt2-2l", "toy-gpt2-4l", "toy-llama-4l")
-FIG_DIR = Path(__file__).resolve().parent.parent / "docs" / "sample"
+FIG_DIR = Path(__file__).resolve().parent.parent / "docs" / "figures"
 
 
 def load_truth(name: str, n: int, cache: Path) -> tuple[torch.Tensor, dict]:

@@ -101,3 +101,19 @@ def _lp_diff(logits, end, toks, **_):
 @pytest.fixture
 def make_random_task():
     return random_task
+
+
+def central_difference(fn, model, graph, task, eps=1e-2, **kw):
+    """(fn(scale=+eps) - fn(scale=-eps)) / 2 eps for ``validation.patch_edges`` / ``patch_nodes``:
+    the derivative of exact patching along the patch direction, which EAP must equal."""
+    return (fn(model, graph, task, scale=eps, progress=False, **kw)
+            - fn(model, graph, task, scale=-eps, progress=False, **kw)) / (2 * eps)
+
+
+def exact_over_eps_errors(model, graph, task, scores, eps_values=(1e-1, 3e-2, 1e-2), **kw):
+    """Largest |central difference of exact patching - scores| relative to max |scores|, per eps."""
+    import validation
+
+    scale = scores.abs().max()
+    return [float((central_difference(validation.patch_edges, model, graph, task, eps, **kw) - scores).abs().max()
+                  / scale) for eps in eps_values]

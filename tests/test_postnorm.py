@@ -23,7 +23,7 @@ from eap.fast import FastEngine
 from eap.hooks import as_nodes
 from validation.runner import BlockRunner
 
-from conftest import random_task
+from conftest import random_task, central_difference, exact_over_eps_errors
 from test_validation import _add_hook, _sender_outputs, readout_task
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -264,16 +264,11 @@ def test_exact_over_eps_converges_to_eap(gemma):
     model, g = gemma
     task = random_task(model, n=3, seq=6, seed=10)
     scores = attribute(model, g, task, progress=False).double()
-    errors = []
-    for eps in (1e-1, 3e-2, 1e-2):
-        fd = (validation.patch_edges(model, g, task, scale=eps, progress=False)
-              - validation.patch_edges(model, g, task, scale=-eps, progress=False)) / (2 * eps)
-        errors.append(float((fd - scores).abs().max() / scores.abs().max()))
+    errors = exact_over_eps_errors(model, g, task, scores)
     assert errors[0] > 5 * errors[1] and errors[2] < errors[1], errors
     assert errors[2] < 1e-3, errors
     eps = 1e-2
-    nodes = (validation.patch_nodes(model, g, task, scale=eps, progress=False)
-             - validation.patch_nodes(model, g, task, scale=-eps, progress=False)) / (2 * eps)
+    nodes = central_difference(validation.patch_nodes, model, g, task, eps)
     node_eap = attribute(model, g, task, level="node", progress=False).double()
     assert (nodes - node_eap).abs().max() < 1e-3 * node_eap.abs().max()
 
@@ -294,8 +289,7 @@ def test_eap_ig_variant_is_an_option_equal_to_the_bridge_and_not_the_first_order
     bridge = eap_ignoring_post_norm(model, g, task, None)
     torch.testing.assert_close(ignore, bridge, rtol=1e-6, atol=1e-7 * float(bridge.abs().max()))  # float32 norms in HF
     eps = 1e-2
-    fd = (validation.patch_edges(model, g, task, scale=eps, progress=False)
-          - validation.patch_edges(model, g, task, scale=-eps, progress=False)) / (2 * eps)
+    fd = central_difference(validation.patch_edges, model, g, task, eps)
     default = attribute(model, g, task, progress=False).double()
     assert (default - fd).abs().max() < 1e-3 * fd.abs().max()
     assert (ignore - fd).abs().max() > 0.05 * fd.abs().max()

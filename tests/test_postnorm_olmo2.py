@@ -20,7 +20,7 @@ import validation
 from eap import Graph, attribute, random_model
 from eap.arch import Arch, graph_spec
 
-from conftest import random_task
+from conftest import random_task, central_difference, exact_over_eps_errors
 from test_architectures import closed_form_edges
 from test_validation import _sender_outputs
 
@@ -157,11 +157,7 @@ def test_exact_over_eps_converges_to_eap_with_the_norm_block(olmo):
     model, g = olmo
     task = random_task(model, n=3, seq=6, seed=10)
     scores = attribute(model, g, task, progress=False).double()
-    errors = []
-    for eps in (1e-1, 3e-2, 1e-2):
-        fd = (validation.patch_edges(model, g, task, scale=eps, progress=False)
-              - validation.patch_edges(model, g, task, scale=-eps, progress=False)) / (2 * eps)
-        errors.append(float((fd - scores).abs().max() / scores.abs().max()))
+    errors = exact_over_eps_errors(model, g, task, scores)
     assert errors[0] > 5 * errors[1] and errors[2] < errors[1], errors
     assert errors[2] < 1e-3, errors
     # a node's first-order effect includes the cross-head terms of the shared q/k norm statistics,
@@ -169,8 +165,7 @@ def test_exact_over_eps_converges_to_eap_with_the_norm_block(olmo):
     with pytest.raises(Exception, match="couples the heads"):
         attribute(model, g, task, level="node", progress=False)
     eps = 1e-2
-    fd = (validation.patch_nodes(model, g, task, scale=eps, progress=False)
-          - validation.patch_nodes(model, g, task, scale=-eps, progress=False)) / (2 * eps)
+    fd = central_difference(validation.patch_nodes, model, g, task, eps)
     edge_sums = torch.zeros(g.n_senders, dtype=torch.float64).index_add_(0, g.edge_sender, scores)
     assert (fd - edge_sums).abs().max() > 0.05 * fd.abs().max()  # why: the cross terms are not small
 

@@ -23,7 +23,7 @@ import validation
 from eap import Graph, attribute, random_model
 from eap.arch import Arch, arch_spec
 
-from conftest import random_task
+from conftest import exact_over_eps_errors, random_task
 from test_postnorm_olmo2 import naive_edges, naive_forward
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -101,11 +101,7 @@ def test_exact_over_eps_converges_to_eap_with_the_group_block(olmo_gqa):
     model, g, _ = olmo_gqa
     task = random_task(model, n=3, seq=6, seed=10)
     scores = attribute(model, g, task, progress=False).double()
-    errors = []
-    for eps in (1e-1, 3e-2, 1e-2):
-        fd = (validation.patch_edges(model, g, task, scale=eps, progress=False)
-              - validation.patch_edges(model, g, task, scale=-eps, progress=False)) / (2 * eps)
-        errors.append(float((fd - scores).abs().max() / scores.abs().max()))
+    errors = exact_over_eps_errors(model, g, task, scores)
     assert errors[0] > 5 * errors[1] and errors[2] < errors[1], errors
     assert errors[2] < 1e-3, errors
 

@@ -151,12 +151,11 @@ class ExecutorSpec:
     gpus_per_worker: float | None = None
 
     def make(self) -> Any:
-        """'local', or a ``RayExecutor``."""
-        if self.backend == "local":
-            return "local"
-        from validation.executor import RayExecutor
+        """A new ``validation.Executor`` (``LocalExecutor`` or ``RayExecutor``), through
+        ``validation.executor_from_spec``; the caller closes it."""
+        from validation.executor import executor_from_spec
 
-        return RayExecutor(address=self.address, workers=self.workers, gpus_per_worker=self.gpus_per_worker)
+        return executor_from_spec(self)
 
 
 @dataclass(frozen=True)
@@ -514,8 +513,7 @@ def run_jobs(spec: "WorkerSpec | dict", progress: bool = True) -> None:
         for job in spec.jobs:
             job.run(model, progress, executor)
     finally:
-        if executor != "local":
-            executor.close()
+        executor.close()
         torch.set_num_threads(threads)
 
 

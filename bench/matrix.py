@@ -47,6 +47,7 @@ import numpy as np
 from bench.plugins import Plugin, resolve_method, resolve_task, supports_intervention
 from bench.report import slug
 from bench.worker import AttrJob, ExactJob, ExecutorSpec, FaithJob, WorkerSpec, run_jobs
+from eap.budget import BudgetError, parse_size
 from eap.methods import REGISTRY as METHOD_REGISTRY
 
 SCHEMA_VERSION = 2
@@ -114,9 +115,6 @@ class Config:
     ``gpus_per_worker``; one set of Ray workers per model). The truth is the same bit for bit
     either way, so a cached truth is reused across executors; the warm timing (``repeats`` > 0)
     stays an in-process measurement.
-    ``memory_budget``: bytes or a size such as '2GiB' for attribution (built-in methods), exact
-    patching and the faithfulness curves in the workers (None: ``eap.budget``'s default, a share
-    of the free device memory); passed to each call as ``memory_budget=``.
     ``faithfulness``: compute circuit faithfulness curves (``bench.faithfulness``)
     for the cells of this run (cells finished before are reused as they are).
     """
@@ -136,7 +134,7 @@ class Config:
     ig_steps: int = 5
     post_norm: str = "jacobian"
     batch_size: int | None = None
-    memory_budget: int | str | None = None
+    memory_budget: int | str | None = None  # bytes or '2GiB': memory_budget= of the workers' calls (None: eap.budget's)
     device: str | None = None
     dtype: str | None = None
     threads: int | None = None
@@ -163,13 +161,10 @@ class Config:
         self.tasks = list(dict.fromkeys(self.tasks))
         self.task_kwargs = _per_key(self.task_kwargs, self.tasks, "task")
         self.method_kwargs = _per_key(self.method_kwargs, self.methods, "method")
-        if self.memory_budget is not None:
-            from eap.budget import BudgetError, parse_size
-
-            try:
-                parse_size(self.memory_budget)  # a bad size fails here, not in a worker
-            except BudgetError as exc:
-                raise ConfigError(f"--memory-budget: {exc}") from None
+        try:  # a bad size fails here, not in a worker
+            self.memory_budget is None or parse_size(self.memory_budget)
+        except BudgetError as exc:
+            raise ConfigError(f"--memory-budget: {exc}") from None
 
     @classmethod
     def from_file(cls, path: str | Path, **overrides: Any) -> "Config":
@@ -394,9 +389,10 @@ def run(cfg: Config, run_dir: str | Path) -> dict[str, Any]:
                     continue
                 exact_dirs.append(edir)
                 ivkw = {} if iv == "patching" else {"intervention": iv}
-                ref = dict(model=model, task=task, task_target=tp.target, task_kwargs=tkw, n=n, seed=cfg.seed)
+                ref = dict(model=model, task=task, task_target=tp.target, task_kwargs=tkw, n=n, seed=cfg.seed,
+                           memory_budget=cfg.memory_budget)
                 jobs.append(ExactJob(**ref, dir=str(edir), edges=cfg.edges, groups=cfg.groups, repeats=cfg.repeats,
-                                     token=token, intervention=iv, memory_budget=cfg.memory_budget))
+                                     token=token, intervention=iv))
                 for m in pending:
                     mp = method_plugins[m]
                     out = run_dir / "attr" / cell_id(cfg, model, task, n, m, iv)
@@ -404,13 +400,11 @@ def run(cfg: Config, run_dir: str | Path) -> dict[str, Any]:
                     if Path(str(out) + ".json").exists() and Path(str(out) + ".pt").exists():
                         continue  # measured before an interruption: only the agreement is missing
                     jobs.append(AttrJob(**ref, out=str(out), groups=cfg.groups, method=m, method_target=mp.target,
-                                        method_kwargs={**cfg.method_kwargs_for(mp), **ivkw}, repeats=cfg.repeats,
-                                        memory_budget=cfg.memory_budget))
+                                        method_kwargs={**cfg.method_kwargs_for(mp), **ivkw}, repeats=cfg.repeats))
                 if cfg.faithfulness:
                     jobs.append(FaithJob(**ref, dir=str(edir), intervention=iv, methods=tuple(
                         (m, str(run_dir / "attr" / cell_id(cfg, model, task, n, m, iv)),
-                         str(faith_path(run_dir, cell_id(cfg, model, task, n, m, iv)))) for m in pending),
-                        memory_budget=cfg.memory_budget))
+                         str(faith_path(run_dir, cell_id(cfg, model, task, n, m, iv)))) for m in pending)))
         if not todo:
             continue
         (run_dir / "attr").mkdir(exist_ok=True)

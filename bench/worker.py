@@ -38,6 +38,7 @@ jobs, ``to_dict`` / ``from_dict`` their JSON form for a fresh process):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -329,19 +330,18 @@ def run_exact(model: Any, job: "ExactJob", progress: bool = True, executor: Any 
                  progress)
             st: dict[str, Any] = {}
             path = out / f"group{g}.pt"
+            patch = functools.partial(validation.patch_edges, model, graph, sub, edges=edges, seed=job.seed,
+                                      out=str(path), progress=progress, stats=st, executor=executor,
+                                      memory_budget=job.memory_budget, **_iv(job))
             with PeakMemory(device) as pm:
                 t0 = time.perf_counter()
                 try:
-                    res = validation.patch_edges(model, graph, sub, edges=edges, seed=job.seed, out=str(path),
-                                                 progress=progress, stats=st, executor=executor,
-                                                 memory_budget=job.memory_budget, **_iv(job))
+                    res = patch()
                 except validation.StoreError as exc:  # a partial file from other inputs (an interrupted stale run)
                     if isinstance(exc, StoreLocked):  # another process writes it: never delete
                         raise
                     path.unlink()
-                    res = validation.patch_edges(model, graph, sub, edges=edges, seed=job.seed, out=str(path),
-                                                 progress=progress, stats=st, executor=executor,
-                                                 memory_budget=job.memory_budget, **_iv(job))
+                    res = patch()
                 cold["wall_s"] += time.perf_counter() - t0
             for key in ("setup_s", "patch_s", "fingerprint_s", "io_s"):  # contract 1; None where not reported
                 v = _stat(st, key)

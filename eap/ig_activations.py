@@ -16,9 +16,15 @@ once with weight ``G``: ``G (m - 1) + 1`` forward+backward passes per batch.
 Differences from hannamw/EAP-IG 795f5607 (``get_scores_ig_activations``), which otherwise this
 follows: there the group's output is *replaced* by the detached constant ``a clean + (1 - a)
 corrupted``, which cuts the gradient through the group (its own receivers get no gradient in
-its passes: at ``m = 1`` their scores are ``(G - 1)/G`` of EAP's); here the output is shifted by a
+its passes, those upstream lose the paths through it: at ``m = 1`` only the edges into the logits
+keep EAP's scores); here the output is shifted by a
 constant, so the gradient flows through it. Under 'mean' EAP-IG interpolates toward zero while
 its difference uses the mean; here both use the replacement.
+
+``gradient_through_group=False`` (the registry option; default True) is EAP-IG's variant, to
+reproduce its (MIB's) numbers: group g's output is replaced by the detached constant, and all
+``G m`` passes run (none is shared, as the cut differs per group). 'patching' only (its 'mean'
+interpolates toward zero, not toward the replacement); other interventions are refused.
 
 Bridge engine only (hooks at the sender groups).
 """
@@ -45,10 +51,15 @@ class IGActivations:
     ``scores`` [n_senders, n_receivers]."""
 
     def __init__(self, model: Any, graph: Graph, steps: int, scores: Float[Tensor, "n_senders n_receivers"],
-                 intervention: str = "patching", reference: Tensor | None = None) -> None:
+                 intervention: str = "patching", reference: Tensor | None = None,
+                 gradient_through_group: bool = True) -> None:
         if steps < 1:
             raise AttributionError(f"ig_steps must be >= 1, got {steps}")
+        if not gradient_through_group and intervention != "patching":
+            raise AttributionError(f"eap-ig-activations with gradient_through_group=False (EAP-IG's variant) runs "
+                                   f"under intervention='patching' only, got {intervention!r}")
         self.model, self.graph, self.steps, self.scores = model, graph, steps, scores
+        self.cut = not gradient_through_group
         self.replacements = Replacements(model, graph, intervention, reference)
 
     def auto_batch_size(self, task: Task, budget: int | float | str | None) -> int:
@@ -74,17 +85,21 @@ class IGActivations:
         receivers = receiver_hooks(graph, buf, sink)
         passes: list[tuple[HookGroup | None, float, float]] = [(None, 0.0, len(groups))]  # the clean run, G times
         passes += [(g, 1.0 - k / m, 1.0) for g in groups for k in range(1, m)]
+        if self.cut:  # every (group, step) pass is distinct: the gradient is cut at a different group
+            passes = [(g, 1.0 - k / m, 1.0) for g in groups for k in range(1, m + 1)]
         for group, shift, count in passes:
             sink.weight = prompt_weight * count / (len(groups) * m)
-            fwd = _shift_hooks(group, shift, buf)
+            fwd = _shift_hooks(group, shift, buf, self.cut)
             with model.hooks(fwd_hooks=fwd + receivers):
                 metric = metric_values(model, task, task.clean)
             metric.sum().backward()
 
 
-def _shift_hooks(group: HookGroup | None, shift: float, buf: Float[Tensor, "n_senders b p d"]) -> list:
+def _shift_hooks(group: HookGroup | None, shift: float, buf: Float[Tensor, "n_senders b p d"],
+                 cut: bool = False) -> list:
     """Forward hooks of one pass: the input residual as the leaf; ``group``'s output plus
-    ``shift * (rep - clean)`` (None: the clean run)."""
+    ``shift * (rep - clean)`` (None: the clean run), detached when ``cut`` (the input is a leaf
+    either way)."""
     rows = None if group is None else buf[group.start : group.start + group.size]
     if group is not None and group.kind == "input":
         return [("blocks.0.hook_resid_pre", leaf_input_hook(shift * rows[0]))]
@@ -94,6 +109,6 @@ def _shift_hooks(group: HookGroup | None, shift: float, buf: Float[Tensor, "n_se
     delta = shift * (rows.permute(1, 2, 0, 3) if group.n_heads else rows[0])  # to the hook's layout
 
     def hook(x: Tensor, hook: Any = None) -> Tensor:
-        return x + delta
+        return (x + delta).detach() if cut else x + delta
 
     return fwd + [(group.hook, hook)]

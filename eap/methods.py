@@ -203,7 +203,8 @@ class IGActivationsMethod(StrategyMethod):
         if engine == "fast":
             raise AttributionError(f"{self.name!r} runs on the bridge engine only; use engine='auto' or 'bridge'")
         refuse_bridge_for_post_norms(model)  # the bridge's hooks have no post-norm Jacobian
-        return IGActivations(model, graph, options["ig_steps"], scores, options["intervention"], options["reference"])
+        return IGActivations(model, graph, options["ig_steps"], scores, options["intervention"], options["reference"],
+                             gradient_through_group=options["gradient_through_group"])
 
 
 class FlowRoutesMethod(StrategyMethod):
@@ -286,6 +287,10 @@ INTERVENTION = Option("intervention", str, "patching",
 REFERENCE = Option("reference", object, None, "prompts [m, seq] the means are over (default: task.reference)")
 _REPLACEMENT_OPTIONS = ("intervention", "reference")
 IG_STEPS = Option("ig_steps", int, 5, "interpolation points (1 = EAP)", minimum=1)
+GRADIENT_THROUGH_GROUP = Option(
+    "gradient_through_group", bool, True,
+    "eap-ig-activations: True shifts the moved group's output (ig_steps=1 = EAP); False replaces it by a "
+    "detached constant as hannamw/EAP-IG does (its MIB numbers; 'patching' only)")
 
 
 def _eap_points() -> list[tuple[float, float]]:
@@ -314,7 +319,8 @@ for _name, (_fixes, _summary) in VARIANTS.items():
     REGISTRY.register(AtPMethod(_name, _summary, _fixes, builtin=True))
 REGISTRY.register(IGActivationsMethod(
     "eap-ig-activations", "gradients averaged over runs with one sender group moved toward its replacement "
-    "output (MIB's EAP-IG-activations)", options=(IG_STEPS, INTERVENTION, REFERENCE), builtin=True))
+    "output (MIB's EAP-IG-activations)", options=(IG_STEPS, INTERVENTION, REFERENCE, GRADIENT_THROUGH_GROUP),
+    builtin=True))
 REGISTRY.register(FlowRoutesMethod(
     "information-flow-routes", "Ferrando & Voita's contribution shares on the clean run, no gradient (not a "
     "patching estimate)", levels=("edge",), options=(INTERVENTION, REFERENCE), builtin=True))

@@ -223,9 +223,11 @@ def toy():
     return model, Graph.from_model(model), ioi(model, 6, seed=3)
 
 
-def naive_ig_activations(model, graph, task, intervention, steps):
+def naive_ig_activations(model, graph, task, intervention, steps, replace=False):
     """Per edge: (rep_u - clean_u) . d metric / d in_v, averaged over the G*steps runs in which
-    one sender group is shifted toward its replacement (retained receiver activations)."""
+    one sender group is shifted toward its replacement (retained receiver activations). With
+    ``replace`` (hannamw/EAP-IG's definition): the group's output is instead replaced by the
+    constant ``a clean + (1 - a) rep`` from the cached runs, so no gradient passes through it."""
     with torch.no_grad():
         _, clean = model.run_with_cache(task.clean)
         if intervention == "patching":
@@ -251,10 +253,15 @@ def naive_ig_activations(model, graph, task, intervention, steps):
                 return hook_fn
 
             def lead(x, hook=None):
+                if replace and group.hook == "blocks.0.hook_resid_pre":
+                    h = group.hook
+                    return (a * clean[h] + (1 - a) * rep[h]).requires_grad_(True)
                 x = x.detach().requires_grad_(True)
                 return x + (1 - a) * diff[group.hook] if group.hook == "blocks.0.hook_resid_pre" else x
 
             def shift(x, hook=None):
+                if replace:
+                    return a * clean[group.hook] + (1 - a) * rep[group.hook]  # cached: a constant
                 return x + (1 - a) * diff[group.hook]
 
             fwd = [("blocks.0.hook_resid_pre", lead)]
@@ -265,6 +272,8 @@ def naive_ig_activations(model, graph, task, intervention, steps):
             for e in range(graph.n_edges):
                 s_hook, s_head = sender_slot(graph, int(graph.edge_sender[e]))
                 r_hook, r_head = receiver_slot(graph, int(graph.edge_receiver[e]))
+                if replace and kept[r_hook].grad is None:  # replace: the receivers of the moved group get no gradient
+                    continue
                 total[e] += (pick(diff[s_hook], s_head) * pick(kept[r_hook].grad, r_head)).sum()
     return total / (len(graph.sender_groups) * steps * task.n_prompts)
 
@@ -275,6 +284,28 @@ def test_ig_activations_equals_direct_per_edge(toy, intervention):
     got = attribute(model, graph, task, "eap-ig-activations", ig_steps=2, intervention=intervention, progress=False)
     want = naive_ig_activations(model, graph, task, intervention, 2)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-9 * float(want.abs().max()))
+
+
+def test_ig_activations_eap_ig_variant_equals_its_definition(toy):
+    """gradient_through_group=False: hannamw/EAP-IG's replacement (gradient cut at the group);
+    at ig_steps=1 it is not EAP (a cut group's receivers, and those upstream of it, lose gradient)."""
+    model, graph, task = toy
+    got = attribute(model, graph, task, "eap-ig-activations", ig_steps=2, gradient_through_group=False,
+                    progress=False)
+    want = naive_ig_activations(model, graph, task, "patching", 2, replace=True)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-9 * float(want.abs().max()))
+    shifted = attribute(model, graph, task, "eap-ig-activations", ig_steps=2, progress=False)
+    assert (got - shifted).abs().max() > 1e-3 * want.abs().max()  # the two variants do differ
+    eap = attribute(model, graph, task, engine="bridge", progress=False)
+    one = attribute(model, graph, task, "eap-ig-activations", ig_steps=1, gradient_through_group=False,
+                    progress=False)
+    assert (one - eap).abs().max() > 1e-3 * eap.abs().max()  # negative control: not EAP at ig_steps=1
+    to_logits = torch.tensor([n.endswith("->logits") for n in graph.edge_names])  # the cut never reaches them
+    assert 0 < int(to_logits.sum()) < graph.n_edges
+    torch.testing.assert_close(one[to_logits], eap[to_logits], rtol=0, atol=1e-9 * float(eap.abs().max()))
+    with pytest.raises(AttributionError, match="gradient_through_group=False.*'patching' only.*'mean'"):
+        attribute(model, graph, task, "eap-ig-activations", gradient_through_group=False, intervention="mean",
+                  progress=False)
 
 
 def test_information_flow_routes_equals_direct_per_edge(toy):

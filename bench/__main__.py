@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -104,6 +103,7 @@ def _config(args: argparse.Namespace, base: dict | None = None) -> Config:
         isolate=args.isolate, cache_dir=args.cache_dir, executor=args.executor, ray_address=args.ray_address,
         ray_workers=args.ray_workers, gpus_per_worker=args.gpus_per_worker,
         interventions=_list(getattr(args, "interventions", None)),
+        memory_budget=getattr(args, "memory_budget", None),
     )
     if args.no_figures:
         over["figures"] = False
@@ -119,14 +119,6 @@ def _config(args: argparse.Namespace, base: dict | None = None) -> Config:
 
 def cmd_run(args: argparse.Namespace) -> int:
     cfg = _config(args)
-    if getattr(args, "memory_budget", None):
-        from eap.budget import BUDGET_ENV, BudgetError, parse_size
-
-        try:
-            parse_size(args.memory_budget)  # a bad size fails here, not in a worker
-        except BudgetError as exc:
-            raise ConfigError(f"--memory-budget: {exc}") from None
-        os.environ[BUDGET_ENV] = args.memory_budget  # the workers (this process or children) resolve it
     out = Path(args.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
     t0 = time.perf_counter()
     results = run(cfg, out)

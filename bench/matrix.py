@@ -47,6 +47,7 @@ import numpy as np
 from bench.plugins import Plugin, resolve_method, resolve_task, supports_intervention
 from bench.report import slug
 from bench.worker import AttrJob, ExactJob, ExecutorSpec, FaithJob, WorkerSpec, run_jobs
+from eap.budget import BudgetError, parse_size
 from eap.methods import REGISTRY as METHOD_REGISTRY
 
 SCHEMA_VERSION = 2
@@ -133,6 +134,7 @@ class Config:
     ig_steps: int = 5
     post_norm: str = "jacobian"
     batch_size: int | None = None
+    memory_budget: int | str | None = None  # bytes or '2GiB': memory_budget= of the workers' calls (None: eap.budget's)
     device: str | None = None
     dtype: str | None = None
     threads: int | None = None
@@ -159,6 +161,10 @@ class Config:
         self.tasks = list(dict.fromkeys(self.tasks))
         self.task_kwargs = _per_key(self.task_kwargs, self.tasks, "task")
         self.method_kwargs = _per_key(self.method_kwargs, self.methods, "method")
+        try:  # a bad size fails here, not in a worker
+            self.memory_budget is None or parse_size(self.memory_budget)
+        except BudgetError as exc:
+            raise ConfigError(f"--memory-budget: {exc}") from None
 
     @classmethod
     def from_file(cls, path: str | Path, **overrides: Any) -> "Config":
@@ -383,7 +389,8 @@ def run(cfg: Config, run_dir: str | Path) -> dict[str, Any]:
                     continue
                 exact_dirs.append(edir)
                 ivkw = {} if iv == "patching" else {"intervention": iv}
-                ref = dict(model=model, task=task, task_target=tp.target, task_kwargs=tkw, n=n, seed=cfg.seed)
+                ref = dict(model=model, task=task, task_target=tp.target, task_kwargs=tkw, n=n, seed=cfg.seed,
+                           memory_budget=cfg.memory_budget)
                 jobs.append(ExactJob(**ref, dir=str(edir), edges=cfg.edges, groups=cfg.groups, repeats=cfg.repeats,
                                      token=token, intervention=iv))
                 for m in pending:

@@ -86,9 +86,10 @@ class BuiltinMethod:
         self.__name__ = self.__qualname__ = method.name
         self.__doc__ = f"Built-in {method.name!r}: {method.summary} (eap.attribute)."
 
-    def __call__(self, model: Any, graph: Any, task: Any, *, batch_size: int | None = None, **options: Any) -> Tensor:
-        return attribute(model, graph, task, self.method, batch_size=batch_size, progress=False, write_graph=False,
-                         **options)
+    def __call__(self, model: Any, graph: Any, task: Any, *, batch_size: int | None = None,
+                 memory_budget: int | str | None = None, **options: Any) -> Tensor:
+        return attribute(model, graph, task, self.method, batch_size=batch_size, memory_budget=memory_budget,
+                         progress=False, write_graph=False, **options)
 
 
 def builtin_methods() -> dict[str, BuiltinMethod]:

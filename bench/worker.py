@@ -38,6 +38,7 @@ jobs, ``to_dict`` / ``from_dict`` their JSON form for a fresh process):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -88,6 +89,7 @@ class ExactJob(Job):
     repeats: int
     token: str | None = None
     intervention: str = "patching"  # eap.interventions
+    memory_budget: int | str | None = None  # bytes or '2GiB' for patch_edges (None: eap.budget's default)
 
     def run(self, model: Any, progress: bool, executor: Any) -> dict:
         return run_exact(model, self, progress, executor)
@@ -103,6 +105,7 @@ class AttrJob(Job):
     method_target: str
     method_kwargs: dict[str, Any]
     repeats: int
+    memory_budget: int | str | None = None  # bytes or '2GiB' for a built-in method's eap.attribute
 
     def run(self, model: Any, progress: bool, executor: Any) -> dict:
         return run_attr(model, self, progress)
@@ -116,6 +119,7 @@ class FaithJob(Job):
     dir: str
     methods: tuple[tuple[str, str, str], ...]
     intervention: str = "patching"  # what out-of-circuit edges carry (eap.interventions)
+    memory_budget: int | str | None = None  # bytes or '2GiB' for evaluate_circuit
 
     def run(self, model: Any, progress: bool, executor: Any) -> None:
         run_faith(model, self, progress)
@@ -148,12 +152,11 @@ class ExecutorSpec:
     gpus_per_worker: float | None = None
 
     def make(self) -> Any:
-        """'local', or a ``RayExecutor``."""
-        if self.backend == "local":
-            return "local"
-        from validation.executor import RayExecutor
+        """A new ``validation.Executor`` (``LocalExecutor`` or ``RayExecutor``), through
+        ``validation.executor_from_spec``; the caller closes it."""
+        from validation.executor import executor_from_spec
 
-        return RayExecutor(address=self.address, workers=self.workers, gpus_per_worker=self.gpus_per_worker)
+        return executor_from_spec(self)
 
 
 @dataclass(frozen=True)
@@ -327,17 +330,18 @@ def run_exact(model: Any, job: "ExactJob", progress: bool = True, executor: Any 
                  progress)
             st: dict[str, Any] = {}
             path = out / f"group{g}.pt"
+            patch = functools.partial(validation.patch_edges, model, graph, sub, edges=edges, seed=job.seed,
+                                      out=str(path), progress=progress, stats=st, executor=executor,
+                                      memory_budget=job.memory_budget, **_iv(job))
             with PeakMemory(device) as pm:
                 t0 = time.perf_counter()
                 try:
-                    res = validation.patch_edges(model, graph, sub, edges=edges, seed=job.seed, out=str(path),
-                                                 progress=progress, stats=st, executor=executor, **_iv(job))
+                    res = patch()
                 except validation.StoreError as exc:  # a partial file from other inputs (an interrupted stale run)
                     if isinstance(exc, StoreLocked):  # another process writes it: never delete
                         raise
                     path.unlink()
-                    res = validation.patch_edges(model, graph, sub, edges=edges, seed=job.seed, out=str(path),
-                                                 progress=progress, stats=st, executor=executor, **_iv(job))
+                    res = patch()
                 cold["wall_s"] += time.perf_counter() - t0
             for key in ("setup_s", "patch_s", "fingerprint_s", "io_s"):  # contract 1; None where not reported
                 v = _stat(st, key)
@@ -380,7 +384,7 @@ def _warm_exact(model: Any, graph: Any, task: Any, edges: torch.Tensor, job: "Ex
     with PeakMemory(device) as pm:
         t0 = time.perf_counter()
         validation.patch_edges(model, graph, task, edges=edges, seed=job.seed, out=None, progress=False, stats=st,
-                               **_iv(job))
+                               memory_budget=job.memory_budget, **_iv(job))
         wall = time.perf_counter() - t0
     fwd = validation.forward_seconds(model, task)
     patch_s, n = _stat(st, "patch_s"), int(st.get("n_measured", len(edges)))
@@ -411,7 +415,9 @@ def run_attr(model: Any, job: "AttrJob", progress: bool = True) -> dict:
     graph = eap.Graph.from_model(model)
     task = _job_task(model, job)
     method = resolve_method(job.method_target)
-    kw = job.method_kwargs
+    kw = dict(job.method_kwargs)
+    if method.builtin and job.memory_budget is not None:  # plug-ins take only their own kwargs
+        kw["memory_budget"] = job.memory_budget
     device = next(model.parameters()).device
 
     def call(t: Any) -> torch.Tensor:
@@ -479,7 +485,8 @@ def run_faith(model: Any, job: "FaithJob", progress: bool = True) -> None:
     if not rankings:
         return
     _log(f"faithfulness curves {job.model} {job.task} n={job.n}: {', '.join(rankings)}", progress)
-    curves = compute_curves(model, graph, _job_task(model, job), rankings, progress=progress, **_iv(job))
+    curves = compute_curves(model, graph, _job_task(model, job), rankings, progress=progress,
+                            memory_budget=job.memory_budget, **_iv(job))
     for name, path in outs.items():
         path.parent.mkdir(parents=True, exist_ok=True)
         _write_json(path, {**curves, "rankings": {name: curves["rankings"][name]}})
@@ -506,8 +513,7 @@ def run_jobs(spec: "WorkerSpec | dict", progress: bool = True) -> None:
         for job in spec.jobs:
             job.run(model, progress, executor)
     finally:
-        if executor != "local":
-            executor.close()
+        executor.close()
         torch.set_num_threads(threads)
 
 

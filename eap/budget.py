@@ -39,9 +39,6 @@ from eap.measure import proc_kib_field
 
 #: Share of the device's free memory used when no budget is given.
 DEFAULT_FRACTION = 0.5
-#: Environment variable holding a default budget (bytes or '2GiB') for calls that pass none:
-#: ``python -m bench run --memory-budget`` sets it for its worker processes.
-BUDGET_ENV = "EAP_MEMORY_BUDGET"
 #: Exact patching on CPU: most bytes of activations one patched forward may touch. Larger
 #: forwards leave the CPU caches and get slower per row (GPT-2 small, one thread: 30 ms per row
 #: from 16 to 128 rows, 40 ms per row at 256 rows), smaller ones are dominated by overheads.
@@ -105,10 +102,7 @@ def free_memory(device: torch.device | str) -> int:
 
 
 def resolve_budget(budget: int | float | str | None, device: torch.device | str) -> int:
-    """The budget in bytes: ``budget`` parsed, else ``$EAP_MEMORY_BUDGET`` (``BUDGET_ENV``),
-    else ``DEFAULT_FRACTION`` of the free memory."""
-    if budget is None and os.environ.get(BUDGET_ENV):
-        budget = os.environ[BUDGET_ENV]
+    """The budget in bytes: ``budget`` parsed, else ``DEFAULT_FRACTION`` of the free memory."""
     if budget is None:
         return max(1, int(DEFAULT_FRACTION * free_memory(device)))
     return parse_size(budget)

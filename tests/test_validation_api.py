@@ -277,31 +277,69 @@ def test_cli_ctrl_c_exits_130_with_the_message(capsys, monkeypatch, tmp_path):
 
 
 # ------------------------------------------------------------------------------ bench run --memory-budget
-def test_bench_run_memory_budget_reaches_exact_patching(tiny_model, make_random_task, monkeypatch, tmp_path, capsys):
+def test_bench_run_memory_budget_reaches_the_calls(tiny_model, make_random_task, monkeypatch, tmp_path, capsys):
+    """--memory-budget is Config.memory_budget, carried in every worker job and passed as
+    ``memory_budget=`` to patch_edges, eap.attribute and evaluate_circuit (no environment variable)."""
+    import eap
     import bench.__main__ as bm
-    from eap.budget import BUDGET_ENV
+    import bench.matrix as matrix
+    import bench.plugins as plugins
+    import bench.worker as worker
 
-    monkeypatch.setenv(BUDGET_ENV, "")  # recorded, so that teardown restores the variable's absence
-    monkeypatch.delenv(BUDGET_ENV)
-    graph = Graph.from_model(tiny_model)
-    task = make_random_task(tiny_model, n=2, seq=5)
-    seen = {}
+    seen_cfg = {}
 
-    def fake_run(cfg, out):  # stands for the matrix: what a worker's exact patching would use
-        st = {}
-        validation.patch_edges(tiny_model, graph, task, [0], progress=False, stats=st)
-        seen.update(st)
+    def fake_run(cfg, out):  # stands for the matrix: the Config it would build the jobs from
+        seen_cfg["cfg"] = cfg
         (out / "summary.md").parent.mkdir(parents=True, exist_ok=True)
         (out / "summary.md").write_text("ok")
         return {"run_stats": {"cells_computed": 0, "cells_reused": 0, "exact_computed": 0, "exact_reused": 0}}
 
     monkeypatch.setattr(bm, "run", fake_run)
+    env_before = dict(os.environ)
     assert bm.main(["run", "--models", "toy-gpt2-2l", "--memory-budget", "96MiB", "--out", str(tmp_path / "r")]) == 0
-    assert seen["memory_budget"] == 96 * 2**20
-    os.environ.pop(BUDGET_ENV)
+    assert seen_cfg["cfg"].memory_budget == "96MiB" and dict(os.environ) == env_before  # no side channel
     assert bm.main(["run", "--models", "toy-gpt2-2l", "--memory-budget", "lots", "--out", str(tmp_path / "s")]) == 2
     assert "--memory-budget" in capsys.readouterr().err
-    seen.clear()
     assert bm.main(["run", "--models", "toy-gpt2-2l", "--out", str(tmp_path / "t")]) == 0
-    assert seen["memory_budget"] != 96 * 2**20  # negative control: without the flag, the default budget
-    assert BUDGET_ENV not in os.environ
+    assert seen_cfg["cfg"].memory_budget is None  # negative control: without the flag, the default budget
+
+    class Spawned(Exception):
+        pass
+
+    def fake_spawn(spec, *a, **k):  # the jobs the matrix hands a worker, through their JSON form
+        seen_cfg["spec"] = worker.WorkerSpec.from_dict(spec.to_dict())
+        raise Spawned
+
+    monkeypatch.setattr(matrix, "_spawn", fake_spawn)
+    cfg = matrix.Config(models=["toy-gpt2-2l"], tasks=["ioi"], methods=["eap"], sizes=[4], groups=1,
+                        memory_budget="96MiB", figures=False)
+    with pytest.raises(Spawned):
+        matrix.run(cfg, tmp_path / "m")
+    jobs = seen_cfg["spec"].jobs
+    assert {type(j) for j in jobs} == {worker.ExactJob, worker.AttrJob, worker.FaithJob}
+    assert all(j.memory_budget == "96MiB" for j in jobs)
+
+    task = make_random_task(tiny_model, n=2, seq=5)
+    monkeypatch.setattr(worker, "make_task", lambda *a, **k: task)
+    calls = []
+
+    def recorder(name, fn):
+        def wrapped(*a, **k):
+            calls.append((name, k.get("memory_budget")))
+            return fn(*a, **k)
+        return wrapped
+
+    monkeypatch.setattr(validation, "patch_edges", recorder("patch_edges", validation.patch_edges))
+    monkeypatch.setattr(validation, "evaluate_circuit", recorder("evaluate_circuit", validation.evaluate_circuit))
+    monkeypatch.setattr(plugins, "attribute", recorder("attribute", eap.attribute))
+    for budget, where in (("96MiB", "a"), (None, "b")):  # None: the negative control
+        ref = dict(model="tiny", task="t", task_target="t", task_kwargs={}, n=2, seed=0, memory_budget=budget)
+        edir, out = tmp_path / where / "exact", str(tmp_path / where / "attr")
+        calls.clear()
+        for job in (worker.ExactJob(**ref, dir=str(edir), edges="all", groups=1, repeats=1),
+                    worker.AttrJob(**ref, out=out, groups=1, method="eap", method_target="eap", method_kwargs={},
+                                   repeats=0),
+                    worker.FaithJob(**ref, dir=str(edir), methods=(("eap", out, str(tmp_path / where / "f.json")),))):
+            job.run(tiny_model, False, "local")
+        assert {name for name, _ in calls} == {"patch_edges", "attribute", "evaluate_circuit"}
+        assert all(b == budget for _, b in calls), calls

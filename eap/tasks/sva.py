@@ -90,6 +90,41 @@ def _verb_ids(tokenizer) -> list[tuple[int, int]]:
     return ids
 
 
+def _template_names(templates: Sequence[str] | None) -> tuple[str, ...]:
+    """The template names to draw from (all of :data:`TEMPLATES` for None); unknown ones are a ValueError."""
+    names = tuple(TEMPLATES) if templates is None else tuple(templates)
+    bad = [t for t in names if t not in TEMPLATES]
+    if bad or not names:
+        raise ValueError(f"unknown templates {bad or 'none'}; expected some of {tuple(TEMPLATES)}")
+    return names
+
+
+def _noun_pool(tokenizer, nouns: Sequence[str] | None) -> dict[str, tuple[str, str]]:
+    """:func:`_usable_nouns`, at least two of them (subject and attractor), else a TaskError."""
+    pool = _usable_nouns(tokenizer, nouns)
+    if len(pool) < 2:
+        raise TaskError(
+            f"only {len(pool)} nouns have single-token singular and plural forms for this tokenizer; "
+            "agreement needs at least 2 (subject and attractor)"
+        )
+    return pool
+
+
+def _checked_pairs(pairs: Sequence[Sequence[str]] | None, pool: dict[str, tuple[str, str]]
+                   ) -> list[tuple[str, ...]] | None:
+    """``pairs`` as tuples, checked: singular nouns of ``pool``, subject != attractor (None stays None)."""
+    if pairs is None:
+        return None
+    pairs = [tuple(p) for p in pairs]
+    missing = sorted({x for p in pairs for x in p} - pool.keys())
+    if missing or not pairs or any(a == b for a, b in pairs):
+        raise ValueError(
+            f"pairs must be (subject, attractor) singular nouns from the pool, subject != attractor"
+            f"{'; not in the pool: ' + str(missing[:5]) if missing else ''}"
+        )
+    return pairs
+
+
 def generate(
     tokenizer,
     n: int,
@@ -108,25 +143,10 @@ def generate(
     ``wrong`` verb token ids [n] and ``plural`` [n] (1 if the clean subject is plural).
     """
     n = common.check_n(n)
-    names = tuple(TEMPLATES) if templates is None else tuple(templates)
-    bad = [t for t in names if t not in TEMPLATES]
-    if bad or not names:
-        raise ValueError(f"unknown templates {bad or 'none'}; expected some of {tuple(TEMPLATES)}")
-    pool = _usable_nouns(tokenizer, nouns)
-    if len(pool) < 2:
-        raise TaskError(
-            f"only {len(pool)} nouns have single-token singular and plural forms for this tokenizer; "
-            "agreement needs at least 2 (subject and attractor)"
-        )
+    names = _template_names(templates)
+    pool = _noun_pool(tokenizer, nouns)
     noun_list = list(pool)
-    if pairs is not None:
-        pairs = [tuple(p) for p in pairs]
-        missing = sorted({x for p in pairs for x in p} - pool.keys())
-        if missing or not pairs or any(a == b for a, b in pairs):
-            raise ValueError(
-                f"pairs must be (subject, attractor) singular nouns from the pool, subject != attractor"
-                f"{'; not in the pool: ' + str(missing[:5]) if missing else ''}"
-            )
+    pairs = _checked_pairs(pairs, pool)
     excluded = {tuple(p) for p in exclude_pairs} if exclude_pairs else set()
     verb_ids = _verb_ids(tokenizer)
 
@@ -189,10 +209,6 @@ def logit_diff(
 def logit_diff_readout(selected: Float[Tensor, "n 2"], **_: Any) -> Float[Tensor, " n"]:
     """:func:`logit_diff` from the gathered logits [n, 2] = [logit(correct), logit(wrong)]."""
     return common.first_minus_second(selected)
-
-
-
-
 
 
 # ------------------------------------------------------------------------------------- task

@@ -34,7 +34,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -47,6 +46,7 @@ import numpy as np
 from bench.plugins import Plugin, resolve_method, resolve_task, supports_intervention
 from bench.report import slug
 from bench.worker import AttrJob, ExactJob, ExecutorSpec, FaithJob, WorkerSpec, run_jobs
+from bench.environment import environment
 from eap.budget import BudgetError, parse_size
 from eap.methods import REGISTRY as METHOD_REGISTRY
 
@@ -286,43 +286,6 @@ def cell_id(cfg: Config, model: str, task: str, n: int, method: str, interventio
     m = slug(method) + _kw_tag(cfg.method_kwargs.get(method))
     iv = "" if intervention == "patching" else f"__{slug(intervention)}"
     return f"{slug(model)}__{t}__n{n}__{m}__{slug(cfg.edges)}__s{cfg.seed}{iv}"
-
-
-def environment(device: str | None = None) -> dict[str, Any]:
-    """Package versions, device, git commit: what a result depends on."""
-    import importlib.metadata as md
-
-    import torch
-
-    vers = {}
-    for pkg in ("torch", "transformer-lens", "transformers", "numpy", "scipy", "matplotlib", "eap-bench"):
-        try:
-            vers[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            vers[pkg] = None
-
-    def git(*args: str) -> str | None:
-        """git's answer, or None (with a note on stderr) where git is missing or hangs."""
-        try:
-            return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10).stdout.strip() or None
-        except (OSError, subprocess.SubprocessError) as exc:
-            print(f"[bench] git {' '.join(args)} failed ({type(exc).__name__}: {exc}): no git facts in the results",
-                  file=sys.stderr)
-            return None
-
-    cuda = torch.cuda.is_available()
-    return {
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "cuda": torch.cuda.get_device_name(0) if cuda else None,
-        "device": device or ("cuda" if cuda else "cpu"),
-        "packages": vers,
-        "git_commit": git("rev-parse", "HEAD"),
-        "git_dirty": bool(git("status", "--porcelain")),
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
 
 
 # --------------------------------------------------------------------------------- running

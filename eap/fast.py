@@ -70,9 +70,9 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from eap.arch import Arch, UnsupportedModel, arch_spec
+from eap.arch import Arch, UnsupportedModel
 from eap.arch.mixednorm import own_block_backward, whole_normed
-from eap.arch.postnorm import post_norm_jvp
+from eap.arch.postnorm import post_norm_jvp, refuse_hook_path
 from eap.graph import Graph
 from eap.hooks import StopForward, require_edge_hooks, run_until_stop
 from eap.models import model_device, model_dtype
@@ -160,14 +160,8 @@ def refuse_bridge_for_post_norms(model: Any, why: Exception | None = None) -> No
     contract a head's *pre-norm* difference with the receiver gradient, which is not the
     first-order term of patching the edge (``eap.arch.postnorm``); only the fast engine applies
     the post-norm's Jacobian. ``why``: the reason the fast engine cannot run."""
-    spec = arch_spec(model)
-    if spec.post_norms:
-        reason = f" ({why})" if why is not None else ""
-        raise UnsupportedModel(
-            f"{spec.family}: a post-norm acts on the sum of heads; attribution there needs the fast engine "
-            f"(it applies the post-norm's Jacobian to each head's difference), which cannot run{reason}. The "
-            "bridge's hooks would silently drop that Jacobian (EAP-IG's variant: FastEngine(post_norm='ignore'))"
-        )
+    refuse_hook_path(model, "attribution", "the fast engine (the post-norm's Jacobian on each head's difference;"
+                     " EAP-IG's variant without it: post_norm='ignore')", why)
 
 
 # ------------------------------------------------------------------------------------ layout

@@ -18,12 +18,11 @@ import eap
 import validation
 from eap import Graph, attribute, random_model
 from eap.arch import Arch, UnsupportedModel, arch_spec, check_edges
-from eap.hooks import as_nodes
 from validation.runner import BlockRunner
 
 from conftest import random_task, central_difference, exact_over_eps_errors
 from test_attribute import reference_scores
-from test_validation import _sender_outputs, naive_edges, naive_nodes, readout_task
+from test_validation import _sender_outputs, naive_edges, naive_nodes, readout_task, _receiver_inputs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 F64 = dict(device="cpu", dtype=torch.float64)
@@ -101,15 +100,7 @@ def test_every_receiver_input_is_the_sum_of_its_senders(family):
     task = random_task(model, n=3, seq=6, seed=9)
     diff = _sender_outputs(model, g, task.corrupted) - _sender_outputs(model, g, task.clean)
 
-    def receiver_inputs(tokens):
-        got = {}
-        hooks = [(r.hook, (lambda r: lambda x, hook=None: got.__setitem__(r.hook, x.detach().clone()))(r))
-                 for r in g.receiver_groups]
-        with torch.no_grad():
-            model.run_with_hooks(tokens, fwd_hooks=hooks)
-        return torch.cat([as_nodes(got[r.hook], r) for r in g.receiver_groups])
-
-    clean, corr = receiver_inputs(task.clean), receiver_inputs(task.corrupted)
+    clean, corr = _receiver_inputs(model, g, task.clean), _receiver_inputs(model, g, task.corrupted)
     for r in range(g.n_receivers):
         k = int(g.n_upstream[r])
         torch.testing.assert_close(clean[r] + diff[:k].sum(0), corr[r], atol=1e-12, rtol=0)

@@ -24,7 +24,7 @@ from eap.hooks import as_nodes
 from validation.runner import BlockRunner
 
 from conftest import random_task, central_difference, exact_over_eps_errors
-from test_validation import _add_hook, _sender_outputs, readout_task
+from test_validation import _add_hook, _sender_outputs, readout_task, _receiver_inputs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 F64 = dict(device="cpu", dtype=torch.float64)
@@ -232,15 +232,7 @@ def test_every_receiver_input_is_clean_plus_post_normed_differences(shape):
     diff = _sender_outputs(model, g, task.corrupted) - clean_out
     sums = attn_sums(model, g, clean_out)
 
-    def receiver_inputs(tokens):
-        got = {}
-        hooks = [(r.hook, (lambda r: lambda x, hook=None: got.__setitem__(r.hook, x.detach().clone()))(r))
-                 for r in g.receiver_groups]
-        with torch.no_grad():
-            model.run_with_hooks(tokens, fwd_hooks=hooks)
-        return torch.cat([as_nodes(got[r.hook], r) for r in g.receiver_groups])
-
-    clean, corr = receiver_inputs(task.clean), receiver_inputs(task.corrupted)
+    clean, corr = _receiver_inputs(model, g, task.clean), _receiver_inputs(model, g, task.corrupted)
     worst_additive = 0.0
     for r in range(g.n_receivers):
         k = int(g.n_upstream[r])

@@ -227,21 +227,23 @@ def test_small_scale_converges_to_eap(tiny_model, make_random_task):
     assert (nodes - node_eap.double()).abs().max() < 1e-3 * node_eap.abs().max()
 
 
+def _receiver_inputs(model, graph, tokens):
+    """Every receiver's input [n_receivers, batch, pos, d_model] on a hooked no-grad run."""
+    got = {}
+    hooks = [(g.hook, (lambda g: lambda x, hook=None: got.__setitem__(g.hook, x.detach().clone()))(g))
+             for g in graph.receiver_groups]
+    with torch.no_grad():
+        model.run_with_hooks(tokens, fwd_hooks=hooks)
+    return torch.cat([as_nodes(got[g.hook], g) for g in graph.receiver_groups])
+
+
 def test_every_receiver_input_is_the_sum_of_its_senders(tiny3_model, make_random_task):
     """clean_input_v + Σ_u (corr_u - clean_u) == corrupted_input_v: nothing missing from the graph."""
     graph = Graph.from_model(tiny3_model)
     task = make_random_task(tiny3_model, n=3, seq=6)
     diff = _sender_outputs(tiny3_model, graph, task.corrupted) - _sender_outputs(tiny3_model, graph, task.clean)
 
-    def receiver_inputs(tokens):
-        got = {}
-        hooks = [(g.hook, (lambda g: lambda x, hook=None: got.__setitem__(g.hook, x.detach().clone()))(g))
-                 for g in graph.receiver_groups]
-        with torch.no_grad():
-            tiny3_model.run_with_hooks(tokens, fwd_hooks=hooks)
-        return torch.cat([as_nodes(got[g.hook], g) for g in graph.receiver_groups])
-
-    clean, corr = receiver_inputs(task.clean), receiver_inputs(task.corrupted)
+    clean, corr = _receiver_inputs(tiny3_model, graph, task.clean), _receiver_inputs(tiny3_model, graph, task.corrupted)
     for r in range(graph.n_receivers):
         k = int(graph.n_upstream[r])
         torch.testing.assert_close(clean[r] + diff[:k].sum(0), corr[r], atol=1e-12, rtol=0)

@@ -32,8 +32,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from eap.arch import Arch, UnsupportedModel, arch_spec
-from eap.arch.postnorm import post_normed_difference
+from eap.arch import Arch, UnsupportedModel
+from eap.arch.postnorm import post_normed_difference, refuse_hook_path
 from eap.graph import Graph, HookGroup
 from eap.hooks import StopForward, run_until_stop
 
@@ -46,13 +46,7 @@ def refuse_hooks_for_post_norms(model: Any, what: str, why: Exception | None = N
     """Raise ``UnsupportedModel`` for a post-norm family on the hook path: a head's edge there
     is defined through its layer's recomputed post-norm (``eap.arch.postnorm``), which only the
     block runner computes. ``why``: the reason the runner cannot run."""
-    spec = arch_spec(model)
-    if spec.post_norms:
-        reason = f" ({why})" if why is not None else ""
-        raise UnsupportedModel(
-            f"{spec.family}: a post-norm acts on the sum of heads; {what} there runs on the block runner "
-            f"(method='auto' or 'fast'), which recomputes it per edge; the hook path does not{reason}"
-        )
+    refuse_hook_path(model, what, "the block runner (engine='auto' or 'fast')", why)
 
 
 class BlockRunner:

@@ -21,13 +21,15 @@ post_norm='ignore')``, ``eap.fast.FastEngine(post_norm='ignore')``) reproduces t
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from eap.arch.errors import UnsupportedModel
 from eap.arch.norm import Norm
+from eap.arch.spec import arch_spec
 
 
 class _Normlike(Protocol):
@@ -53,3 +55,17 @@ def post_norm_jvp(norm: Norm, S: Float[Tensor, "*b d"], D: Float[Tensor, "*m *b 
     if back.weight is not None:
         v = v * back.weight.to(v.dtype)
     return v.to(D.dtype)
+
+
+def refuse_hook_path(model: Any, what: str, needs: str, why: Exception | None = None) -> None:
+    """Raise ``UnsupportedModel`` where ``model`` has post-norms (Gemma-2, Gemma-3, OLMo-2) and
+    ``what`` would run on TransformerLens hooks: a head's edge there is defined through its
+    layer's recomputed post-norm (this module), which the hooks do not apply. ``needs``: the
+    plain-torch path that does; ``why``: the reason that path cannot run (or None)."""
+    spec = arch_spec(model)
+    if spec.post_norms:
+        reason = f" ({why})" if why is not None else ""
+        raise UnsupportedModel(
+            f"{spec.family}: a post-norm acts on the sum of heads; {what} there needs {needs}, which applies it "
+            f"per head; the hook path would silently drop it{reason}"
+        )
